@@ -1,0 +1,1 @@
+"""kleinserve's server: everything that runs inside ``twistd -n inference``."""

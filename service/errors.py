@@ -1,0 +1,58 @@
+"""The one error type of the server, carrying its HTTP status.
+
+Raised anywhere (codec, batching, repository, routes) and turned into a
+``{"error": "…"}`` body in one place, ``service.http``. The codes and their
+statuses follow TensorFlow Serving's REST mapping; 413 and 415 are additions
+for what TF Serving leaves to its HTTP layer. No web framework is imported here.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """A failure a client should see, with TF Serving's error code and our HTTP status."""
+
+    code = "UNKNOWN"
+    status = 500
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(ServingError):
+    code, status = "INVALID_ARGUMENT", 400
+
+
+class NotFound(ServingError):
+    code, status = "NOT_FOUND", 404
+
+
+class PayloadTooLarge(ServingError):
+    code, status = "INVALID_ARGUMENT", 413
+
+
+class UnsupportedMediaType(ServingError):
+    code, status = "INVALID_ARGUMENT", 415
+
+
+class FailedPrecondition(ServingError):
+    code, status = "FAILED_PRECONDITION", 400
+
+
+class Cancelled(ServingError):
+    code, status = "CANCELLED", 499
+
+
+class Unavailable(ServingError):
+    """Not ready, or overloaded: the client may retry, later or elsewhere."""
+
+    code, status = "UNAVAILABLE", 503
+
+
+class Internal(ServingError):
+    code, status = "INTERNAL", 500
