@@ -1,0 +1,384 @@
+"""The batching queue: requests that arrive one at a time become mini-batches.
+
+Two halves, split by thread:
+
+* **Scheduling** runs on the reactor thread and is pure bookkeeping: a FIFO of
+  waiting requests, a row count, one timer on the injected clock. It decides
+  *when* a batch leaves and *which rows* go in it.
+* **Work** runs on the servable's dedicated inference thread(s), reached
+  through an injected ``executor``: concatenating the rows, padding to an
+  allowed batch size, running the model once, slicing the padding off and
+  splitting the outputs per request. Results come back to the reactor thread
+  through the executor's Deferred (``deferToThreadPool`` uses
+  ``callFromThread``), where each request's Deferred fires.
+
+The reactor thread never waits on an inference thread: it only appends to the
+FIFO and hands finished batch lists to the executor.
+
+Policy, as TF Serving's batch scheduler: a batch leaves for a free inference
+thread when it is full (``max_batch_size`` rows) or when its oldest row has
+waited ``batch_timeout_micros``. With the default timeout of 0, a lone request
+on an idle server runs at once, and under load rows pile up while the thread
+is busy, so batches grow by themselves. With batching disabled every request
+is a batch of its own (still on the inference thread, still bounded).
+
+The FIFO holds at most ``max_enqueued_batches * max_batch_size`` rows; a
+request that does not fit is refused at once with 503 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import attrs
+import numpy as np
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from service.errors import Internal, InvalidArgument, ServingError, Unavailable
+
+log = Logger()
+
+Tensors = Mapping[str, np.ndarray]
+ModelFn = Callable[[Tensors], Tensors]
+Executor = Callable[..., Deferred]
+"""``executor(f, *args)`` runs ``f(*args)`` on an inference thread; the Deferred fires on the reactor."""
+
+
+@attrs.frozen
+class BatchingParameters:
+    """TF Serving's batching parameters, same names and meaning (see ``service.config``)."""
+
+    enabled: bool = True
+    max_batch_size: int = 32
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 64
+    num_batch_threads: int = 1
+    allowed_batch_sizes: tuple[int, ...] = ()
+    pad_variable_length_inputs: bool = False
+    enable_large_batch_splitting: bool = True
+
+    @property
+    def max_enqueued_rows(self) -> int:
+        return self.max_enqueued_batches * self.max_batch_size
+
+    def padded_size(self, rows: int) -> int:
+        """The allowed batch size a batch of ``rows`` runs as (``rows`` itself if none is set)."""
+        for size in self.allowed_batch_sizes:
+            if size >= rows:
+                return size
+        return rows
+
+
+@attrs.frozen
+class BatchRecord:
+    """What the observer is told about one finished batch (on the reactor thread)."""
+
+    rows: int  # real rows
+    padded_rows: int  # rows the model ran (rows + padding)
+    requests: int
+    queue_seconds: Sequence[float]  # per request part: enqueue → batch start
+    run_seconds: float  # the model call alone, measured on the inference thread
+    failed: bool
+
+
+class BatchObserver(Protocol):
+    def batch_finished(self, record: BatchRecord) -> None: ...
+
+
+class _NullObserver:
+    def batch_finished(self, record: BatchRecord) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class _Request:
+    inputs: Tensors
+    rows: int  # rows this request contributes; 1 for a request that cannot be split
+    splittable: bool  # its tensors share a batch dimension the model accepts
+    deferred: Deferred
+    enqueued_at: float
+    taken: int = 0  # rows already handed to batches
+    answered: int = 0  # rows whose outputs are back
+    parts: dict[int, Tensors] = attrs.Factory(dict)  # start row → outputs
+    done: bool = False  # answered, failed or cancelled: its remaining rows are skipped
+
+
+@attrs.frozen
+class _Part:
+    """Rows ``start:stop`` of one request, as they sit in one batch."""
+
+    request: _Request
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+class BatchingQueue:
+    """Merges requests for one signature of one servable into batches.
+
+    ``submit`` is called on the reactor thread and returns a Deferred of the
+    request's own outputs. Cancelling that Deferred (the client went away)
+    drops the request if its rows have not started running.
+    """
+
+    def __init__(
+        self,
+        model: ModelFn,
+        params: BatchingParameters,
+        *,
+        clock: IReactorTime,
+        executor: Executor,
+        observer: BatchObserver | None = None,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._model = model
+        self.params = params
+        self._clock = clock
+        self._executor = executor
+        self._observer = observer or _NullObserver()
+        self._timer = timer
+        self._waiting: deque[_Request] = deque()
+        self._waiting_rows = 0
+        self._idle_threads = params.num_batch_threads
+        self._wakeup: IDelayedCall | None = None
+        self._closing = False
+        self._drained: list[Deferred] = []
+
+    # -- reactor side ---------------------------------------------------------------------------
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch (the queue depth the metrics report)."""
+        return self._waiting_rows
+
+    @property
+    def busy_threads(self) -> int:
+        return self.params.num_batch_threads - self._idle_threads
+
+    @property
+    def load(self) -> float:
+        """Fill of the queue, 0..1: how close it is to refusing requests."""
+        return self._waiting_rows / self.params.max_enqueued_rows
+
+    def submit(self, inputs: Tensors, rows: int | None) -> Deferred:
+        """Queue one request; ``rows`` is its batch dimension, or None if it must run alone."""
+        p = self.params
+        if self._closing:
+            raise Unavailable("the model is being unloaded; retry", retry_after=1)
+        splittable = rows is not None and p.enabled
+        size = rows if splittable and rows is not None else 1
+        if splittable and size > p.max_batch_size and not p.enable_large_batch_splitting:
+            raise InvalidArgument(
+                f"the request has {size} instances, more than max_batch_size "
+                f"{p.max_batch_size}; send smaller requests"
+            )
+        if self._waiting_rows + size > p.max_enqueued_rows and self._waiting_rows > 0:
+            raise Unavailable(
+                f"the server is overloaded ({self._waiting_rows} rows queued for this model); "
+                "retry later",
+                retry_after=1,
+            )
+        request = _Request(
+            inputs=inputs,
+            rows=size,
+            splittable=splittable,
+            deferred=Deferred(lambda d: self._cancel(request)),
+            enqueued_at=self._clock.seconds(),
+        )
+        self._waiting.append(request)
+        self._waiting_rows += size
+        self._schedule()
+        return request.deferred
+
+    def drain(self) -> Deferred:
+        """Refuse new requests; fire once every queued and running request is answered."""
+        self._closing = True
+        d: Deferred = Deferred()
+        self._drained.append(d)
+        self._check_drained()
+        return d
+
+    def _cancel(self, request: _Request) -> None:
+        if request.taken == 0 and not request.done:
+            request.done = True
+            self._waiting_rows -= request.rows
+            self._schedule()  # a cancelled head may have been holding a timer
+        # Once rows run, the answer is computed anyway and dropped by the cancelled Deferred.
+
+    def _head(self) -> _Request | None:
+        while self._waiting and self._waiting[0].done:
+            self._waiting.popleft()
+        return self._waiting[0] if self._waiting else None
+
+    def _schedule(self) -> None:
+        """Start batches on idle threads while there is a batch ready to leave."""
+        while self._idle_threads > 0:
+            head = self._head()
+            if head is None:
+                break
+            deadline = head.enqueued_at + self.params.batch_timeout_micros / 1e6
+            full = self._waiting_rows >= self.params.max_batch_size
+            if self.params.enabled and not full and self._clock.seconds() < deadline:
+                self._wake_at(deadline)
+                return
+            self._start(self._take_batch())
+        self._wake_at(None)
+        self._check_drained()
+
+    def _wake_at(self, deadline: float | None) -> None:
+        if self._wakeup is not None and self._wakeup.active():
+            if deadline is not None and self._wakeup.getTime() <= deadline:
+                return
+            self._wakeup.cancel()
+        self._wakeup = None
+        if deadline is not None:
+            delay = max(0.0, deadline - self._clock.seconds())
+            self._wakeup = self._clock.callLater(delay, self._schedule)
+
+    def _take_batch(self) -> list[_Part]:
+        """Pop up to max_batch_size rows from the FIFO head, splitting a large request if allowed."""
+        p = self.params
+        room = p.max_batch_size if p.enabled else 1
+        parts: list[_Part] = []
+        while room > 0 and (request := self._head()) is not None:
+            remaining = request.rows - request.taken
+            if not request.splittable:
+                if parts:  # runs alone, in a batch of its own
+                    break
+                take = remaining
+            elif remaining <= room:
+                take = remaining
+            elif p.enable_large_batch_splitting:
+                take = room
+            elif parts:
+                break
+            else:  # cannot happen: submit refuses requests larger than a batch
+                take = remaining
+            parts.append(_Part(request, request.taken, request.taken + take))
+            request.taken += take
+            self._waiting_rows -= take
+            room -= take
+            if request.taken == request.rows:
+                self._waiting.popleft()
+            if not request.splittable:
+                break
+        return parts
+
+    def _start(self, parts: list[_Part]) -> None:
+        self._idle_threads -= 1
+        now = self._clock.seconds()
+        queue_seconds = [now - part.request.enqueued_at for part in parts]
+        d = self._executor(self._run_batch, parts)
+        d.addBoth(self._finished, parts, queue_seconds)
+
+    def _finished(
+        self, result: tuple[list[Tensors], float, int] | Failure, parts: list[_Part], queue_seconds: list[float]
+    ) -> None:
+        self._idle_threads += 1
+        rows = sum(part.rows for part in parts)
+        if isinstance(result, Failure):
+            error = _as_serving_error(result)
+            for part in parts:
+                self._fail(part.request, error)
+            record = BatchRecord(rows, rows, len(parts), queue_seconds, 0.0, failed=True)
+        else:
+            outputs, run_seconds, padded = result
+            for part, out in zip(parts, outputs, strict=True):
+                self._deliver(part, out)
+            record = BatchRecord(rows, padded, len(parts), queue_seconds, run_seconds, failed=False)
+        try:
+            self._observer.batch_finished(record)
+        except Exception:
+            log.failure("batch observer failed")
+        self._schedule()
+
+    def _deliver(self, part: _Part, outputs: Tensors) -> None:
+        request = part.request
+        if request.done:
+            return
+        request.parts[part.start] = outputs
+        request.answered += part.rows
+        if request.answered < request.rows:
+            return
+        request.done = True
+        pieces = [request.parts[k] for k in sorted(request.parts)]
+        whole = pieces[0] if len(pieces) == 1 else {
+            name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]
+        }
+        request.parts.clear()
+        request.deferred.callback(whole)
+
+    def _fail(self, request: _Request, error: ServingError) -> None:
+        if request.done:
+            return
+        request.done = True
+        self._waiting_rows -= request.rows - request.taken
+        request.parts.clear()
+        request.deferred.errback(Failure(error))
+
+    def _check_drained(self) -> None:
+        if self._drained and self._head() is None and self.busy_threads == 0:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    # -- inference thread side ------------------------------------------------------------------
+
+    def _run_batch(self, parts: list[_Part]) -> tuple[list[Tensors], float, int]:
+        """Concatenate, pad, run once, split. Runs on an inference thread."""
+        rows = sum(part.rows for part in parts)
+        if len(parts) == 1 and not parts[0].request.splittable:
+            inputs = parts[0].request.inputs  # runs as sent: nothing to merge or pad
+            padded = rows
+        else:
+            padded = self.params.padded_size(rows)
+            inputs = {
+                name: _merge([part.request.inputs[name][part.start : part.stop] for part in parts], padded)
+                for name in parts[0].request.inputs
+            }
+        started = self._timer()
+        outputs = self._model(inputs)
+        run_seconds = self._timer() - started
+        if len(parts) == 1 and not parts[0].request.splittable:
+            return [dict(outputs)], run_seconds, padded
+        for name, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != padded:
+                raise Internal(
+                    f"output {name!r} has shape {list(value.shape)}, but the batch had {padded} "
+                    "rows; the model does not keep the batch dimension"
+                )
+        split: list[Tensors] = []
+        offset = 0
+        for part in parts:
+            split.append({name: value[offset : offset + part.rows] for name, value in outputs.items()})
+            offset += part.rows
+        return split, run_seconds, padded
+
+
+def _merge(pieces: list[np.ndarray], padded: int) -> np.ndarray:
+    """Concatenate row blocks and pad to ``padded`` rows by repeating the first row."""
+    rows = sum(len(piece) for piece in pieces)
+    if padded > rows:
+        pieces = [*pieces, np.repeat(pieces[0][:1], padded - rows, axis=0)]
+    if len(pieces) == 1:
+        return pieces[0]
+    return np.concatenate(pieces)
+
+
+def _as_serving_error(failure: Failure) -> ServingError:
+    if isinstance(failure.value, ServingError):
+        return failure.value
+    if isinstance(failure.value, CancelledError):
+        return Unavailable("inference was cancelled (the server is stopping); retry", retry_after=1)
+    log.failure("inference failed", failure)
+    return Internal(f"inference failed: {type(failure.value).__name__}: {failure.value}")
+

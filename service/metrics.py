@@ -1,0 +1,69 @@
+"""Prometheus metrics of one server, on a registry of its own (injected, so tests do not share)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.batching import BatchingQueue, BatchRecord
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ("model", "version", "signature")
+        self.requests = Counter(
+            "kleinserve_requests",
+            "HTTP requests answered, by route kind and status code",
+            ("route", "code"),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "kleinserve_batch_size", "Real rows per batch the model ran", labels,
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self.padded_batch_size = Histogram(
+            "kleinserve_padded_batch_size", "Rows per batch including padding", labels,
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "kleinserve_queue_seconds", "Time a request waited from enqueue to its batch starting",
+            labels, buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.run_seconds = Histogram(
+            "kleinserve_batch_run_seconds", "Time of the model call for one batch", labels,
+            buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.batch_failures = Counter(
+            "kleinserve_batch_failures", "Batches whose model call failed", labels, registry=self.registry
+        )
+        self.queued_rows = Gauge(
+            "kleinserve_queued_rows", "Rows waiting for a batch", labels, registry=self.registry
+        )
+
+    def batch_observer(self, model: str, version: int, signature: str) -> _BatchMetrics:
+        return _BatchMetrics(self, (model, str(version), signature))
+
+    def watch_queue(self, model: str, version: int, signature: str, queue: BatchingQueue) -> None:
+        self.queued_rows.labels(model, str(version), signature).set_function(lambda: queue.queued_rows)
+
+
+class _BatchMetrics:
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self._size = metrics.batch_size.labels(*labels)
+        self._padded = metrics.padded_batch_size.labels(*labels)
+        self._queue = metrics.queue_seconds.labels(*labels)
+        self._run = metrics.run_seconds.labels(*labels)
+        self._failures = metrics.batch_failures.labels(*labels)
+
+    def batch_finished(self, record: BatchRecord) -> None:
+        if record.failed:
+            self._failures.inc()
+            return
+        self._size.observe(record.rows)
+        self._padded.observe(record.padded_rows)
+        self._run.observe(record.run_seconds)
+        for seconds in record.queue_seconds:
+            self._queue.observe(seconds)
