@@ -1,0 +1,157 @@
+"""The demo: the demo model served by a real twistd server, real requests, real answers.
+
+Run through ``scripts/demo`` (which bootstraps first). Without ``--check`` it keeps
+serving until Ctrl-C; with ``--check`` it runs the examples, checks every answer and
+exits 0 (all good) or 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.server import TwistdServer, free_port  # noqa: E402  (the same harness the tests use)
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def expect(self, ok: bool, what: str) -> None:
+        print(f"  {'ok  ' if ok else 'FAIL'} {what}")
+        if not ok:
+            self.failures.append(what)
+
+
+def sample_request(png: Path, out: Path) -> Path:
+    """Write the TF Serving row-format request for one sample digit: 28×28×1 floats in [0, 1]."""
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float32) / 255.0
+    out.write_text(json.dumps({"instances": [pixels[:, :, None].round(4).tolist()]}))
+    return out
+
+
+def curl(*args: str) -> tuple[int, str]:
+    command = ["curl", "-sS", "-w", "\n%{http_code}", *args]
+    print(f"$ {shlex.join(command[:1] + list(args))}")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    body, _, code = done.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def run_examples(server: TwistdServer, checks: Checks) -> None:
+    samples = REPO / "samples"
+    url = server.url
+    print("\n== predict (TF Serving REST, row format) with curl")
+    request = sample_request(samples / "seven.png", REPO / "samples" / "seven.json")
+    code, body = curl("-d", f"@{request.relative_to(REPO)}", f"{url}/v1/models/digits:predict")
+    print(_short(body))
+    answer = json.loads(body) if code == 200 else {}
+    probabilities = answer.get("predictions", [[0] * 10])[0]
+    checks.expect(code == 200 and int(np.argmax(probabilities)) == 7, "the demo model reads samples/seven.png as 7")
+
+    print("\n== every sample digit, one request each")
+    right = 0
+    for digit, name in enumerate(DIGITS):
+        request = sample_request(samples / f"{name}.png", Path("/tmp") / f"kleinserve-demo-{name}.json")
+        status, answer = server.post_json("/v1/models/digits:predict", json.loads(request.read_text()))
+        label = int(np.argmax(answer["predictions"][0])) if status == 200 else None
+        right += label == digit
+        print(f"  {name}.png → {label}")
+    checks.expect(right >= 8, f"{right}/10 sample digits classified right")
+
+    print("\n== model status and metadata")
+    code, body = curl(f"{url}/v1/models/digits")
+    print(body)
+    checks.expect(code == 200 and '"AVAILABLE"' in body, "status says version 1 is AVAILABLE")
+    code, body = curl(f"{url}/v1/models/digits/metadata")
+    print(_short(body, 400))
+    checks.expect(code == 200 and '"serving_default"' in body, "metadata shows the serving_default signature")
+
+    print("\n== bad input gets a clear 4xx, and the server keeps serving")
+    code, body = curl("-d", '{"instances": [[1, 2]', f"{url}/v1/models/digits:predict")
+    print(body)
+    checks.expect(code == 400 and '"error"' in body, "malformed JSON → 400 with an error message")
+    code, body = curl("-d", '{"instances": [[1, 2]]}', f"{url}/v1/models/digits:predict")
+    print(body)
+    checks.expect(code == 400, "wrong shape → 400")
+    code, body = curl("-d", '{"instances": [1]}', f"{url}/v1/models/nosuchmodel:predict")
+    print(body)
+    checks.expect(code == 404, "unknown model → 404")
+    checks.expect(server.get("/readyz")[0] == 200, "still ready after the bad requests")
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} bytes)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="run the examples, check the answers, exit 0/1")
+    parser.add_argument("--port", type=int, default=0, help="REST port (default: 8501 if free, else any)")
+    args = parser.parse_args()
+
+    port = args.port or (8501 if _port_free(8501) else free_port())
+    logs = REPO / ".cache" / "demo"
+    logs.mkdir(parents=True, exist_ok=True)
+    server = TwistdServer(
+        ["--model_name=digits", f"--model_base_path={REPO / 'models' / 'digits'}", "--enable_batching"],
+        logs,
+        port=port,
+    )
+    print(f"== starting: twistd -n inference --model_name=digits --model_base_path=models/digits "
+          f"--enable_batching --rest_api_port={port}")
+    started = time.monotonic()
+    server.start()
+    checks = Checks()
+    try:
+        server.wait_ready()
+        print(f"   ready in {time.monotonic() - started:.1f} s; log: {server.log_path.relative_to(REPO)}")
+        run_examples(server, checks)
+        if args.check:
+            print(f"\n{'all checks passed' if not checks.failures else 'FAILED: ' + '; '.join(checks.failures)}")
+            return 1 if checks.failures else 0
+        print(f"""
+== serving until Ctrl-C. Try:
+  curl -d @samples/seven.json {server.url}/v1/models/digits:predict
+  curl {server.url}/v1/models/digits
+  curl {server.url}/v1/models/digits/metadata
+  curl {server.url}/metrics
+""")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        print(server.log()[-2000:])
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
