@@ -101,6 +101,7 @@ class _Request:
     inputs: Tensors
     rows: int  # rows this request contributes; 1 for a request that cannot be split
     splittable: bool  # its tensors share a batch dimension the model accepts
+    shape_key: tuple  # requests merge only with the same key: inner shapes (or ranks, when padding)
     deferred: Deferred
     enqueued_at: float
     taken: int = 0  # rows already handed to batches
@@ -191,6 +192,7 @@ class BatchingQueue:
             inputs=inputs,
             rows=size,
             splittable=splittable,
+            shape_key=self._shape_key(inputs),
             deferred=Deferred(lambda d: self._cancel(request)),
             enqueued_at=self._clock.seconds(),
         )
@@ -198,6 +200,11 @@ class BatchingQueue:
         self._waiting_rows += size
         self._schedule()
         return request.deferred
+
+    def _shape_key(self, inputs: Tensors) -> tuple:
+        if self.params.pad_variable_length_inputs:
+            return tuple((name, np.ndim(value)) for name, value in sorted(inputs.items()))
+        return tuple((name, np.shape(value)[1:]) for name, value in sorted(inputs.items()))
 
     def drain(self) -> Deferred:
         """Refuse new requests; fire once every queued and running request is answered."""
@@ -251,6 +258,8 @@ class BatchingQueue:
         parts: list[_Part] = []
         while room > 0 and (request := self._head()) is not None:
             remaining = request.rows - request.taken
+            if parts and request.shape_key != parts[0].request.shape_key:
+                break  # rows of other inner shapes cannot share this batch; they lead the next
             if not request.splittable:
                 if parts:  # runs alone, in a batch of its own
                     break
@@ -281,7 +290,10 @@ class BatchingQueue:
         d.addBoth(self._finished, parts, queue_seconds)
 
     def _finished(
-        self, result: tuple[list[Tensors], float, int] | Failure, parts: list[_Part], queue_seconds: list[float]
+        self,
+        result: tuple[list[Tensors], float, int] | Failure,
+        parts: list[_Part],
+        queue_seconds: list[float],
     ) -> None:
         self._idle_threads += 1
         rows = sum(part.rows for part in parts)
@@ -311,9 +323,11 @@ class BatchingQueue:
             return
         request.done = True
         pieces = [request.parts[k] for k in sorted(request.parts)]
-        whole = pieces[0] if len(pieces) == 1 else {
-            name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]
-        }
+        whole = (
+            pieces[0]
+            if len(pieces) == 1
+            else {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
+        )
         request.parts.clear()
         request.deferred.callback(whole)
 
@@ -342,7 +356,9 @@ class BatchingQueue:
         else:
             padded = self.params.padded_size(rows)
             inputs = {
-                name: _merge([part.request.inputs[name][part.start : part.stop] for part in parts], padded)
+                name: _merge(
+                    [part.request.inputs[name][part.start : part.stop] for part in parts], padded
+                )
                 for name in parts[0].request.inputs
             }
         started = self._timer()
@@ -359,13 +375,30 @@ class BatchingQueue:
         split: list[Tensors] = []
         offset = 0
         for part in parts:
-            split.append({name: value[offset : offset + part.rows] for name, value in outputs.items()})
+            split.append(
+                {name: value[offset : offset + part.rows] for name, value in outputs.items()}
+            )
             offset += part.rows
         return split, run_seconds, padded
 
 
 def _merge(pieces: list[np.ndarray], padded: int) -> np.ndarray:
-    """Concatenate row blocks and pad to ``padded`` rows by repeating the first row."""
+    """Concatenate row blocks and pad to ``padded`` rows by repeating the first row.
+
+    Blocks whose inner dimensions differ (only merged with pad_variable_length_inputs)
+    are first zero-padded at the end of each dimension to the largest.
+    """
+    inner = np.max([piece.shape[1:] for piece in pieces], axis=0) if pieces[0].ndim > 1 else ()
+    pieces = [
+        piece
+        if piece.shape[1:] == tuple(inner)
+        else np.pad(
+            piece,
+            [(0, 0), *((0, int(m - d)) for d, m in zip(piece.shape[1:], inner, strict=True))],
+            constant_values=b"" if piece.dtype == object else 0,
+        )
+        for piece in pieces
+    ]
     rows = sum(len(piece) for piece in pieces)
     if padded > rows:
         pieces = [*pieces, np.repeat(pieces[0][:1], padded - rows, axis=0)]
@@ -381,4 +414,3 @@ def _as_serving_error(failure: Failure) -> ServingError:
         return Unavailable("inference was cancelled (the server is stopping); retry", retry_after=1)
     log.failure("inference failed", failure)
     return Internal(f"inference failed: {type(failure.value).__name__}: {failure.value}")
-

@@ -35,7 +35,13 @@ log = Logger()
 
 JSON = b"application/json"
 # Content types a JSON body may come with: curl -d sends form-urlencoded, TF Serving ignores the type.
-JSON_CONTENT_TYPES = {b"", b"application/json", b"text/json", b"text/plain", b"application/x-www-form-urlencoded"}
+JSON_CONTENT_TYPES = {
+    b"",
+    b"application/json",
+    b"text/json",
+    b"text/plain",
+    b"application/x-www-form-urlencoded",
+}
 
 _TARGET = re.compile(
     r"^(?P<name>[^/:]+)"
@@ -60,8 +66,12 @@ def parse_target(method: str, path: str) -> Target:
         raise InvalidArgument(f"Malformed request: {method} /v1/models/{path}")
     version = match["version"]
     if version is not None and not version.isdigit():
-        raise InvalidArgument(f"Malformed request: {method} /v1/models/{path} (version must be a number)")
-    return Target(match["name"], int(version) if version else None, match["label"], match["verb"] or "")
+        raise InvalidArgument(
+            f"Malformed request: {method} /v1/models/{path} (version must be a number)"
+        )
+    return Target(
+        match["name"], int(version) if version else None, match["label"], match["verb"] or ""
+    )
 
 
 class InferenceAPI:
@@ -114,13 +124,21 @@ class InferenceAPI:
         if target.verb == "":
             if target.label is not None:
                 target = attrs.evolve(target, version=self._lookup(target).version, label=None)
-            return codec.encode_json({"model_version_status": self.repository.status(target.name, target.version)})
+            return codec.encode_json(
+                {"model_version_status": self.repository.status(target.name, target.version)}
+            )
         if target.verb == "/metadata":
             version = self._lookup(target)
             return codec.encode_json(
                 {
-                    "model_spec": {"name": target.name, "signature_name": "", "version": str(version.version)},
-                    "metadata": {"signature_def": {"signature_def": version.require().signature_defs}},
+                    "model_spec": {
+                        "name": target.name,
+                        "signature_name": "",
+                        "version": str(version.version),
+                    },
+                    "metadata": {
+                        "signature_def": {"signature_def": version.require().signature_defs}
+                    },
                 }
             )
         raise InvalidArgument(f"Malformed request: GET /v1/models/{path}")
@@ -146,7 +164,8 @@ class InferenceAPI:
     def readyz(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", JSON)
         models = {
-            name: [v.status() for v in versions.values()] for name, versions in self.repository.versions.items()
+            name: [v.status() for v in versions.values()]
+            for name, versions in self.repository.versions.items()
         }
         if not self.repository.ready:
             request.setResponseCode(503)
@@ -232,5 +251,8 @@ def route_kind(path: bytes) -> str:
         if path.endswith(b"/metadata"):
             return "metadata"
         return "status" if b":" not in path else "other"
-    return path.strip(b"/").decode(errors="replace") if path in (b"/healthz", b"/readyz", b"/metrics") else "other"
-
+    return (
+        path.strip(b"/").decode(errors="replace")
+        if path in (b"/healthz", b"/readyz", b"/metrics")
+        else "other"
+    )

@@ -21,23 +21,38 @@ class Metrics:
             registry=self.registry,
         )
         self.batch_size = Histogram(
-            "kleinserve_batch_size", "Real rows per batch the model ran", labels,
-            buckets=_BATCH_BUCKETS, registry=self.registry,
+            "kleinserve_batch_size",
+            "Real rows per batch the model ran",
+            labels,
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.padded_batch_size = Histogram(
-            "kleinserve_padded_batch_size", "Rows per batch including padding", labels,
-            buckets=_BATCH_BUCKETS, registry=self.registry,
+            "kleinserve_padded_batch_size",
+            "Rows per batch including padding",
+            labels,
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.queue_seconds = Histogram(
-            "kleinserve_queue_seconds", "Time a request waited from enqueue to its batch starting",
-            labels, buckets=_SECONDS_BUCKETS, registry=self.registry,
+            "kleinserve_queue_seconds",
+            "Time a request waited from enqueue to its batch starting",
+            labels,
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
         self.run_seconds = Histogram(
-            "kleinserve_batch_run_seconds", "Time of the model call for one batch", labels,
-            buckets=_SECONDS_BUCKETS, registry=self.registry,
+            "kleinserve_batch_run_seconds",
+            "Time of the model call for one batch",
+            labels,
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
         self.batch_failures = Counter(
-            "kleinserve_batch_failures", "Batches whose model call failed", labels, registry=self.registry
+            "kleinserve_batch_failures",
+            "Batches whose model call failed",
+            labels,
+            registry=self.registry,
         )
         self.queued_rows = Gauge(
             "kleinserve_queued_rows", "Rows waiting for a batch", labels, registry=self.registry
@@ -47,7 +62,9 @@ class Metrics:
         return _BatchMetrics(self, (model, str(version), signature))
 
     def watch_queue(self, model: str, version: int, signature: str, queue: BatchingQueue) -> None:
-        self.queued_rows.labels(model, str(version), signature).set_function(lambda: queue.queued_rows)
+        self.queued_rows.labels(model, str(version), signature).set_function(
+            lambda: queue.queued_rows
+        )
 
 
 class _BatchMetrics:

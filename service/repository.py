@@ -116,7 +116,9 @@ class ModelRepository(Service):
         """The version to serve a request: a given one, or the highest AVAILABLE one."""
         versions = self.versions.get(name)
         if versions is None:
-            raise NotFound(f"Servable not found for request: Latest({name}): no model named {name!r}")
+            raise NotFound(
+                f"Servable not found for request: Latest({name}): no model named {name!r}"
+            )
         if version is not None:
             found = versions.get(version)
             if found is None:
@@ -127,7 +129,9 @@ class ModelRepository(Service):
             return found
         available = [v for v in versions.values() if v.state == AVAILABLE]
         if not available:
-            states = ", ".join(f"{v.version}: {v.state}" for v in versions.values()) or "none found yet"
+            states = (
+                ", ".join(f"{v.version}: {v.state}" for v in versions.values()) or "none found yet"
+            )
             raise Unavailable(f"model {name!r} has no AVAILABLE version ({states})", retry_after=1)
         return max(available, key=lambda v: v.version)
 
@@ -142,7 +146,8 @@ class ModelRepository(Service):
     def ready(self) -> bool:
         """Every configured model has an AVAILABLE version."""
         return all(
-            any(v.state == AVAILABLE for v in versions.values()) for versions in self.versions.values()
+            any(v.state == AVAILABLE for v in versions.values())
+            for versions in self.versions.values()
         )
 
     def when_ready(self) -> Deferred:
@@ -154,13 +159,20 @@ class ModelRepository(Service):
         return d
 
     def queues(self) -> list[BatchingQueue]:
-        return [q for versions in self.versions.values() for v in versions.values() for q in v.queues.values()]
+        return [
+            q
+            for versions in self.versions.values()
+            for v in versions.values()
+            for q in v.queues.values()
+        ]
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        loads = [Deferred.fromCoroutine(self._load_model(config)) for config in self.configs.values()]
+        loads = [
+            Deferred.fromCoroutine(self._load_model(config)) for config in self.configs.values()
+        ]
         DeferredList(loads).addCallback(lambda _: self._loaded_all())
 
     def stopService(self) -> Deferred:
@@ -174,7 +186,11 @@ class ModelRepository(Service):
             log.error("model {name}: {error}", name=config.name, error=e)
             return
         if not versions:
-            log.error("model {name}: no numeric version folder in {path}", name=config.name, path=config.base_path)
+            log.error(
+                "model {name}: no numeric version folder in {path}",
+                name=config.name,
+                path=config.base_path,
+            )
             return
         await self._load_version(config, versions[-1])
 
@@ -182,14 +198,20 @@ class ModelRepository(Service):
         version = LoadedVersion(config.name, number)
         self.versions[config.name][number] = version
         params = config.batching
-        pool = ThreadPool(params.num_batch_threads, params.num_batch_threads, f"inference-{config.name}-{number}")
+        pool = ThreadPool(
+            params.num_batch_threads, params.num_batch_threads, f"inference-{config.name}-{number}"
+        )
         pool.start()
         version.pool = pool
         path = config.base_path / str(number)
         log.info("model {name} version {v}: loading {path}", name=config.name, v=number, path=path)
         try:
-            servable = await deferToThreadPool(self._reactor, pool, self._load, config.name, number, path)
-            await deferToThreadPool(self._reactor, pool, servable.warm_up, params.allowed_batch_sizes)
+            servable = await deferToThreadPool(
+                self._reactor, pool, self._load, config.name, number, path
+            )
+            await deferToThreadPool(
+                self._reactor, pool, servable.warm_up, params.allowed_batch_sizes
+            )
         except Exception as e:  # any load failure is reported in the status, not raised
             log.failure("model {name} version {v} failed to load", name=config.name, v=number)
             version.state, version.error = END, f"{type(e).__name__}: {e}"

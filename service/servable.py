@@ -95,7 +95,9 @@ class Servable:
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
         """Run every batchable signature once per batch size, so no request pays the first call."""
         for key, signature in self.signatures.items():
-            if not signature.batchable or any(t.dtype == "DT_STRING" for t in signature.inputs.values()):
+            if not signature.batchable or any(
+                t.dtype == "DT_STRING" for t in signature.inputs.values()
+            ):
                 continue
             for size in batch_sizes or (1,):
                 inputs = {
@@ -110,9 +112,14 @@ def _signature(key: str, sig: Any) -> Signature:
         from tensorflow.core.framework import types_pb2
 
         shape = tensor.tensor_shape
-        dims = None if shape.unknown_rank else tuple(None if d.size < 0 else d.size for d in shape.dim)
+        dims = (
+            None if shape.unknown_rank else tuple(None if d.size < 0 else d.size for d in shape.dim)
+        )
         return TensorInfo(
-            name=name, dtype=types_pb2.DataType.Name(tensor.dtype), shape=dims, tensor_name=tensor.name
+            name=name,
+            dtype=types_pb2.DataType.Name(tensor.dtype),
+            shape=dims,
+            tensor_name=tensor.name,
         )
 
     return Signature(

@@ -20,6 +20,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from service.batching import BatchingParameters
+from service.batching_config import (
+    BatchingConfigError,
+    batching_for_model,
+    load_batching_parameters,
+)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
@@ -35,6 +40,19 @@ class ServerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
+def _integer(flag: str):
+    """A coerce function whose error names the flag (Twisted's own message does not)."""
+
+    def coerce(value: str) -> int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"--{flag} takes a whole number, not {value!r}") from None
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
+
+
 class Options(usage.Options):
     synopsis = "--model_base_path=DIR [--model_name=NAME] [--rest_api_port=8501 | --listen=ENDPOINT] [options]"
     longdesc = (
@@ -42,7 +60,13 @@ class Options(usage.Options):
         "version is served) over TensorFlow Serving's REST API. Flags are named as TF Serving's."
     )
     optParameters = [
-        ["rest_api_port", None, None, "TCP port of the REST API (default 8501). Same as --listen=tcp:PORT.", int],
+        [
+            "rest_api_port",
+            None,
+            None,
+            "TCP port of the REST API (default 8501). Same as --listen=tcp:PORT.",
+            _integer("rest_api_port"),
+        ],
         [
             "listen",
             None,
@@ -51,13 +75,20 @@ class Options(usage.Options):
             "ssl:8443:privateKey=key.pem:certKey=cert.pem, unix:/run/inference.sock",
         ],
         ["model_name", None, "default", "Name the model is served under (/v1/models/NAME)."],
+        [
+            "batching_parameters_file",
+            None,
+            None,
+            "TF Serving's batching parameters text-proto (with --enable_batching). A model folder's own "
+            "batching_parameters.txt overrides it for that model.",
+        ],
         ["model_base_path", None, None, "Folder holding the model's numeric version folders."],
         [
             "max_request_bytes",
             None,
             DEFAULT_MAX_REQUEST_BYTES,
             "Largest request body accepted; larger ones get 413.",
-            int,
+            _integer("max_request_bytes"),
         ],
     ]
     optFlags = [
@@ -79,7 +110,9 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         listen = f"tcp:{8501 if port is None else port}"
     base = opts.get("model_base_path")
     if not base:
-        raise usage.UsageError("--model_base_path is required: the folder holding version folders 1/, 2/, …")
+        raise usage.UsageError(
+            "--model_base_path is required: the folder holding version folders 1/, 2/, …"
+        )
     base_path = Path(base).expanduser().resolve()
     if not base_path.is_dir():
         raise usage.UsageError(f"--model_base_path {base} is not a folder")
@@ -90,9 +123,34 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
     if max_bytes <= 0:
         raise usage.UsageError("--max_request_bytes must be positive")
     batching = BatchingParameters(enabled=bool(opts.get("enable_batching")))
+    if opts.get("batching_parameters_file"):
+        if not batching.enabled:
+            raise usage.UsageError("--batching_parameters_file needs --enable_batching")
+        batching = _load_batching(Path(opts["batching_parameters_file"]))
+    _load_batching_for_model(
+        base_path, batching
+    )  # fail at start-up, not at load, on a bad model file
     return ServerConfig(
-        listen=listen, model_name=name, model_base_path=base_path, batching=batching, max_request_bytes=max_bytes
+        listen=listen,
+        model_name=name,
+        model_base_path=base_path,
+        batching=batching,
+        max_request_bytes=max_bytes,
     )
+
+
+def _load_batching(path: Path) -> BatchingParameters:
+    try:
+        return load_batching_parameters(path)
+    except BatchingConfigError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def _load_batching_for_model(base_path: Path, batching: BatchingParameters) -> BatchingParameters:
+    try:
+        return batching_for_model(base_path, batching)
+    except BatchingConfigError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> MultiService:
@@ -108,7 +166,13 @@ def makeService(options: Options) -> MultiService:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     metrics = Metrics()
     repository = ModelRepository(
-        [ModelConfig(config.model_name, config.model_base_path, config.batching)],
+        [
+            ModelConfig(
+                config.model_name,
+                config.model_base_path,
+                batching_for_model(config.model_base_path, config.batching),
+            )
+        ],
         reactor=reactor,
         metrics=metrics,
     )
@@ -116,5 +180,7 @@ def makeService(options: Options) -> MultiService:
     site = InferenceSite(api, max_body_bytes=config.max_request_bytes)
     top = MultiService()
     repository.setServiceParent(top)
-    StreamServerEndpointService(serverFromString(reactor, config.listen), site).setServiceParent(top)
+    StreamServerEndpointService(serverFromString(reactor, config.listen), site).setServiceParent(
+        top
+    )
     return top

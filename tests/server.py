@@ -41,7 +41,9 @@ class TwistdServer:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
         command = [str(TWISTD), "-n", "--pidfile=", f"--logfile={self.log_path}", "inference"]
         command += [f"--listen=tcp:{self.port}:interface=127.0.0.1", *self.args]
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         return self
 
     def log(self) -> str:
@@ -63,9 +65,15 @@ class TwistdServer:
         raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
 
     def request(
-        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        req = urllib.request.Request(
+            self.url + path, data=body, method=method, headers=headers or {}
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as response:
                 return response.status, dict(response.headers), response.read()

@@ -201,7 +201,9 @@ def test_rows_pile_up_while_busy_and_leave_as_one_batch() -> None:
 
 def test_timeout_holds_a_partial_batch_until_it_expires() -> None:
     """A partial batch waits for batch_timeout_micros, then leaves with what it has."""
-    queue, clock, executor, _ = make_queue(BatchingParameters(max_batch_size=4, batch_timeout_micros=2000))
+    queue, clock, executor, _ = make_queue(
+        BatchingParameters(max_batch_size=4, batch_timeout_micros=2000)
+    )
     queue.submit(rows_for(0, 1), 1)
     clock.advance(0.001)
     queue.submit(rows_for(1, 1), 1)
@@ -213,7 +215,9 @@ def test_timeout_holds_a_partial_batch_until_it_expires() -> None:
 
 def test_full_batch_leaves_before_timeout() -> None:
     """max_batch_size rows leave at once, even with a long timeout."""
-    queue, clock, executor, _ = make_queue(BatchingParameters(max_batch_size=4, batch_timeout_micros=10**6))
+    queue, clock, executor, _ = make_queue(
+        BatchingParameters(max_batch_size=4, batch_timeout_micros=10**6)
+    )
     queue.submit(rows_for(0, 3), 3)
     assert not executor.pending
     queue.submit(rows_for(1, 1), 1)
@@ -232,7 +236,9 @@ def test_padding_to_allowed_batch_size_is_sliced_off() -> None:
     recorder = Recorder()
     queue = BatchingQueue(
         model,
-        BatchingParameters(max_batch_size=8, allowed_batch_sizes=(1, 2, 4, 8), batch_timeout_micros=1000),
+        BatchingParameters(
+            max_batch_size=8, allowed_batch_sizes=(1, 2, 4, 8), batch_timeout_micros=1000
+        ),
         clock=Clock(),
         executor=executor,
         observer=recorder,
@@ -265,7 +271,9 @@ def test_large_request_without_splitting_is_refused() -> None:
 
 def test_full_queue_refuses_with_retry_after() -> None:
     """Past max_enqueued_batches × max_batch_size queued rows, submit raises Unavailable with Retry-After."""
-    queue, clock, executor, _ = make_queue(BatchingParameters(max_batch_size=2, max_enqueued_batches=2))
+    queue, clock, executor, _ = make_queue(
+        BatchingParameters(max_batch_size=2, max_enqueued_batches=2)
+    )
     queue.submit(rows_for(0, 1), 1)  # running
     queue.submit(rows_for(1, 2), 2)
     queue.submit(rows_for(2, 2), 2)
@@ -342,3 +350,30 @@ def test_model_dropping_batch_dimension_is_an_internal_error() -> None:
     d.addErrback(lambda _: None)
     assert isinstance(failure, Failure) and failure.check(Internal)
     assert "batch dimension" in str(failure.value)
+
+
+def test_requests_of_other_inner_shapes_do_not_share_a_batch() -> None:
+    """Variable-length rows of different lengths run in separate batches, in arrival order."""
+    queue, clock, executor, recorder = make_queue(BatchingParameters(max_batch_size=8))
+    queue.submit(rows_for(0, 1), 1)  # runs at once
+    short = {"x": np.zeros((1, 2), np.float32)}
+    long = {"x": np.zeros((1, 5), np.float32)}
+    d1, d2, d3 = queue.submit(short, 1), queue.submit(long, 1), queue.submit(short, 1)
+    while executor.pending:
+        executor.finish_one()
+    assert [x.shape for x in executor.batches[1:]] == [(1, 2), (1, 5), (1, 2)]
+    assert all(d.called for d in (d1, d2, d3))
+
+
+def test_pad_variable_length_inputs_merges_with_zero_padding() -> None:
+    """With pad_variable_length_inputs, rows of lengths 2 and 4 run as one batch padded with zeros."""
+    params = BatchingParameters(max_batch_size=8, pad_variable_length_inputs=True)
+    queue, clock, executor, recorder = make_queue(params)
+    queue.submit(rows_for(0, 1), 1)
+    a = queue.submit({"x": np.ones((1, 2), np.float32)}, 1)
+    b = queue.submit({"x": np.full((1, 4), 2, np.float32)}, 1)
+    while executor.pending:
+        executor.finish_one()
+    np.testing.assert_array_equal(executor.batches[1], [[1, 1, 0, 0], [2, 2, 2, 2]])
+    np.testing.assert_array_equal(a.result["y"], [[11, 11, 1, 1]])
+    np.testing.assert_array_equal(b.result["y"], [[21, 21, 21, 21]])
