@@ -153,6 +153,7 @@ class BatchingQueue:
         self._wakeup: IDelayedCall | None = None
         self._closing = False
         self._drained: list[Deferred] = []
+        self._running: dict[int, float] = {}  # id of a running batch → when it started
 
     # -- reactor side ---------------------------------------------------------------------------
 
@@ -164,6 +165,12 @@ class BatchingQueue:
     @property
     def busy_threads(self) -> int:
         return self.params.num_batch_threads - self._idle_threads
+
+    def longest_running(self) -> float:
+        """Seconds the oldest running batch has been running (0 when idle): a wedged thread shows here."""
+        if not self._running:
+            return 0.0
+        return self._clock.seconds() - min(self._running.values())
 
     @property
     def load(self) -> float:
@@ -286,6 +293,7 @@ class BatchingQueue:
         self._idle_threads -= 1
         now = self._clock.seconds()
         queue_seconds = [now - part.request.enqueued_at for part in parts]
+        self._running[id(parts)] = now
         d = self._executor(self._run_batch, parts)
         d.addBoth(self._finished, parts, queue_seconds)
 
@@ -296,6 +304,7 @@ class BatchingQueue:
         queue_seconds: list[float],
     ) -> None:
         self._idle_threads += 1
+        del self._running[id(parts)]
         rows = sum(part.rows for part in parts)
         if isinstance(result, Failure):
             error = _as_serving_error(result)

@@ -377,3 +377,14 @@ def test_pad_variable_length_inputs_merges_with_zero_padding() -> None:
     np.testing.assert_array_equal(executor.batches[1], [[1, 1, 0, 0], [2, 2, 2, 2]])
     np.testing.assert_array_equal(a.result["y"], [[11, 11, 1, 1]])
     np.testing.assert_array_equal(b.result["y"], [[21, 21, 21, 21]])
+
+
+def test_longest_running_reports_a_wedged_batch() -> None:
+    """longest_running() grows while a batch runs and drops to 0 when it finishes."""
+    queue, clock, executor, _ = make_queue(BatchingParameters(max_batch_size=8))
+    assert queue.longest_running() == 0.0
+    queue.submit(rows_for(0, 1), 1)
+    clock.advance(42)
+    assert queue.longest_running() == 42
+    executor.finish_one()
+    assert queue.longest_running() == 0.0
