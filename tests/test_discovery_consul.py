@@ -11,6 +11,7 @@ import datetime
 import inspect
 import ipaddress
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -209,6 +210,10 @@ class Harness:
         status, _, checks = self.agent.get("/v1/agent/checks")
         return checks if status == 200 else {}
 
+    def catalog_status(self) -> dict[str, str]:
+        status, _, checks = self.agent.get("/v1/health/checks/inference")
+        return {c["CheckID"]: c["Status"] for c in checks} if status == 200 else {}
+
     def passing_ids(self, query: str = "") -> set[str]:
         status, _, entries = self.agent.get(f"/v1/health/service/inference?passing{query}")
         return {e["Service"]["ID"] for e in entries} if status == 200 else set()
@@ -288,7 +293,7 @@ def test_ttl_check_follows_liveness(harness: Harness, readiness: tuple[Readiness
     checks = poll(harness.checks, lambda c: c.get(check_id, {}).get("Status") == "critical")
     assert checks[check_id]["Status"] == "critical"
     assert checks[check_id]["Output"] == "inference threads not alive"
-    assert sid not in harness.passing_ids()
+    assert poll(harness.passing_ids, lambda ids: sid not in ids) == set()
     alive[0] = True
     assert poll(harness.passing_ids, lambda ids: sid in ids) == {sid}
 
@@ -309,9 +314,15 @@ def test_http_check_maps_readiness_codes(
             check = checks.get(check_id, {})
             return check.get("Status") == expected and str(code) in check.get("Output", "")
 
+        def synced(statuses: dict[str, str], expected: str = expected) -> bool:
+            return statuses.get(check_id) == expected
+
         checks = poll(harness.checks, settled)
         assert checks[check_id]["Status"] == expected, code
         assert str(code) in checks[check_id]["Output"]
+        # The agent syncs a status change to the catalog (what /v1/health reads) right after.
+        catalog = poll(harness.catalog_status, synced)
+        assert catalog[check_id] == expected, code
         assert (sid in harness.passing_ids()) == (expected == "passing")
         assert sid in harness.all_ids()
 
@@ -519,6 +530,24 @@ def test_silent_agent_times_out_as_unavailable() -> None:
             call_leader(address, timeout=0.5)
     finally:
         in_reactor(port.stopListening)
+
+
+def test_agent_that_never_accepts_times_out_as_unavailable() -> None:
+    """A connect that never completes (full accept queue) also ends as ConsulUnavailable at the timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            with pytest.raises(ConsulUnavailable, match="no answer from Consul .* within 0.5 s"):
+                call_leader(ConsulAddress.parse(f"127.0.0.1:{port}"), timeout=0.5)
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 def test_https_address_verifies_against_the_ca_file(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from treq.client import HTTPClient
 from treq.testing import StubTreq
@@ -314,7 +314,6 @@ json_values = st.recursive(
 )
 
 
-@settings(deadline=None)
 @given(st.lists(health_entries, max_size=5), st.integers(0, 2**64 - 1))
 def test_health_entries_parse_into_sorted_backends(
     entries: list[dict[str, Any]], index: int
@@ -342,7 +341,6 @@ def test_health_entries_parse_into_sorted_backends(
             backend.meta["new"] = "x"  # type: ignore[index]
 
 
-@settings(deadline=None)
 @given(json_values)
 def test_health_parser_rejects_junk_with_a_typed_error(body: Any) -> None:
     """Any JSON that is not a list of health entries gives MalformedResponse, never another error."""
@@ -674,7 +672,7 @@ def test_backoff_is_capped_jittered_and_growing(
     """Each delay lies in [(1-jitter)*ceiling, ceiling]; ceilings grow with the attempt up to the cap."""
     backoff = Backoff(initial, maximum, factor, jitter)
     ceiling = backoff.ceiling(attempt)
-    assert ceiling <= max(maximum, initial) or ceiling == pytest.approx(maximum)
+    assert ceiling <= maximum
     assert backoff.ceiling(attempt + 1) >= ceiling
     delay = backoff.delay(attempt, random.Random(seed))
     assert (1 - jitter) * ceiling - 1e-9 <= delay <= ceiling + 1e-9
