@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from discovery.consul import ConsulAddress
 from service.batching import BatchingParameters
 from service.batching_config import (
     BatchingConfigError,
@@ -30,6 +30,20 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 @attrs.frozen
+class DiscoveryConfig:
+    """Where and how this server announces itself in Consul (see discovery.registration)."""
+
+    consul: ConsulAddress
+    service_name: str
+    advertise_host: str
+    advertise_port: int | None  # None: the port actually listened on
+    check_interval: float
+    ttl: float
+    deregister_critical_after: float
+    drain_delay: float
+
+
+@attrs.frozen
 class ServerConfig:
     """Everything ``makeService`` needs, validated; built from Options, testable as plain data."""
 
@@ -38,6 +52,24 @@ class ServerConfig:
     model_base_path: Path
     batching: BatchingParameters
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    discovery: DiscoveryConfig | None = None
+    overload_fraction: float = 0.8
+    inference_stall_seconds: float = 60.0
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+
+def _number(flag: str):
+    """Like _integer, for seconds and fractions."""
+
+    def coerce(value: str) -> float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"--{flag} takes a number, not {value!r}") from None
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
 
 
 def _integer(flag: str):
@@ -91,6 +123,79 @@ class Options(usage.Options):
             _integer("max_request_bytes"),
         ],
     ]
+    optParameters += [
+        [
+            "consul",
+            None,
+            None,
+            "Register in Consul through this agent (host:port or http[s]://host:port). Default: "
+            "$CONSUL_HTTP_ADDR if set, else no registration. $CONSUL_HTTP_TOKEN is sent as the ACL token.",
+        ],
+        ["service_name", None, "inference", "Consul service name."],
+        [
+            "advertise",
+            None,
+            None,
+            "HOST[:PORT] clients should call, as registered in Consul. Default: the --listen interface "
+            "and port (a wildcard interface needs --advertise).",
+        ],
+        [
+            "consul_check_interval",
+            None,
+            5.0,
+            "Seconds between Consul's /readyz checks.",
+            _number("consul_check_interval"),
+        ],
+        [
+            "consul_ttl",
+            None,
+            15.0,
+            "TTL of the liveness check, refreshed every TTL/3.",
+            _number("consul_ttl"),
+        ],
+        [
+            "deregister_critical_after",
+            None,
+            60.0,
+            "Seconds after which Consul drops an instance whose checks stay critical (Consul's minimum is 60).",
+            _number("deregister_critical_after"),
+        ],
+        [
+            "drain_delay",
+            None,
+            5.0,
+            "On stop: seconds between leaving Consul and closing the port, so clients notice first.",
+            _number("drain_delay"),
+        ],
+        [
+            "overload_fraction",
+            None,
+            0.8,
+            "/readyz answers 429 (Consul: warning) while a batching queue is fuller than this.",
+            _number("overload_fraction"),
+        ],
+        [
+            "inference_stall_seconds",
+            None,
+            60.0,
+            "A batch running longer than this fails the liveness check (a wedged inference thread).",
+            _number("inference_stall_seconds"),
+        ],
+        [
+            "tensorflow_intra_op_parallelism",
+            None,
+            0,
+            "Threads TensorFlow uses inside one op (0: TensorFlow's choice), as TF Serving's flag.",
+            _integer("tensorflow_intra_op_parallelism"),
+        ],
+        [
+            "tensorflow_inter_op_parallelism",
+            None,
+            0,
+            "Ops TensorFlow runs at once (0: TensorFlow's choice), as TF Serving's flag.",
+            _integer("tensorflow_inter_op_parallelism"),
+        ],
+    ]
     optFlags = [
         ["enable_batching", None, "Merge concurrent requests into batches (TF Serving's flag)."],
     ]
@@ -130,13 +235,70 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
     _load_batching_for_model(
         base_path, batching
     )  # fail at start-up, not at load, on a bad model file
+    for flag in ("consul_check_interval", "consul_ttl", "inference_stall_seconds"):
+        if opts.get(flag, 1) <= 0:
+            raise usage.UsageError(f"--{flag} must be positive")
+    if opts.get("drain_delay", 0) < 0:
+        raise usage.UsageError("--drain_delay must be 0 or more")
+    fraction = opts.get("overload_fraction", 0.8)
+    if not 0 < fraction <= 1:
+        raise usage.UsageError(f"--overload_fraction must be in (0, 1], not {fraction}")
+    for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
+        if opts.get(flag, 0) < 0:
+            raise usage.UsageError(f"--{flag} must be 0 or more")
     return ServerConfig(
         listen=listen,
         model_name=name,
         model_base_path=base_path,
         batching=batching,
         max_request_bytes=max_bytes,
+        discovery=_discovery_config(opts, listen),
+        overload_fraction=fraction,
+        inference_stall_seconds=opts.get("inference_stall_seconds", 60.0),
+        intra_op_threads=opts.get("tensorflow_intra_op_parallelism", 0),
+        inter_op_threads=opts.get("tensorflow_inter_op_parallelism", 0),
     )
+
+
+def _discovery_config(opts: dict[str, Any], listen: str) -> DiscoveryConfig | None:
+    address = opts.get("consul") or os.environ.get("CONSUL_HTTP_ADDR", "").strip()
+    if not address:
+        return None
+    try:
+        consul = ConsulAddress.parse(
+            address, token=os.environ.get("CONSUL_HTTP_TOKEN", "").strip() or None
+        )
+    except ValueError as e:
+        raise usage.UsageError(f"--consul: {e}") from None
+    host, port = _advertised(opts.get("advertise"), listen)
+    return DiscoveryConfig(
+        consul=consul,
+        service_name=opts.get("service_name") or "inference",
+        advertise_host=host,
+        advertise_port=port,
+        check_interval=opts.get("consul_check_interval", 5.0),
+        ttl=opts.get("consul_ttl", 15.0),
+        deregister_critical_after=opts.get("deregister_critical_after", 60.0),
+        drain_delay=opts.get("drain_delay", 5.0),
+    )
+
+
+def _advertised(advertise: str | None, listen: str) -> tuple[str, int | None]:
+    """The host (and port, if given) to register: --advertise, or the listening interface."""
+    if advertise:
+        host, _, port = (
+            advertise.rpartition(":") if advertise.count(":") == 1 else (advertise, "", "")
+        )
+        if port and not port.isdigit():
+            raise usage.UsageError(f"--advertise {advertise!r}: the port must be a number")
+        return host, int(port) if port else None
+    parts = listen.split(":")
+    interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")), "")
+    if parts[0] not in ("tcp", "ssl") or interface in ("", "0.0.0.0", "::"):
+        raise usage.UsageError(
+            f"registering in Consul needs --advertise=HOST: --listen={listen} does not name one address"
+        )
+    return interface, None
 
 
 def _load_batching(path: Path) -> BatchingParameters:
@@ -154,16 +316,23 @@ def _load_batching_for_model(base_path: Path, batching: BatchingParameters) -> B
 
 
 def makeService(options: Options) -> MultiService:
-    """Build the service tree: models load first; the port opens while they load (readiness says 503)."""
+    """Build the service tree, started in this order and stopped in reverse, one at a time:
+
+    1. the model repository (loads models on inference threads; readiness says 503 until done),
+    2. the HTTP port (on stop: close, then wait for requests in flight),
+    3. the Consul registration, once models are loaded and the port listens (on stop: leave
+       Consul first, then wait --drain_delay so clients notice before the port closes).
+    """
     # The composition root is the one place that picks the global reactor.
     from twisted.internet import reactor
 
     from service.http import InferenceAPI, InferenceSite
+    from service.lifecycle import AfterReady, HTTPPort, OrderedServices
     from service.metrics import Metrics
     from service.repository import ModelConfig, ModelRepository
 
     config: ServerConfig = options.config
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configure_tensorflow(config.intra_op_threads, config.inter_op_threads)
     metrics = Metrics()
     repository = ModelRepository(
         [
@@ -176,11 +345,82 @@ def makeService(options: Options) -> MultiService:
         reactor=reactor,
         metrics=metrics,
     )
-    api = InferenceAPI(repository, metrics=metrics)
+    api = InferenceAPI(repository, metrics=metrics, overload_fraction=config.overload_fraction)
     site = InferenceSite(api, max_body_bytes=config.max_request_bytes)
-    top = MultiService()
+    port = HTTPPort(serverFromString(reactor, config.listen), site, site.in_flight, reactor=reactor)
+    top = OrderedServices()
     repository.setServiceParent(top)
-    StreamServerEndpointService(serverFromString(reactor, config.listen), site).setServiceParent(
-        top
-    )
+    port.setServiceParent(top)
+    if config.discovery is not None:
+        discovery = config.discovery
+
+        def registration(listening: Any) -> Any:
+            return make_registration(
+                discovery,
+                repository,
+                listening.getHost().port,
+                config.inference_stall_seconds,
+                reactor,
+            )
+
+        def ready() -> Any:
+            return repository.when_ready().addCallback(lambda _: port.listening)
+
+        AfterReady(registration, ready).setServiceParent(top)
     return top
+
+
+def configure_tensorflow(intra: int, inter: int) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if intra or inter:
+        import tensorflow as tf
+
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+
+
+def model_tags(repository: Any) -> tuple[list[str], dict[str, str]]:
+    """Consul tags and meta naming every served model and AVAILABLE version."""
+    tags, served = ["api:tfserving-rest"], []
+    for name, versions in sorted(repository.versions.items()):
+        tags.append(f"model:{name}")
+        for number, version in sorted(versions.items()):
+            if version.state == "AVAILABLE":
+                tags.append(f"model:{name}:{number}")
+                served.append(f"{name}:{number}")
+    return tags, {"api": "tfserving-rest", "models": ",".join(served)}
+
+
+def make_registration(
+    discovery: DiscoveryConfig,
+    repository: Any,
+    listening_port: int,
+    stall_seconds: float,
+    reactor: Any,
+) -> Any:
+    from discovery.consul import ConsulClient, TreqTransport
+    from discovery.registration import ConsulRegistration, RegistrationSpec, default_service_id
+
+    port = discovery.advertise_port or listening_port
+    tags, meta = model_tags(repository)
+    spec = RegistrationSpec(
+        service_id=default_service_id(discovery.service_name, discovery.advertise_host, port),
+        address=discovery.advertise_host,
+        port=port,
+        readiness_url=f"http://{discovery.advertise_host}:{port}/readyz",
+        name=discovery.service_name,
+        tags=tags,
+        meta=meta,
+        check_interval=discovery.check_interval,
+        ttl=discovery.ttl,
+        deregister_critical_after=discovery.deregister_critical_after,
+        drain_delay=discovery.drain_delay,
+    )
+
+    def alive() -> bool:
+        return all(queue.longest_running() < stall_seconds for queue in repository.queues())
+
+    client = ConsulClient(TreqTransport.create(reactor, discovery.consul))
+    return ConsulRegistration(spec, client, reactor, alive)
