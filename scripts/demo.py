@@ -1,4 +1,4 @@
-"""The demo: the demo model served by a real twistd server, real requests, real answers.
+"""The demo: a Consul agent, several twistd servers of the demo model, real requests and answers.
 
 Run through ``scripts/demo`` (which bootstraps first). Without ``--check`` it keeps
 serving until Ctrl-C; with ``--check`` it runs the examples, checks every answer and
@@ -22,7 +22,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.server import TwistdServer, free_port  # noqa: E402  (the same harness the tests use)
+from tests.consul_agent import CONSUL_BINARY, ConsulAgent  # noqa: E402  (the tests' harness)
+from tests.server import TwistdServer, free_port  # noqa: E402
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -98,48 +99,86 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} bytes)"
 
 
+def show_discovery(consul: ConsulAgent, servers: list[TwistdServer], checks: Checks) -> None:
+    print("\n== discovery: every server registered itself in Consul")
+    env = {"CONSUL_HTTP_ADDR": consul.http_addr, "PATH": str(CONSUL_BINARY.parent)}
+    print(f"$ CONSUL_HTTP_ADDR={consul.http_addr} consul catalog services -tags")
+    print(subprocess.run(["consul", "catalog", "services", "-tags"], env=env, capture_output=True, text=True).stdout)
+    deadline = time.monotonic() + 30
+    passing: list = []
+    while time.monotonic() < deadline:
+        _, _, passing = consul.get("/v1/health/service/inference?passing")
+        if len(passing) == len(servers):
+            break
+        time.sleep(0.5)
+    print(f"$ curl {consul.http_addr}/v1/health/service/inference?passing   (one entry per healthy server)")
+    for entry in passing:
+        service = entry["Service"]
+        states = ", ".join(f"{c['Name'] or c['CheckID']}: {c['Status']}" for c in entry["Checks"])
+        print(f"  {service['ID']:32} {service['Address']}:{service['Port']}  {states}")
+    checks.expect(len(passing) == len(servers), f"{len(passing)}/{len(servers)} servers passing in Consul")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="run the examples, check the answers, exit 0/1")
-    parser.add_argument("--port", type=int, default=0, help="REST port (default: 8501 if free, else any)")
+    parser.add_argument("--port", type=int, default=0, help="first server's REST port (default: 8501 if free)")
+    parser.add_argument("--servers", type=int, default=3, help="how many servers to start (default 3)")
     args = parser.parse_args()
 
-    port = args.port or (8501 if _port_free(8501) else free_port())
     logs = REPO / ".cache" / "demo"
     logs.mkdir(parents=True, exist_ok=True)
-    server = TwistdServer(
-        ["--model_name=digits", f"--model_base_path={REPO / 'models' / 'digits'}", "--enable_batching"],
-        logs,
-        port=port,
-    )
-    print(f"== starting: twistd -n inference --model_name=digits --model_base_path=models/digits "
-          f"--enable_batching --rest_api_port={port}")
+    consul = ConsulAgent(CONSUL_BINARY, logs)
+    print(f"== starting a Consul dev agent on {consul.http_addr}")
+    consul.start()
+    first = args.port or (8501 if _port_free(8501) else free_port())
+    servers = []
+    for n in range(args.servers):
+        port = first if n == 0 else free_port()
+        flags = [
+            "--model_name=digits",
+            f"--model_base_path={REPO / 'models' / 'digits'}",
+            "--enable_batching",
+            f"--consul={consul.http_addr}",
+            "--consul_check_interval=1",
+            "--drain_delay=1",
+        ]
+        servers.append(TwistdServer(flags, logs, port=port))
+        print(f"== starting: twistd -n inference {' '.join(flags[:3])} --consul={consul.http_addr} "
+              f"--rest_api_port={port}")
     started = time.monotonic()
-    server.start()
+    for server in servers:
+        server.start()
     checks = Checks()
     try:
-        server.wait_ready()
-        print(f"   ready in {time.monotonic() - started:.1f} s; log: {server.log_path.relative_to(REPO)}")
-        run_examples(server, checks)
+        for server in servers:
+            server.wait_ready()
+        print(f"   {len(servers)} servers ready in {time.monotonic() - started:.1f} s; logs in {logs.relative_to(REPO)}")
+        run_examples(servers[0], checks)
+        show_discovery(consul, servers, checks)
         if args.check:
             print(f"\n{'all checks passed' if not checks.failures else 'FAILED: ' + '; '.join(checks.failures)}")
             return 1 if checks.failures else 0
         print(f"""
 == serving until Ctrl-C. Try:
-  curl -d @samples/seven.json {server.url}/v1/models/digits:predict
-  curl {server.url}/v1/models/digits
-  curl {server.url}/v1/models/digits/metadata
-  curl {server.url}/metrics
+  curl -d @samples/seven.json {servers[0].url}/v1/models/digits:predict
+  curl {servers[0].url}/v1/models/digits
+  curl {servers[0].url}/v1/models/digits/metadata
+  curl {servers[0].url}/metrics
+  CONSUL_HTTP_ADDR={consul.http_addr} .tools/bin/consul catalog services -tags
+  curl '{consul.http_addr}/v1/health/service/inference?passing'
 """)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        while server.process is not None and server.process.poll() is None:
+        while all(s.process is not None and s.process.poll() is None for s in servers):
             time.sleep(0.5)
-        print(server.log()[-2000:])
+        print("a server stopped:", *(s.log()[-2000:] for s in servers if s.process and s.process.poll() is not None))
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
+        consul.stop()
 
 
 def _port_free(port: int) -> bool:
