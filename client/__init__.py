@@ -1,0 +1,40 @@
+"""The kleinserve client: find healthy servers in Consul, spread calls over them, retry safely.
+
+- ``InferenceClient``: blocking, for scripts and notebooks (runs the async core on a
+  reactor thread with crochet).
+- ``AsyncInferenceClient``: the core, for Twisted code; every call returns a Deferred.
+- ``client.errors``: ``InferenceError`` and its kinds.
+- ``inference-client``: the command line (``client.cli``).
+
+Never imports TensorFlow.
+"""
+
+from client.async_client import AsyncInferenceClient, BackendInfo
+from client.balancer import EjectionPolicy, Strategy
+from client.blocking import InferenceClient
+from client.budget import RetryBudget
+from client.codec import Classification
+from client.dispatch import Attempt
+from client.errors import (
+    DeadlineExceeded,
+    InferenceError,
+    InvalidRequest,
+    NoBackendAvailable,
+    ServerError,
+)
+
+__all__ = [
+    "AsyncInferenceClient",
+    "Attempt",
+    "BackendInfo",
+    "Classification",
+    "DeadlineExceeded",
+    "EjectionPolicy",
+    "InferenceClient",
+    "InferenceError",
+    "InvalidRequest",
+    "NoBackendAvailable",
+    "RetryBudget",
+    "ServerError",
+    "Strategy",
+]

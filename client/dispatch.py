@@ -1,0 +1,400 @@
+"""One call, end to end: pick a backend, send, judge the answer, retry elsewhere or give up.
+
+The retry rules, so that retries help with a failing server without piling onto an
+overloaded fleet:
+
+- Retried, on a different backend when there is one, after a jittered backoff: a request
+  that was never sent (refused, unreachable), a 502/503/504 (overloaded, not ready,
+  draining), and -- for idempotent calls, which every inference call is -- a request whose
+  connection died before the answer (a server SIGKILLed mid-request).
+- Never retried: 4xx (the request is wrong; ``InvalidRequest``), 500 (the model failed on
+  this input; it would fail again), a call whose deadline has passed.
+- Every retry spends a token of the shared ``RetryBudget``, and a call makes at most
+  ``max_attempts`` attempts.
+- The deadline covers the whole call, retries and backoff included. Each attempt tells the
+  server what is left of it in ``X-Request-Deadline-Ms``.
+
+Connection errors, timeouts and 5xx also tell the ``Balancer`` to eject the backend.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
+
+import attrs
+from attrs import define, frozen
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from client.balancer import Balancer, Key, backend_key
+from client.budget import RetryBudget
+from client.codec import error_message
+from client.errors import DeadlineExceeded, InvalidRequest, NoBackendAvailable, ServerError
+from client.sources import Sources, model_tag
+from client.transport import FailureKind, HTTPRequest, HTTPResponse, HTTPTransport, describe
+from client.transport import failure_kind as kind_of
+from discovery.backends import Backend, Backends
+from discovery.backoff import Backoff, now, sleep
+from discovery.watch import BackendSource
+
+__all__ = ["DEADLINE_HEADER", "Attempt", "Deadline", "DispatchStats", "Dispatcher", "within"]
+
+T = TypeVar("T")
+
+DEADLINE_HEADER = "X-Request-Deadline-Ms"
+RETRIED_STATUSES = frozenset({502, 503, 504})
+
+
+@frozen
+class Deadline:
+    """When a call must be done by, on the client's clock."""
+
+    timeout: float
+    expires: float
+
+    @classmethod
+    def after(cls, clock: IReactorTime, timeout: float) -> Deadline:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        return cls(timeout, now(clock) + timeout)
+
+    def remaining(self, clock: IReactorTime) -> float:
+        return self.expires - now(clock)
+
+
+@frozen
+class Attempt:
+    """What an ``on_attempt`` observer hears after each attempt, on the reactor thread.
+
+    ``outcome`` is ``"ok"`` (2xx), ``"status"`` (another HTTP status, see ``status``),
+    ``"not sent"``, ``"connection lost"``, ``"timeout"`` or ``"cancelled"``.
+    """
+
+    model: str
+    backend: Backend
+    number: int  # 1 for the first attempt of a call, 2 for its first retry, …
+    sent_at: float
+    finished_at: float
+    outcome: str
+    status: int | None = None
+
+
+@define
+class DispatchStats:
+    """Counters since the client started."""
+
+    calls: int = 0
+    attempts: int = 0
+    retries: int = 0
+    budget_refusals: int = 0
+
+
+@frozen
+class _Result:
+    backend: Backend
+    outcome: str
+    detail: str
+    response: HTTPResponse | None = None
+    kind: FailureKind | None = None
+
+
+def _cancelled(error: BaseException) -> bool:
+    """Twisted reports a cancelled request as CancelledError, or wrapped in its reasons."""
+    if isinstance(error, CancelledError | net_error.ConnectingCancelledError):
+        return True
+    reasons = getattr(error, "reasons", None) or ()
+    return any(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
+
+
+def _call_later(clock: IReactorTime, seconds: float, fn: Callable[[], None]) -> Any:
+    """``clock.callLater`` (spelled so for mypy, which zope interfaces confuse, as ``now``)."""
+    return cast(Any, clock).callLater(max(0.0, seconds), fn)
+
+
+async def within(
+    clock: IReactorTime,
+    waiting: Deferred[T],
+    deadline: Deadline,
+    error: Callable[[Deadline], Exception],
+) -> T:
+    """``await waiting``, or cancel it and raise ``error(deadline)`` when the deadline passes."""
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        waiting.cancel()
+
+    timer = _call_later(clock, deadline.remaining(clock), expire)
+    try:
+        return await waiting
+    except CancelledError:
+        if expired:
+            raise error(deadline) from None
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+def _tally(lines: Iterable[str]) -> str:
+    """Distinct lines in order, each with how often it occurred when more than once."""
+    counts = Counter(lines)
+    return "; ".join(line if n == 1 else f"{line} (x{n})" for line, n in counts.items())
+
+
+def _where(backend: Backend) -> str:
+    return f"{backend.address}:{backend.port}"
+
+
+class Dispatcher:
+    """Sends calls through ``transport`` to backends of ``sources``, as the module describes."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        sources: Sources,
+        transport: HTTPTransport,
+        clock: IReactorTime,
+        rng: random.Random,
+        *,
+        balancer: Balancer,
+        budget: RetryBudget,
+        max_attempts: int = 3,
+        backoff: Backoff | None = None,
+        attempt_timeout: float | None = None,
+        on_attempt: Callable[[Attempt], object] | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.sources = sources
+        self.balancer = balancer
+        self.budget = budget
+        self.stats = DispatchStats()
+        self._transport = transport
+        self._clock = clock
+        self._rng = rng
+        self._max_attempts = max_attempts
+        self._backoff = backoff or Backoff(initial=0.02, maximum=1.0, factor=2.0, jitter=0.5)
+        self._attempt_timeout = attempt_timeout
+        self._on_attempt = on_attempt
+        self._known: dict[str, Backends] = {}
+
+    async def backends(self, model: str, version: int | None, deadline: Deadline) -> Backends:
+        """The backends serving ``model`` (and ``version``), waiting for the first snapshot.
+
+        An empty snapshot after a non-empty one is treated like an unreachable Consul: the
+        last non-empty one is kept. A Consul agent restarted empty answers exactly that
+        until the servers register again, and servers that are really gone get ejected.
+        """
+        source = self.sources.for_model(model)
+        await self.ready(source, deadline)
+        current = source.current
+        if current:
+            self._known[model] = current
+        else:
+            current = self._known.get(model, ())
+        if version is not None:
+            tag = model_tag(model, version)
+            current = tuple(b for b in current if not b.tags or tag in b.tags)
+        if not current:
+            what = f"model {model!r}" + (f" version {version}" if version is not None else "")
+            raise NoBackendAvailable(
+                f"no healthy backend serves {what} in {self.sources.describe()}; "
+                "check the model name and that its servers are running and passing their checks"
+            )
+        return current
+
+    async def ready(self, source: BackendSource, deadline: Deadline) -> None:
+        """Wait (within the deadline) until ``source`` has its first snapshot."""
+        waiting = source.ready()
+        if waiting.called:
+            return
+        await within(self._clock, waiting, deadline, self._discovery_timeout)
+
+    def _discovery_timeout(self, deadline: Deadline) -> Exception:
+        return NoBackendAvailable(
+            f"no answer from {self.sources.describe()} within {deadline.timeout:g} s; "
+            "is the Consul agent running? (Or list the servers yourself: backends=[(host, port)] "
+            "in Python, --backend HOST:PORT on the command line)"
+        )
+
+    async def call(
+        self,
+        model: str,
+        version: int | None,
+        request: HTTPRequest,
+        deadline: Deadline,
+        *,
+        idempotent: bool = True,
+    ) -> HTTPResponse:
+        """The 2xx answer to ``request`` from a backend of ``model``, or a typed error."""
+        self.stats.calls += 1
+        self.budget.deposit()
+        tried: list[Key] = []
+        failures: list[_Result] = []
+        number = 0
+        while True:
+            if deadline.remaining(self._clock) <= 0:
+                raise self._deadline_exceeded(model, deadline, failures)
+            backends = await self.backends(model, version, deadline)
+            backend = self.balancer.pick(backends, tried)
+            tried.append(backend_key(backend))
+            number += 1
+            result = await self._attempt(model, backend, number, request, deadline)
+            response = result.response
+            if response is not None and 200 <= response.code < 300:
+                return response
+            if response is not None and 400 <= response.code < 500:
+                message = error_message(response.body)
+                raise InvalidRequest(
+                    f"model {model!r}: the server refused the request ({response.code}): {message}",
+                    status=response.code,
+                    server_message=message,
+                )
+            failures.append(result)
+            if result.outcome == "timeout" and deadline.remaining(self._clock) <= 0:
+                raise self._deadline_exceeded(model, deadline, failures)
+            delay = self._backoff.delay(number - 1, self._rng)
+            note = self._why_not_retry(result, number, idempotent, deadline, delay)
+            if note:
+                raise self._failed(model, failures, note)
+            self.stats.retries += 1
+            await sleep(self._clock, delay)
+
+    def _retryable(self, result: _Result, idempotent: bool) -> bool:
+        if result.response is not None:
+            return result.response.code in RETRIED_STATUSES
+        if result.kind is FailureKind.NOT_SENT:
+            return True
+        return idempotent and result.outcome in ("connection lost", "timeout")
+
+    def _why_not_retry(
+        self, result: _Result, number: int, idempotent: bool, deadline: Deadline, delay: float
+    ) -> str | None:
+        """Why this failure ends the call (a note for the error), or None to retry it."""
+        if not self._retryable(result, idempotent):
+            return "not retried"
+        if number >= self._max_attempts:
+            return f"gave up after {number} attempts"
+        if deadline.remaining(self._clock) <= delay:
+            return f"no time left to retry within the {deadline.timeout:g} s timeout"
+        if not self.budget.withdraw():
+            self.stats.budget_refusals += 1
+            return "not retried: the retry budget is spent (too many failures overall)"
+        return None
+
+    async def _attempt(
+        self, model: str, backend: Backend, number: int, request: HTTPRequest, deadline: Deadline
+    ) -> _Result:
+        remaining = deadline.remaining(self._clock)
+        limit = min(remaining, self._attempt_timeout or math.inf)
+        headers = {**request.headers, DEADLINE_HEADER: str(max(1, int(remaining * 1000)))}
+        sending = self._transport.send(
+            backend.address, backend.port, attrs.evolve(request, headers=headers)
+        )
+        self.stats.attempts += 1
+        ticket = self.balancer.begin(backend)
+        sent_at = now(self._clock)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            sending.cancel()
+
+        timer = _call_later(self._clock, limit, expire)
+        result: _Result | None = None
+        try:
+            response = await sending
+        except Exception as e:
+            if expired:
+                result = _Result(backend, "timeout", f"no answer within {limit:.3g} s")
+            elif _cancelled(e):
+                raise CancelledError() from e
+            else:
+                kind = kind_of(e)
+                if kind is FailureKind.OTHER:
+                    raise
+                outcome = "not sent" if kind is FailureKind.NOT_SENT else "connection lost"
+                result = _Result(backend, outcome, describe(e), kind=kind)
+        else:
+            outcome = "ok" if 200 <= response.code < 300 else "status"
+            result = _Result(backend, outcome, f"HTTP {response.code}", response)
+        finally:
+            if timer.active():
+                timer.cancel()
+            healthy = None if result is None else self._healthy(result)
+            self.balancer.end(ticket, healthy)
+            self._report(model, backend, number, sent_at, result)
+        assert result is not None  # every other way out of the try raised
+        return result
+
+    @staticmethod
+    def _healthy(result: _Result) -> bool:
+        if result.response is not None:
+            return result.response.code < 500
+        return False
+
+    def _report(
+        self, model: str, backend: Backend, number: int, sent_at: float, result: _Result | None
+    ) -> None:
+        if self._on_attempt is None:
+            return
+        status = result.response.code if result and result.response else None
+        attempt = Attempt(
+            model,
+            backend,
+            number,
+            sent_at,
+            now(self._clock),
+            result.outcome if result else "cancelled",
+            status,
+        )
+        try:
+            self._on_attempt(attempt)
+        except Exception:
+            self.log.failure("An on_attempt observer raised")
+
+    def _deadline_exceeded(
+        self, model: str, deadline: Deadline, failures: list[_Result]
+    ) -> DeadlineExceeded:
+        last = f" (last: {_where(failures[-1].backend)} {failures[-1].detail})" if failures else ""
+        return DeadlineExceeded(
+            f"model {model!r}: no answer within the timeout of {deadline.timeout:g} s after "
+            f"{len(failures)} attempt(s){last}; raise the timeout or check the servers' load",
+            timeout=deadline.timeout,
+            attempts=len(failures),
+        )
+
+    def _failed(self, model: str, failures: list[_Result], note: str) -> Exception:
+        last = failures[-1]
+        tried = _tally(f"{_where(f.backend)}: {f.detail}" for f in failures)
+        if all(f.kind is FailureKind.NOT_SENT for f in failures):
+            return NoBackendAvailable(
+                f"model {model!r}: could not connect to any backend ({tried}); {note}. "
+                f"Are the servers running? Backends come from {self.sources.describe()}."
+            )
+        if last.response is not None:
+            message = error_message(last.response.body)
+            return ServerError(
+                f"model {model!r}: {_where(last.backend)} answered {last.response.code}: "
+                f"{message} ({note}; attempts: {tried})",
+                status=last.response.code,
+                server_message=message,
+                attempts=len(failures),
+            )
+        return ServerError(
+            f"model {model!r}: {_where(last.backend)}: {last.detail} ({note}; attempts: {tried})",
+            status=None,
+            server_message="",
+            attempts=len(failures),
+        )

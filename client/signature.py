@@ -1,0 +1,108 @@
+"""A model's signatures as its ``/metadata`` describes them: names, dtypes, shapes.
+
+The client reads TF Serving's metadata JSON (``metadata.signature_def.signature_def``,
+each tensor with a ``DT_*`` dtype and a ``tensor_shape``) so that inputs are sent and
+outputs come back with the dtypes the model declares: float32 stays float32. The dtype
+table repeats the server's (``service.signature``) because the client never imports the
+server package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from attrs import field, frozen
+
+__all__ = ["DEFAULT_SIGNATURE", "DTYPES", "ModelMetadata", "SignatureSpec", "TensorSpec"]
+
+DEFAULT_SIGNATURE = "serving_default"
+
+DTYPES: Mapping[str, np.dtype] = MappingProxyType(
+    {
+        "DT_FLOAT": np.dtype(np.float32),
+        "DT_DOUBLE": np.dtype(np.float64),
+        "DT_HALF": np.dtype(np.float16),
+        "DT_INT8": np.dtype(np.int8),
+        "DT_INT16": np.dtype(np.int16),
+        "DT_INT32": np.dtype(np.int32),
+        "DT_INT64": np.dtype(np.int64),
+        "DT_UINT8": np.dtype(np.uint8),
+        "DT_UINT16": np.dtype(np.uint16),
+        "DT_UINT32": np.dtype(np.uint32),
+        "DT_UINT64": np.dtype(np.uint64),
+        "DT_BOOL": np.dtype(np.bool_),
+        "DT_STRING": np.dtype(object),
+    }
+)
+
+
+def _frozen(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value))
+
+
+@frozen
+class TensorSpec:
+    """One input or output: its key, numpy dtype (``None`` if unknown) and static shape."""
+
+    name: str
+    dtype: np.dtype | None
+    shape: tuple[int | None, ...] | None  # None: unknown rank; None entries: free dimensions
+
+
+@frozen
+class SignatureSpec:
+    name: str
+    inputs: Mapping[str, TensorSpec] = field(converter=_frozen)
+    outputs: Mapping[str, TensorSpec] = field(converter=_frozen)
+
+
+@frozen
+class ModelMetadata:
+    """A model version's signatures, from its metadata document."""
+
+    name: str
+    version: int | None
+    signatures: Mapping[str, SignatureSpec] = field(converter=_frozen)
+
+    def signature(self, name: str | None) -> SignatureSpec | None:
+        """The named signature (the default one for ``None``), or None if the model lacks it."""
+        return self.signatures.get(name or DEFAULT_SIGNATURE)
+
+    @classmethod
+    def parse(cls, doc: Any) -> ModelMetadata:
+        """Read ``GET /v1/models/<name>/metadata``; ``ValueError`` if it is not that document."""
+        try:
+            spec = doc["model_spec"]
+            defs = doc["metadata"]["signature_def"]["signature_def"]
+            if not isinstance(defs, dict):
+                raise TypeError("signature_def is not an object")
+            version = spec.get("version")
+            return cls(
+                name=str(spec.get("name", "")),
+                version=int(version) if version not in (None, "") else None,
+                signatures={key: _signature(key, sig) for key, sig in defs.items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"not a TF Serving metadata document: {e!r}") from None
+
+
+def _signature(key: str, sig: Any) -> SignatureSpec:
+    return SignatureSpec(
+        name=key,
+        inputs={name: _tensor(name, info) for name, info in (sig.get("inputs") or {}).items()},
+        outputs={name: _tensor(name, info) for name, info in (sig.get("outputs") or {}).items()},
+    )
+
+
+def _tensor(name: str, info: Any) -> TensorSpec:
+    shape_doc = info.get("tensor_shape") or {}
+    shape: tuple[int | None, ...] | None
+    if shape_doc.get("unknown_rank"):
+        shape = None
+    else:
+        sizes = (int(dim.get("size", -1)) for dim in shape_doc.get("dim") or [])
+        shape = tuple(None if size < 0 else size for size in sizes)
+    return TensorSpec(name, DTYPES.get(str(info.get("dtype"))), shape)

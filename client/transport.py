@@ -1,0 +1,164 @@
+"""The HTTP seam: one request to one backend, as data in and data out.
+
+``HTTPTransport`` is what the dispatcher sends through. ``TreqTransport`` is the real one:
+a ``treq`` client over a persistent connection pool of its own (STYLE 8), sized for the
+client's concurrency so that concurrent calls to one server reuse connections instead of
+opening and closing one each. Unit tests put a fake or a ``StubTreq`` behind this seam.
+
+A failed exchange raises Twisted's own exceptions; ``failure_kind`` sorts them into what
+the retry policy needs to know: was the request never sent (always safe to send
+elsewhere), or did the connection die after it was sent (safe only for idempotent calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from types import MappingProxyType
+from typing import Any, Protocol, cast
+
+from attrs import field, frozen
+from treq.client import HTTPClient
+from twisted.internet import defer
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+
+__all__ = [
+    "FailureKind",
+    "HTTPRequest",
+    "HTTPResponse",
+    "HTTPTransport",
+    "TreqTransport",
+    "describe",
+    "failure_kind",
+]
+
+
+def _frozen_headers(value: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType({k.lower(): v for k, v in value.items()})
+
+
+@frozen
+class HTTPRequest:
+    """One request, without its backend: the dispatcher picks that per attempt."""
+
+    method: str
+    path: str  # with the query, e.g. "/v1/models/linear:predict"
+    body: bytes | None = None
+    headers: Mapping[str, str] = field(factory=dict, converter=_frozen_headers, hash=False)
+
+    def url(self, host: str, port: int) -> str:
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}{self.path}"
+
+
+@frozen
+class HTTPResponse:
+    """What a backend answered. Header names are lower-cased; the first value is kept."""
+
+    code: int
+    headers: Mapping[str, str] = field(factory=dict, converter=_frozen_headers, hash=False)
+    body: bytes = b""
+
+
+class HTTPTransport(Protocol):
+    """Sends a request to ``host:port``; fails with Twisted's exceptions when it cannot.
+
+    Cancelling the Deferred abandons the request (and its connection).
+    """
+
+    def send(self, host: str, port: int, request: HTTPRequest) -> Deferred[HTTPResponse]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+
+class FailureKind(Enum):
+    NOT_SENT = "not sent"  # refused, unreachable, connect timeout: the server never saw it
+    LOST = "connection lost"  # sent, then the connection died before a whole answer
+    OTHER = "other"
+
+
+_NOT_SENT = (net_error.ConnectError, net_error.DNSLookupError, RequestNotSent)
+_LOST = (
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+    net_error.ConnectionLost,
+    net_error.ConnectionDone,
+)
+
+
+def failure_kind(error: BaseException) -> FailureKind:
+    """Whether ``error`` means the request was never sent, or was lost on the way back."""
+    if isinstance(error, _NOT_SENT):
+        return FailureKind.NOT_SENT
+    if isinstance(error, _LOST):
+        return FailureKind.LOST
+    return FailureKind.OTHER
+
+
+def describe(error: BaseException) -> str:
+    """A short text for a transport failure, with the reasons Twisted wraps inside."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        inner = "; ".join(
+            (r.getErrorMessage() if isinstance(r, Failure) else str(r)) for r in reasons
+        )
+        return f"{type(error).__name__} ({inner})"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class TreqTransport:
+    """``HTTPTransport`` over a ``treq`` ``HTTPClient`` (a real one, or ``StubTreq`` in tests)."""
+
+    def __init__(self, http: Any, pool: HTTPConnectionPool | None = None) -> None:
+        self._http = http
+        self._pool = pool
+
+    @classmethod
+    def create(
+        cls, reactor: Any, *, connections_per_backend: int = 64, connect_timeout: float = 5.0
+    ) -> TreqTransport:
+        """A transport with its own persistent pool keeping up to ``connections_per_backend``."""
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = connections_per_backend
+        agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+        return cls(HTTPClient(cast(IAgent, agent)), pool)
+
+    def send(self, host: str, port: int, request: HTTPRequest) -> Deferred[HTTPResponse]:
+        return Deferred.fromCoroutine(self._send(host, port, request))
+
+    async def _send(self, host: str, port: int, request: HTTPRequest) -> HTTPResponse:
+        headers = Headers({k.encode(): [v.encode()] for k, v in request.headers.items()})
+        response = await self._http.request(
+            request.method,
+            request.url(host, port),
+            headers=headers,
+            data=request.body,
+            allow_redirects=False,
+        )
+        body = await response.content()
+        first = {
+            name.decode("latin-1"): values[0].decode("latin-1")
+            for name, values in response.headers.getAllRawHeaders()
+            if values
+        }
+        return HTTPResponse(response.code, first, body)
+
+    def close(self) -> Deferred[None]:
+        """Close the idle pooled connections."""
+        if self._pool is None:
+            return defer.succeed(None)
+        return self._pool.closeCachedConnections()

@@ -1,0 +1,885 @@
+"""The client library without a network: balancer, ejection, retries, budget, codec, CLI pieces.
+
+Everything runs on ``task.Clock``; HTTP goes to a fake transport (``FakeTransport``) or,
+for the treq path, to ``StubTreq`` over a small twisted.web resource standing in for a
+server.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import io
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from treq.testing import StubTreq
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from client import cli
+from client.async_client import AsyncInferenceClient, models_of
+from client.balancer import Balancer, EjectionPolicy, Strategy
+from client.blocking import read_image
+from client.budget import RetryBudget
+from client.codec import Classification, decode_classifications, decode_outputs, encode_inputs
+from client.dispatch import DEADLINE_HEADER, Attempt, Deadline, Dispatcher
+from client.errors import DeadlineExceeded, InvalidRequest, NoBackendAvailable, ServerError
+from client.multipart import Part, encode_multipart
+from client.progress import Progress, render
+from client.report import FileResult, collect_images, metric_sum, summary, write_results
+from client.signature import ModelMetadata, SignatureSpec, TensorSpec
+from client.sources import ConsulSources, StaticSources
+from client.transport import HTTPRequest, HTTPResponse, TreqTransport
+from discovery.backends import Backend, Backends, snapshot
+from discovery.consul import ConsulAddress
+
+A, B, C = (Backend(f"inference-{n}", "127.0.0.1", 8500 + n) for n in (1, 2, 3))
+ABC = (A, B, C)
+KEY = {b: (b.address, b.port) for b in ABC}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def json_response(code: int, doc: Any) -> HTTPResponse:
+    return HTTPResponse(code, {"content-type": "application/json"}, orjson.dumps(doc))
+
+
+OK = json_response(200, {"outputs": [[1.5, 2.5]]})
+
+
+class FakeTransport:
+    """Answers each send with ``answer((host, port), request)``: a response, an exception,
+    or a Deferred; records what was sent and how many pending sends were cancelled."""
+
+    def __init__(self, answer: Callable[[tuple[str, int], HTTPRequest], Any]) -> None:
+        self.answer = answer
+        self.sent: list[tuple[tuple[str, int], HTTPRequest]] = []
+        self.cancelled = 0
+
+    def send(self, host: str, port: int, request: HTTPRequest) -> Deferred[HTTPResponse]:
+        self.sent.append(((host, port), request))
+        result = self.answer((host, port), request)
+        if isinstance(result, Deferred):
+            return result
+        if isinstance(result, BaseException):
+            return defer.fail(result)
+        return defer.succeed(result)
+
+    def hang(self) -> Deferred[HTTPResponse]:
+        def cancelled(_: Deferred[HTTPResponse]) -> None:
+            self.cancelled += 1
+
+        return Deferred(cancelled)
+
+    def close(self) -> Deferred[None]:
+        return defer.succeed(None)
+
+
+class FakeSource:
+    """A BackendSource whose snapshots the test publishes."""
+
+    def __init__(self, backends: Backends | None = None) -> None:
+        self.current: Backends = ()
+        self._ready: list[Deferred[Backends]] = []
+        self.has = False
+        if backends is not None:
+            self.publish(backends)
+
+    def publish(self, backends: Iterable[Backend]) -> None:
+        self.current, self.has = snapshot(backends), True
+        waiting, self._ready = self._ready, []
+        for d in waiting:
+            d.callback(self.current)
+
+    def subscribe(self, callback: Any) -> Callable[[], None]:
+        return lambda: None
+
+    def ready(self) -> Deferred[Backends]:
+        if self.has:
+            return defer.succeed(self.current)
+        d: Deferred[Backends] = Deferred()
+        self._ready.append(d)
+        return d
+
+    startService = stopService = lambda self: None  # noqa: E731  (as a watch Service)
+
+
+class FakeSources:
+    def __init__(self, source: FakeSource) -> None:
+        self.source = source
+
+    def for_model(self, model: str) -> FakeSource:
+        return self.source
+
+    for_service = for_model
+
+    def describe(self) -> str:
+        return "service 'inference' in Consul at http://127.0.0.1:1"
+
+    def close(self) -> Deferred[None]:
+        return defer.succeed(None)
+
+
+def dispatcher(
+    clock: task.Clock,
+    transport: FakeTransport,
+    backends: Backends = ABC,
+    *,
+    source: FakeSource | None = None,
+    budget: RetryBudget | None = None,
+    strategy: Strategy = Strategy.P2C,
+    attempts: list[Attempt] | None = None,
+    **options: Any,
+) -> Dispatcher:
+    rng = random.Random(7)
+    return Dispatcher(
+        FakeSources(source or FakeSource(backends)),
+        transport,
+        clock,
+        rng,
+        balancer=Balancer(clock, rng, strategy=strategy),
+        budget=budget or RetryBudget(clock),
+        on_attempt=attempts.append if attempts is not None else None,
+        **options,
+    )
+
+
+def drive(clock: task.Clock, d: Deferred[Any], step: float = 0.005, limit: int = 100_000) -> None:
+    """Advance the clock until ``d`` has fired (backoff sleeps need time to pass)."""
+    for _ in range(limit):
+        if d.called:
+            return
+        clock.advance(step)
+    raise AssertionError("the call never finished")
+
+
+def call(d: Dispatcher, clock: task.Clock, timeout: float = 10.0) -> Deferred[HTTPResponse]:
+    request = HTTPRequest("POST", "/v1/models/linear:predict", b"{}")
+    return Deferred.fromCoroutine(d.call("linear", None, request, Deadline.after(clock, timeout)))
+
+
+def result_of(clock: task.Clock, d: Deferred[Any]) -> Any:
+    drive(clock, d)
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+# --- balancer ------------------------------------------------------------------------------------
+
+
+def test_p2c_prefers_the_backend_with_fewer_in_flight() -> None:
+    """Power of two choices never picks the most loaded backend and favours the idlest."""
+    balancer = Balancer(task.Clock(), random.Random(1))
+    for _ in range(3):
+        balancer.begin(A)
+    balancer.begin(B)
+    picks = Counter(balancer.pick(ABC) for _ in range(300))
+    assert picks[A] == 0
+    assert picks[C] > picks[B] > 0
+
+
+def test_round_robin_rotates_through_every_backend() -> None:
+    """Round-robin visits each backend once per turn, whatever their load."""
+    balancer = Balancer(task.Clock(), random.Random(1), strategy="round_robin")
+    balancer.begin(A)
+    picks = [balancer.pick(ABC) for _ in range(6)]
+    assert set(picks[:3]) == set(ABC)
+    assert picks[3:] == picks[:3]
+
+
+def test_pick_prefers_backends_not_yet_tried() -> None:
+    """A retry goes to a backend the call has not tried, when there is one."""
+    balancer = Balancer(task.Clock(), random.Random(1))
+    assert {balancer.pick(ABC, exclude={KEY[A], KEY[B]}) for _ in range(20)} == {C}
+
+
+def test_ejection_period_grows_to_the_cap_and_resets_after_success() -> None:
+    """Each ejection in a row doubles (1, 2, 4, … capped at 30 s); a success starts over."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(1))
+    periods = []
+    for _ in range(7):
+        balancer.end(balancer.begin(A), healthy=False)
+        periods.append(balancer.load(A).ejected_for)
+        clock.advance(periods[-1])
+        assert not balancer.is_ejected(A)
+    assert periods == [1, 2, 4, 8, 16, 30, 30]
+    balancer.end(balancer.begin(A), healthy=True)
+    balancer.end(balancer.begin(A), healthy=False)
+    assert balancer.load(A).ejected_for == 1
+
+
+def test_ejected_backend_is_skipped_then_probed_one_attempt_at_a_time() -> None:
+    """An ejected backend gets no attempts; after its period, one probe at a time."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(1))
+    balancer.end(balancer.begin(A), healthy=False)
+    assert A not in {balancer.pick((A, B)) for _ in range(20)}
+    clock.advance(1.0)
+    for _ in range(5):
+        balancer.begin(B)  # B busy: P2C would pick A every time, but A is probing
+    assert balancer.pick((A, B)) == A
+    probe = balancer.begin(A)
+    assert {balancer.pick((A, B)) for _ in range(20)} == {B}
+    balancer.end(probe, healthy=True)
+    assert balancer.pick((A, B)) == A
+
+
+def test_outcomes_of_attempts_begun_before_an_ejection_change_nothing() -> None:
+    """A burst of failures from one outage ejects once; an old success does not end it."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(1))
+    tickets = [balancer.begin(A) for _ in range(4)]
+    balancer.end(tickets[0], healthy=False)
+    balancer.end(tickets[1], healthy=False)
+    balancer.end(tickets[2], healthy=True)
+    assert balancer.load(A).ejected_for == 1 and balancer.load(A).ejections == 1
+    clock.advance(1.0)
+    balancer.end(tickets[3], healthy=False)
+    assert not balancer.is_ejected(A)
+
+
+def test_never_ejects_every_backend() -> None:
+    """With every backend ejected, the least recently ejected one is still used."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(1))
+    for backend in (B, A, C):
+        balancer.end(balancer.begin(backend), healthy=False)
+        clock.advance(0.1)
+    assert all(balancer.is_ejected(b) for b in ABC)
+    assert {balancer.pick(ABC) for _ in range(10)} == {B}
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.floats(0, 5)),
+        st.tuples(st.just("begin"), st.none()),
+        st.tuples(st.just("end"), st.booleans()),
+    ),
+    max_size=80,
+)
+
+
+@given(ops)
+def test_no_backend_is_ejected_forever(operations: list[tuple[str, Any]]) -> None:
+    """Whatever the outcomes, an ejection never reaches past the cap, and pick always answers."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(3), ejection=EjectionPolicy(maximum=30.0))
+    open_tickets = []
+    for op, value in operations:
+        if op == "advance":
+            clock.advance(value)
+        elif op == "begin":
+            open_tickets.append(balancer.begin(balancer.pick(ABC)))
+        elif open_tickets:
+            balancer.end(open_tickets.pop(0), healthy=value)
+        assert all(balancer.load(b).ejected_for <= 30.0 for b in ABC)
+        assert balancer.pick(ABC) in ABC
+    clock.advance(30.0)
+    assert not any(balancer.is_ejected(b) for b in ABC)
+
+
+# --- retry budget and retries ---------------------------------------------------------------------
+
+
+def test_retry_budget_refills_by_ratio_and_time_up_to_its_cap() -> None:
+    """Requests add ``ratio`` tokens and time ``min_per_second``; never above the cap."""
+    clock = task.Clock()
+    budget = RetryBudget(clock, ratio=0.5, cap=3, min_per_second=1, initial=0)
+    assert not budget.withdraw()
+    budget.deposit()
+    budget.deposit()
+    assert budget.withdraw() and not budget.withdraw()
+    clock.advance(100)
+    assert budget.tokens == 3
+
+
+def test_total_failure_retries_stay_within_the_budget() -> None:
+    """Under total failure retries are bounded by the budget, far below max_attempts allows."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: json_response(503, {"error": "overloaded"}))
+    budget = RetryBudget(clock, ratio=0.2, cap=5, min_per_second=0)
+    d = dispatcher(clock, transport, budget=budget, max_attempts=3)
+    for _ in range(200):
+        with pytest.raises(ServerError):
+            result_of(clock, call(d, clock))
+    assert d.stats.retries <= 5 + 0.2 * 200
+    assert len(transport.sent) == 200 + d.stats.retries < 400
+
+
+@given(
+    outcomes=st.lists(st.booleans(), min_size=1, max_size=60),
+    gaps=st.lists(st.floats(0, 2), min_size=1, max_size=10),
+)
+def test_retries_never_exceed_the_budget(outcomes: list[bool], gaps: list[float]) -> None:
+    """Over any run of successes and 503s, retries <= initial + ratio*calls + rate*elapsed,
+    and after the longest ejection no backend is still ejected."""
+    clock = task.Clock()
+    answers = iter(outcomes * 10)
+
+    def answer(where: tuple[str, int], request: HTTPRequest) -> HTTPResponse:
+        return OK if next(answers, True) else json_response(503, {"error": "busy"})
+
+    budget = RetryBudget(clock, ratio=0.2, cap=2, min_per_second=0.5)
+    d = dispatcher(clock, FakeTransport(answer), budget=budget)
+    calls = 0
+    for gap in gaps * 3:
+        clock.advance(gap)
+        calls += 1
+        try:
+            result_of(clock, call(d, clock))
+        except ServerError:
+            pass
+    assert d.stats.retries <= 2 + 0.2 * calls + 0.5 * clock.seconds()
+    clock.advance(30.0)
+    assert not any(d.balancer.is_ejected(b) for b in ABC)
+
+
+def test_refused_connection_is_retried_on_another_backend() -> None:
+    """A connection refused by one backend is retried, after a backoff, on another."""
+    clock = task.Clock()
+    attempts: list[Attempt] = []
+    transport = FakeTransport(lambda where, r: ConnectionRefusedError() if where == KEY[A] else OK)
+    d = dispatcher(clock, transport, (A, B), strategy=Strategy.ROUND_ROBIN, attempts=attempts)
+    assert result_of(clock, call(d, clock)) == OK
+    assert [a.backend for a in attempts] == [A, B]
+    assert [a.outcome for a in attempts] == ["not sent", "ok"]
+    assert attempts[1].sent_at > attempts[0].finished_at  # a jittered backoff in between
+    assert d.balancer.is_ejected(A)
+
+
+def test_connection_lost_mid_request_is_retried() -> None:
+    """A predict whose connection died before the answer (a SIGKILLed server) is retried."""
+    clock = task.Clock()
+    transport = FakeTransport(
+        lambda where, r: (
+            ResponseNeverReceived([Failure(ConnectionRefusedError())]) if where == KEY[A] else OK
+        )
+    )
+    d = dispatcher(clock, transport, (A, B), strategy=Strategy.ROUND_ROBIN)
+    assert result_of(clock, call(d, clock)) == OK
+    assert [where for where, _ in transport.sent] == [KEY[A], KEY[B]]
+
+
+def test_503_is_retried_and_5xx_after_retries_is_a_server_error() -> None:
+    """503 everywhere: max_attempts attempts on distinct backends, then ServerError(503)."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: json_response(503, {"error": "queue full"}))
+    d = dispatcher(clock, transport, max_attempts=3)
+    with pytest.raises(ServerError) as raised:
+        result_of(clock, call(d, clock))
+    assert raised.value.status == 503 and raised.value.attempts == 3
+    assert "queue full" in str(raised.value)
+    assert len({where for where, _ in transport.sent}) == 3
+
+
+def test_500_is_not_retried_but_ejects() -> None:
+    """A 500 (the model failed on this input) is reported at once and ejects the backend."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: json_response(500, {"error": "boom"}))
+    d = dispatcher(clock, transport)
+    with pytest.raises(ServerError) as raised:
+        result_of(clock, call(d, clock))
+    assert (raised.value.status, raised.value.server_message, len(transport.sent)) == (
+        500,
+        "boom",
+        1,
+    )
+    assert sum(d.balancer.is_ejected(b) for b in ABC) == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 413])
+def test_4xx_is_never_retried_and_carries_the_servers_message(status: int) -> None:
+    """A 4xx becomes InvalidRequest with the status and the server's error, after one attempt."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: json_response(status, {"error": "bad x"}))
+    d = dispatcher(clock, transport)
+    with pytest.raises(InvalidRequest) as raised:
+        result_of(clock, call(d, clock))
+    assert (raised.value.status, raised.value.server_message) == (status, "bad x")
+    assert "bad x" in str(raised.value) and len(transport.sent) == 1
+    assert not any(d.balancer.is_ejected(b) for b in ABC)
+
+
+def test_every_backend_refusing_is_no_backend_available() -> None:
+    """When no backend accepts a connection the error says so, naming them."""
+    clock = task.Clock()
+    d = dispatcher(clock, FakeTransport(lambda where, r: ConnectionRefusedError()))
+    with pytest.raises(NoBackendAvailable) as raised:
+        result_of(clock, call(d, clock))
+    assert "could not connect" in str(raised.value) and "127.0.0.1:850" in str(raised.value)
+
+
+def test_deadline_covers_the_whole_call_and_cancels_the_attempt() -> None:
+    """A backend that never answers: DeadlineExceeded at the timeout, the request abandoned."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: transport.hang())
+    d = dispatcher(clock, transport)
+    pending = call(d, clock, timeout=2.0)
+    clock.advance(1.9)
+    assert not pending.called
+    clock.advance(0.2)
+    with pytest.raises(DeadlineExceeded) as raised:
+        result_of(clock, pending)
+    assert raised.value.timeout == 2.0 and transport.cancelled == 1
+
+
+def test_remaining_deadline_is_sent_in_a_header() -> None:
+    """Each attempt carries X-Request-Deadline-Ms: what is left of the call's timeout."""
+    clock = task.Clock()
+    answers = iter([json_response(503, {"error": "busy"}), OK])
+    transport = FakeTransport(lambda where, r: next(answers))
+    d = dispatcher(clock, transport)
+    result_of(clock, call(d, clock, timeout=2.0))
+    first, second = (int(r.headers[DEADLINE_HEADER.lower()]) for _, r in transport.sent)
+    assert first == 2000 and 1000 < second < 2000
+
+
+def test_cancelling_a_call_cancels_its_attempt_without_ejecting() -> None:
+    """A caller who gives up cancels the request; the backend is not blamed."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: transport.hang())
+    d = dispatcher(clock, transport)
+    pending = call(d, clock)
+    pending.cancel()
+    assert transport.cancelled == 1
+    assert not any(d.balancer.is_ejected(b) or d.balancer.load(b).in_flight for b in ABC)
+    pending.addErrback(lambda f: f.trap(defer.CancelledError))
+
+
+def test_no_backends_for_a_model_is_no_backend_available() -> None:
+    """An empty first snapshot: NoBackendAvailable at once, naming the model and Consul."""
+    clock = task.Clock()
+    d = dispatcher(clock, FakeTransport(lambda where, r: OK), source=FakeSource(()))
+    with pytest.raises(NoBackendAvailable) as raised:
+        result_of(clock, call(d, clock))
+    assert "'linear'" in str(raised.value) and "Consul" in str(raised.value)
+
+
+def test_silent_consul_fails_the_call_at_its_deadline() -> None:
+    """No first snapshot from Consul within the timeout: NoBackendAvailable, saying why."""
+    clock = task.Clock()
+    d = dispatcher(clock, FakeTransport(lambda where, r: OK), source=FakeSource())
+    pending = call(d, clock, timeout=3.0)
+    clock.advance(2.9)
+    assert not pending.called
+    with pytest.raises(NoBackendAvailable, match="no answer from .* within 3 s"):
+        result_of(clock, pending)
+
+
+def test_an_empty_snapshot_keeps_the_last_known_backends() -> None:
+    """Consul restarted empty (no backends for a while): calls go to the ones known before."""
+    clock = task.Clock()
+    source = FakeSource((A,))
+    transport = FakeTransport(lambda where, r: OK)
+    d = dispatcher(clock, transport, source=source)
+    result_of(clock, call(d, clock))
+    source.publish(())
+    assert result_of(clock, call(d, clock)) == OK
+    assert [where for where, _ in transport.sent] == [KEY[A], KEY[A]]
+
+
+def test_a_version_goes_only_to_backends_tagged_with_it() -> None:
+    """predict(version=2) picks among backends carrying the model:<name>:2 tag."""
+    clock = task.Clock()
+    one = Backend("one", "127.0.0.1", 1, tags=("model:linear", "model:linear:1"))
+    two = Backend("two", "127.0.0.1", 2, tags=("model:linear", "model:linear:2"))
+    transport = FakeTransport(lambda where, r: OK)
+    d = dispatcher(clock, transport, (one, two))
+    request = HTTPRequest("POST", "/v1/models/linear/versions/2:predict", b"{}")
+    for _ in range(5):
+        done = Deferred.fromCoroutine(d.call("linear", 2, request, Deadline.after(clock, 5)))
+        result_of(clock, done)
+    assert {where for where, _ in transport.sent} == {("127.0.0.1", 2)}
+
+
+def test_consul_sources_share_one_watch_per_model() -> None:
+    """One health watch per model name, tagged model:<name>, made on first use and reused."""
+    made: list[tuple[str, ...]] = []
+
+    def make_watch(tags: tuple[str, ...]) -> Any:
+        made.append(tags)
+        return FakeSource(())
+
+    sources = ConsulSources(None, ConsulAddress(), make_watch=make_watch)
+    assert sources.for_model("linear") is sources.for_model("linear")
+    sources.for_model("digits")
+    sources.for_service()
+    assert made == [("model:linear",), ("model:digits",), ()]
+
+
+# --- codec ----------------------------------------------------------------------------------------
+
+LINEAR = SignatureSpec(
+    "serving_default",
+    {"x": TensorSpec("x", np.dtype(np.float32), (None, 3))},
+    {"y": TensorSpec("y", np.dtype(np.float32), (None, 2))},
+)
+MULTI = SignatureSpec(
+    "serving_default",
+    {
+        "a": TensorSpec("a", np.dtype(np.float32), (None, 2)),
+        "b": TensorSpec("b", np.dtype(np.int64), (None,)),
+    },
+    {
+        "sum": TensorSpec("sum", np.dtype(np.float32), (None, 2)),
+        "count": TensorSpec("count", np.dtype(np.int64), (None,)),
+        "name": TensorSpec("name", np.dtype(object), (None,)),
+    },
+)
+
+
+def test_one_array_goes_out_columnar_as_the_signatures_dtype() -> None:
+    """A float64 array for a float32 input is sent as float32 in {"inputs": …}."""
+    body = encode_inputs(np.array([[0.1, 2, 3]]), LINEAR)
+    assert body == b'{"inputs":[[0.1,2.0,3.0]]}'
+
+
+def test_a_dict_of_arrays_goes_out_by_name() -> None:
+    """A dict of arrays becomes {"inputs": {name: …}}, each cast to its declared dtype."""
+    doc = json.loads(encode_inputs({"a": [[1, 2]], "b": np.array([3], np.int32)}, MULTI, "x"))
+    assert doc == {"inputs": {"a": [[1.0, 2.0]], "b": [3]}, "signature_name": "x"}
+
+
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=4),
+        elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+    )
+)
+def test_float32_survives_the_trip_both_ways(array: np.ndarray) -> None:
+    """float32 in and out keeps every value exactly, NaN and infinities included."""
+    sent = json.loads(encode_inputs(array, LINEAR))["inputs"]
+    np.testing.assert_array_equal(np.asarray(sent, dtype=np.float32), array)
+    answer = (
+        json.dumps({"outputs": array.tolist()}).encode()
+        if not np.isfinite(array).all()
+        else orjson.dumps({"outputs": array}, option=orjson.OPT_SERIALIZE_NUMPY)
+    )
+    out = decode_outputs(answer, LINEAR)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, array)
+
+
+def test_outputs_come_back_with_their_declared_dtypes() -> None:
+    """Several outputs: a dict of arrays, float32 stays float32, int64 int64, strings bytes."""
+    body = b'{"outputs": {"sum": [[1.5, 2]], "count": [4], "name": ["ok", {"b64": "/w=="}]}}'
+    out = decode_outputs(body, MULTI)
+    assert isinstance(out, dict)
+    assert out["sum"].dtype == np.float32 and out["count"].dtype == np.int64
+    assert out["name"].tolist() == [b"ok", b"\xff"]
+
+
+def test_string_inputs_go_out_as_text_or_b64() -> None:
+    """str stays text; bytes go as {"b64": …}, which any binary survives."""
+    spec = SignatureSpec("s", {"t": TensorSpec("t", np.dtype(object), (None,))}, {})
+    body = encode_inputs(np.array(["a", "b"]), spec)
+    assert json.loads(body) == {"inputs": ["a", "b"]}
+    assert json.loads(encode_inputs([b"\xff"], spec)) == {"inputs": [{"b64": "/w=="}]}
+
+
+def test_metadata_document_parses_into_dtypes_and_shapes() -> None:
+    """TF Serving's metadata JSON gives each tensor its numpy dtype and static shape."""
+    meta = ModelMetadata.parse(METADATA)
+    sig = meta.signature(None)
+    assert meta.version == 1 and sig is not None
+    assert sig.inputs["x"] == TensorSpec("x", np.dtype(np.float32), (None, 3))
+    assert sig.outputs["y"].dtype == np.float32
+    with pytest.raises(ValueError):
+        ModelMetadata.parse({"model_spec": {}})
+
+
+def test_classification_answers_parse_for_one_and_several_images() -> None:
+    """{"predictions": …} for one image, {"results": […]} for several."""
+    one = b'{"model": "m", "version": 1, "predictions": [{"label": "rose", "score": 0.9}]}'
+    assert decode_classifications(one) == [[Classification("rose", 0.9)]]
+    many = b'{"results": [{"predictions": [{"label": "a", "score": 1}]}, [{"label": "b", "score": 0.5}]]}'
+    assert decode_classifications(many) == [[("a", 1.0)], [("b", 0.5)]]
+    with pytest.raises(ValueError):
+        decode_classifications(b'{"results": [{"error": "not an image"}]}')
+
+
+def test_multipart_body_parses_back_into_its_parts() -> None:
+    """The multipart body is RFC 7578: a standard parser finds each field and file intact."""
+    image = bytes(range(256))
+    body, content_type = encode_multipart(
+        [Part("data", image, filename='a "b".png'), Part("top_k", b"3")], "XyZ"
+    )
+    parts = parse_multipart(content_type, body)
+    assert parts == [("data", "a %22b%22.png", "image/png", image), ("top_k", None, None, b"3")]
+    with pytest.raises(ValueError):
+        encode_multipart([Part("data", b"--XyZ")], "XyZ")
+
+
+def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, Any, Any, bytes]]:
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    parsed = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        kind = part.get_content_type() if "content-type" in part else None
+        parsed.append((name, filename, kind, part.get_payload(decode=True)))
+    return parsed
+
+
+# --- the async client through treq, against a stand-in server --------------------------------------
+
+METADATA = {
+    "model_spec": {"name": "linear", "signature_name": "", "version": "1"},
+    "metadata": {
+        "signature_def": {
+            "signature_def": {
+                "serving_default": {
+                    "inputs": {
+                        "x": {
+                            "dtype": "DT_FLOAT",
+                            "tensor_shape": {"dim": [{"size": "-1"}, {"size": "3"}]},
+                            "name": "serving_default_x:0",
+                        }
+                    },
+                    "outputs": {
+                        "y": {
+                            "dtype": "DT_FLOAT",
+                            "tensor_shape": {"dim": [{"size": "-1"}, {"size": "2"}]},
+                            "name": "StatefulPartitionedCall:0",
+                        }
+                    },
+                    "method_name": "tensorflow/serving/predict",
+                }
+            }
+        }
+    },
+}
+W = np.array([[1, 2], [3, 4], [5, 6]], np.float32)
+
+
+class StandInServer(Resource):
+    """Answers /metadata, :predict (y = x @ W + 0.5) and :classify_image like kleinserve."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def render(self, request: Request) -> bytes:
+        path = request.path.decode()
+        body = request.content.read()
+        headers = {
+            k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+        self.requests.append((request.method.decode(), path, headers, body))
+        if path == "/v1/models/linear/metadata":
+            return orjson.dumps(METADATA)
+        if path == "/v1/models/linear:predict":
+            x = np.asarray(json.loads(body)["inputs"], np.float32)
+            return orjson.dumps({"outputs": x @ W + 0.5}, option=orjson.OPT_SERIALIZE_NUMPY)
+        if path == "/v1/models/linear:classify_image":
+            files = [p for p in parse_multipart(headers["content-type"], body) if p[0] == "data"]
+            ranked = [{"label": "rose", "score": 0.7}, {"label": "tulip", "score": 0.2}]
+            ranked += [{"label": "daisy", "score": 0.1}]
+            if len(files) == 1:
+                return orjson.dumps({"model": "linear", "version": 1, "predictions": ranked})
+            return orjson.dumps({"results": [{"predictions": ranked} for _ in files]})
+        request.setResponseCode(404)
+        return b'{"error": "Servable not found for request: Latest(nosuch)"}'
+
+
+def stub_client() -> tuple[AsyncInferenceClient, StandInServer, StubTreq]:
+    server = StandInServer()
+    stub = StubTreq(server)
+    client = AsyncInferenceClient(
+        backends=[("127.0.0.1", 8501)], reactor=task.Clock(), transport=TreqTransport(stub)
+    )
+    return client, server, stub
+
+
+def settle(stub: StubTreq, d: Deferred[Any]) -> Any:
+    for _ in range(20):
+        if d.called:
+            break
+        stub.flush()
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    assert outcome, "the call never finished"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def test_predict_over_treq_returns_float32_and_reads_metadata_once() -> None:
+    """predict sends columnar float32 JSON with the deadline header; the answer is float32."""
+    client, server, stub = stub_client()
+    x = np.array([[1, 1, 1], [0, 0, 0]], np.float64)
+    for _ in range(2):
+        y = settle(stub, client.predict("linear", x, timeout=5))
+        assert y.dtype == np.float32
+        np.testing.assert_array_equal(y, np.array([[9.5, 12.5], [0.5, 0.5]], np.float32))
+    paths = [path for _, path, _, _ in server.requests]
+    assert (
+        paths.count("/v1/models/linear/metadata") == 1
+        and paths.count("/v1/models/linear:predict") == 2
+    )
+    method, _, headers, body = server.requests[-1]
+    assert method == "POST" and headers["content-type"] == "application/json"
+    assert headers["x-request-deadline-ms"] == "5000"
+    assert body == b'{"inputs":[[1.0,1.0,1.0],[0.0,0.0,0.0]]}'
+
+
+def test_classify_image_sends_multipart_data_and_returns_ranked_labels() -> None:
+    """classify_image posts the bytes as the multipart 'data' field; top_k trims the answer."""
+    client, server, stub = stub_client()
+    top = settle(stub, client.classify_image("linear", ("rose.jpg", b"\xff\xd8jpeg"), top_k=2))
+    assert top == [Classification("rose", 0.7), Classification("tulip", 0.2)]
+    _, path, headers, body = server.requests[-1]
+    parts = parse_multipart(headers["content-type"], body)
+    assert path == "/v1/models/linear:classify_image"
+    assert parts == [
+        ("data", "rose.jpg", "image/jpeg", b"\xff\xd8jpeg"),
+        ("top_k", None, None, b"2"),
+    ]
+    several = settle(stub, client.classify_images("linear", [b"a", b"b"]))
+    assert len(several) == 2 and several[1][0].label == "rose"
+
+
+def test_unknown_model_over_treq_is_invalid_request() -> None:
+    """A 404 from the server is InvalidRequest with its status and message."""
+    client, _, stub = stub_client()
+    with pytest.raises(InvalidRequest) as raised:
+        settle(stub, client.status("nosuch"))
+    assert raised.value.status == 404 and "Servable not found" in raised.value.server_message
+
+
+def test_static_backends_and_their_listing() -> None:
+    """backends=[…] lists those servers, with this client's load on each."""
+    client, _, stub = stub_client()
+    infos = settle(stub, client.backends())
+    assert [(i.backend.address, i.backend.port, i.load.in_flight) for i in infos] == [
+        ("127.0.0.1", 8501, 0)
+    ]
+    assert StaticSources([("h", 1)]).describe() == "the static backends h:1"
+    with pytest.raises(ValueError):
+        AsyncInferenceClient("127.0.0.1:8500", backends=[("h", 1)], reactor=task.Clock())
+
+
+def test_models_of_reads_the_registration_meta_or_tags() -> None:
+    """A backend's models come from its "models" meta, else its model:<name>:<v> tags."""
+    assert models_of(Backend("i", "h", 1, meta={"models": "a:1,b:2"})) == ("a:1", "b:2")
+    assert models_of(Backend("i", "h", 1, tags=("model:a", "model:a:3", "api:x"))) == ("a:3",)
+
+
+# --- the blocking face and the command line's pure parts --------------------------------------------
+
+
+def test_read_image_takes_paths_files_and_bytes(tmp_path: Path) -> None:
+    """A path or an open file becomes (filename, bytes); bytes pass through."""
+    path = tmp_path / "rose.jpg"
+    path.write_bytes(b"jpeg")
+    assert read_image(path) == read_image(str(path)) == ("rose.jpg", b"jpeg")
+    with open(path, "rb") as f:
+        assert read_image(f) == ("rose.jpg", b"jpeg")
+    assert read_image(b"raw") == b"raw" and read_image(io.BytesIO(b"x")) == b"x"
+
+
+def test_cli_parses_global_options_before_or_after_the_command() -> None:
+    """--timeout and --backend work on either side of the command; bad HOST:PORT is refused."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["status", "linear", "--timeout", "2", "--backend", "h:1"])
+    assert (args.timeout, args.backend, args.service) == (2.0, [("h", 1)], "inference")
+    args = parser.parse_args(["--timeout", "3", "classify", "--model", "m", "x.png"])
+    assert (args.timeout, args.backend, args.concurrency, args.top_k) == (3.0, None, 8, 1)
+    assert cli.parse_backend("[::1]:8501") == ("::1", 8501)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--backend", "nohost", "status", "m"])
+
+
+def test_collect_images_expands_folders_and_reports_missing_paths(tmp_path: Path) -> None:
+    """Files as given, folders searched for images in sorted order, no duplicates."""
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    for name in ("photos/b.png", "photos/sub/a.JPG", "photos/notes.txt", "c.png"):
+        (tmp_path / name).write_bytes(b"x")
+    found, problems = collect_images(
+        [str(tmp_path / "c.png"), str(tmp_path / "photos"), str(tmp_path / "c.png"), "nope.png"]
+    )
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "c.png",
+        "photos/b.png",
+        "photos/sub/a.JPG",
+    ]
+    assert problems == ["nope.png: no such file or folder"]
+
+
+def test_results_write_as_csv_and_json_with_failures() -> None:
+    """CSV has a row per (file, rank) and one with the error; JSON keeps the same facts."""
+    results = [
+        FileResult("a.png", (Classification("7", 0.9), Classification("1", 0.05))),
+        FileResult("b.png", error="model 'digits': bad image", error_type="InvalidRequest"),
+    ]
+    out = io.StringIO()
+    write_results(results, out, "csv")
+    assert out.getvalue().splitlines() == [
+        "path,rank,label,score,error",
+        "a.png,1,7,0.9,",
+        "a.png,2,1,0.05,",
+        "b.png,,,,model 'digits': bad image",
+    ]
+    out = io.StringIO()
+    write_results(results, out, "json")
+    assert json.loads(out.getvalue())[1] == {
+        "path": "b.png",
+        "error": "model 'digits': bad image",
+        "error_type": "InvalidRequest",
+    }
+    text = summary(results, 2.0)
+    assert (
+        text.startswith("classified 1 of 2 files in 2.0 s") and "InvalidRequest: 1 file(s)" in text
+    )
+
+
+def test_progress_draws_only_when_enabled() -> None:
+    """The bar is drawn in place on a terminal and not at all otherwise."""
+    clock, shown, hidden = task.Clock(), io.StringIO(), io.StringIO()
+    for stream, enabled in ((shown, True), (hidden, False)):
+        progress = Progress(4, stream, clock, enabled=enabled)
+        for n in range(4):
+            clock.advance(0.5)
+            progress.advance(failed=n == 0)
+        progress.finish()
+    assert hidden.getvalue() == ""
+    assert shown.getvalue().startswith("\r") and shown.getvalue().endswith("\n")
+    assert render(4, 4, 1, 2.0, width=4) == "4/4 [####] 100%  1 failed  2.0/s"
+
+
+def test_metric_sum_adds_every_sample_of_one_metric() -> None:
+    """Samples of the metric are summed; a metric whose name only starts the same is not."""
+    text = (
+        "# TYPE kleinserve_queued_rows gauge\n"
+        'kleinserve_queued_rows{model="a"} 3.0\n'
+        'kleinserve_queued_rows{model="b"} 2.0\n'
+        "kleinserve_queued_rows_other 100\n"
+    )
+    assert metric_sum(text, "kleinserve_queued_rows") == 5.0
+    assert metric_sum(text, "kleinserve_missing") is None
