@@ -40,7 +40,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from service.errors import Internal, InvalidArgument, ServingError, Unavailable
+from service.errors import DeadlineExceeded, Internal, InvalidArgument, ServingError, Unavailable
 
 log = Logger()
 
@@ -104,6 +104,7 @@ class _Request:
     shape_key: tuple  # requests merge only with the same key: inner shapes (or ranks, when padding)
     deferred: Deferred
     enqueued_at: float
+    deadline: float | None = None  # clock time after which it is not worth starting
     taken: int = 0  # rows already handed to batches
     answered: int = 0  # rows whose outputs are back
     parts: dict[int, Tensors] = attrs.Factory(dict)  # start row → outputs
@@ -177,8 +178,12 @@ class BatchingQueue:
         """Fill of the queue, 0..1: how close it is to refusing requests."""
         return self._waiting_rows / self.params.max_enqueued_rows
 
-    def submit(self, inputs: Tensors, rows: int | None) -> Deferred:
-        """Queue one request; ``rows`` is its batch dimension, or None if it must run alone."""
+    def submit(self, inputs: Tensors, rows: int | None, deadline: float | None = None) -> Deferred:
+        """Queue one request; ``rows`` is its batch dimension, or None if it must run alone.
+
+        A request still waiting at ``deadline`` (clock seconds) fails with 504 instead of
+        taking a batch slot: its client has given up on it.
+        """
         p = self.params
         if self._closing:
             raise Unavailable("the model is being unloaded; retry", retry_after=1)
@@ -202,6 +207,7 @@ class BatchingQueue:
             shape_key=self._shape_key(inputs),
             deferred=Deferred(lambda d: self._cancel(request)),
             enqueued_at=self._clock.seconds(),
+            deadline=deadline,
         )
         self._waiting.append(request)
         self._waiting_rows += size
@@ -229,9 +235,22 @@ class BatchingQueue:
         # Once rows run, the answer is computed anyway and dropped by the cancelled Deferred.
 
     def _head(self) -> _Request | None:
-        while self._waiting and self._waiting[0].done:
-            self._waiting.popleft()
-        return self._waiting[0] if self._waiting else None
+        """The oldest request still waiting, after dropping answered and expired ones."""
+        while self._waiting:
+            head = self._waiting[0]
+            if head.done:
+                self._waiting.popleft()
+            elif (
+                head.deadline is not None
+                and head.taken == 0
+                and self._clock.seconds() >= head.deadline
+            ):
+                self._fail(
+                    head, DeadlineExceeded("the request's deadline passed while it was queued")
+                )
+            else:
+                return head
+        return None
 
     def _schedule(self) -> None:
         """Start batches on idle threads while there is a batch ready to leave."""

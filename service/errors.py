@@ -48,6 +48,12 @@ class Cancelled(ServingError):
     code, status = "CANCELLED", 499
 
 
+class DeadlineExceeded(ServingError):
+    """The client's deadline passed before its request could run."""
+
+    code, status = "DEADLINE_EXCEEDED", 504
+
+
 class Unavailable(ServingError):
     """Not ready, or overloaded: the client may retry, later or elsewhere."""
 

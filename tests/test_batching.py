@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from service.batching import BatchingParameters, BatchingQueue, BatchRecord
-from service.errors import Internal, InvalidArgument, Unavailable
+from service.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 
 
 def fake_model(inputs):
@@ -388,3 +388,19 @@ def test_longest_running_reports_a_wedged_batch() -> None:
     assert queue.longest_running() == 42
     executor.finish_one()
     assert queue.longest_running() == 0.0
+
+
+def test_request_past_its_deadline_is_dropped_with_504() -> None:
+    """A queued request whose deadline passes before its batch starts fails with 504, uncomputed."""
+    queue, clock, executor, _ = make_queue(BatchingParameters(max_batch_size=1))
+    queue.submit(rows_for(0, 1), 1)  # keeps the thread busy
+    late = queue.submit(rows_for(1, 1), 1, deadline=clock.seconds() + 0.5)
+    on_time = queue.submit(rows_for(2, 1), 1, deadline=clock.seconds() + 10)
+    clock.advance(1)
+    executor.finish_one()
+    executor.finish_one()
+    failure = late.result
+    late.addErrback(lambda _: None)
+    assert isinstance(failure, Failure) and failure.check(DeadlineExceeded) and failure.value.status == 504
+    assert [int(x[0, 0]) for x in executor.batches] == [0, 2]
+    assert not isinstance(on_time.result, Failure) and queue.queued_rows == 0
