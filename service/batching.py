@@ -322,7 +322,9 @@ class BatchingQueue:
         parts: list[_Part],
         queue_seconds: list[float],
     ) -> None:
-        self._idle_threads += 1
+        # Answer first, free the thread after: requests submitted from the answers' callbacks
+        # (a client sending its next request) then join the next batch instead of grabbing
+        # the idle thread one by one.
         del self._running[id(parts)]
         rows = sum(part.rows for part in parts)
         if isinstance(result, Failure):
@@ -339,6 +341,7 @@ class BatchingQueue:
             self._observer.batch_finished(record)
         except Exception:
             log.failure("batch observer failed")
+        self._idle_threads += 1
         self._schedule()
 
     def _deliver(self, part: _Part, outputs: Tensors) -> None:

@@ -404,3 +404,20 @@ def test_request_past_its_deadline_is_dropped_with_504() -> None:
     assert isinstance(failure, Failure) and failure.check(DeadlineExceeded) and failure.value.status == 504
     assert [int(x[0, 0]) for x in executor.batches] == [0, 2]
     assert not isinstance(on_time.result, Failure) and queue.queued_rows == 0
+
+
+def test_requests_submitted_from_answers_join_one_batch() -> None:
+    """Clients that resubmit as soon as they are answered form the next batch together, not 1-row batches."""
+    queue, clock, executor, recorder = make_queue(BatchingParameters(max_batch_size=8))
+
+    def resubmit(result, rid):
+        if rid < 40:
+            queue.submit(rows_for(rid + 4, 1), 1).addCallback(resubmit, rid + 4)
+        return result
+
+    for rid in range(4):
+        queue.submit(rows_for(rid, 1), 1).addCallback(resubmit, rid)
+    while executor.pending:
+        executor.finish_one()
+    sizes = [r.rows for r in recorder.records]
+    assert sizes == [1] + [4] * 10 + [3]  # 44 requests; before the fix: 1, 4, 1, 4, …
