@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -119,6 +120,47 @@ def show_discovery(consul: ConsulAgent, servers: list[TwistdServer], checks: Che
     checks.expect(len(passing) == len(servers), f"{len(passing)}/{len(servers)} servers passing in Consul")
 
 
+def show_client(consul: ConsulAgent, servers: list[TwistdServer], checks: Checks) -> None:
+    from client import InferenceClient
+
+    print("\n== the client library: servers from Consul, called directly (no proxy)")
+    print(f">>> c = InferenceClient(consul={consul.http_addr!r})")
+    print(">>> c.predict('digits', images)   # the ten sample digits, one array of shape (10, 28, 28, 1)")
+    images = np.stack(
+        [np.asarray(Image.open(REPO / "samples" / f"{name}.png").convert("L"), np.float32)[:, :, None] / 255
+         for name in DIGITS]
+    )
+    with InferenceClient(consul=consul.http_addr) as c:
+        probabilities = c.predict("digits", images)
+        labels = probabilities.argmax(axis=1).tolist()
+        print(f"{type(probabilities).__name__} {probabilities.dtype} {probabilities.shape}; argmax → {labels}")
+        right = sum(label == digit for digit, label in enumerate(labels))
+        checks.expect(probabilities.dtype == np.float32 and right >= 8, f"client: float32 answers, {right}/10 right")
+        before = [_served(s) for s in servers]
+        for _ in range(30):
+            c.predict("digits", images[:1])
+        spread = [_served(s) - b for s, b in zip(servers, before, strict=True)]
+        print(f"30 more calls, served per server (from each server's /metrics): {spread}")
+        checks.expect(sum(1 for n in spread if n > 0) >= 2, "the calls were spread over several servers")
+
+    env = {**os.environ, "CONSUL_HTTP_ADDR": consul.http_addr}
+    for args in (["backends"], ["predict", "digits", "--json", "@samples/seven.json"]):
+        print(f"\n$ inference-client {shlex.join(args)}")
+        done = subprocess.run([str(REPO / ".venv" / "bin" / "inference-client"), *args], env=env,
+                              capture_output=True, text=True, cwd=REPO)
+        print(_short(done.stdout.strip() or done.stderr.strip(), 900))
+        checks.expect(done.returncode == 0, f"inference-client {args[0]} exits 0")
+
+
+def _served(server: TwistdServer) -> int:
+    """Predict requests this server answered with 200, from its own /metrics."""
+    _, text = server.get("/metrics")
+    for line in str(text).splitlines():
+        if line.startswith("kleinserve_requests_total{") and 'route="predict"' in line and 'code="200"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="run the examples, check the answers, exit 0/1")
@@ -156,6 +198,7 @@ def main() -> int:
         print(f"   {len(servers)} servers ready in {time.monotonic() - started:.1f} s; logs in {logs.relative_to(REPO)}")
         run_examples(servers[0], checks)
         show_discovery(consul, servers, checks)
+        show_client(consul, servers, checks)
         if args.check:
             print(f"\n{'all checks passed' if not checks.failures else 'FAILED: ' + '; '.join(checks.failures)}")
             return 1 if checks.failures else 0
