@@ -186,9 +186,20 @@ def publish(staged: Path, target: Path) -> None:
 def export(output: Path, samples: Path | None, epochs: int = EPOCHS) -> float:
     """Train, export ``output/1`` (replacing it), write the samples, and return the test accuracy.
 
-    Side effect: turns on TensorFlow's op determinism for the rest of the process (TF has no
-    public call to turn it off again).
+    Training runs with TensorFlow's op determinism on; the setting the process had is restored
+    afterwards, so a caller's later TensorFlow work (tests, benchmarks) is not affected.
     """
+    from tensorflow.python.framework import config as tf_config  # the only way to turn it off
+
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    try:
+        return _export(output, samples, epochs)
+    finally:
+        if not was_deterministic:
+            tf_config.disable_op_determinism()
+
+
+def _export(output: Path, samples: Path | None, epochs: int) -> float:
     import keras
     import numpy as np
     import tensorflow as tf

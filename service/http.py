@@ -2,6 +2,8 @@
 
 Routes (TF Serving's, see ARCHITECTURE.md):
   POST /v1/models/{name}[/versions/{v}]:predict
+  POST /v1/models/{name}[/versions/{v}]:classify_image   an image upload (service.images)
+  POST /          the same, for the default model (--default_model, or the only one served)
   GET  /v1/models/{name}[/versions/{v}]            version status
   GET  /v1/models/{name}[/versions/{v}]/metadata   signatures
   GET  /healthz   200 while the process runs
@@ -10,7 +12,8 @@ Routes (TF Serving's, see ARCHITECTURE.md):
   GET  /metrics   Prometheus text format
 
 Everything here runs on the reactor thread and stays cheap: parse, validate,
-queue, encode. TensorFlow runs behind ``LoadedVersion.predict``.
+queue, encode. TensorFlow runs behind ``LoadedVersion.predict``; images are decoded
+on ``ImageDecoder``'s own threads.
 """
 
 from __future__ import annotations
@@ -20,15 +23,34 @@ import re
 from typing import Any
 
 import attrs
+import numpy as np
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from service import codec
-from service.errors import InvalidArgument, PayloadTooLarge, ServingError, UnsupportedMediaType
+from service.errors import (
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    ServingError,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from service.images import (
+    Abandonment,
+    ImageDecoder,
+    ImagePlan,
+    class_scores,
+    parse_upload,
+    top_predictions,
+)
 from service.lifecycle import InFlight
 from service.metrics import Metrics
 from service.repository import LoadedVersion, ModelRepository
@@ -44,6 +66,12 @@ JSON_CONTENT_TYPES = {
     b"text/plain",
     b"application/x-www-form-urlencoded",
 }
+# Content types of an image upload: a form, or the image itself ("image/*" matches any image type).
+UPLOAD_CONTENT_TYPES = {b"multipart/form-data", b"image/*", b"application/octet-stream"}
+UPLOAD_HINT = (
+    "send the image as multipart/form-data (curl -F data=@picture.jpg) or as the body with "
+    "its image content type (curl -H 'Content-Type: image/jpeg' --data-binary @picture.jpg)"
+)
 
 _TARGET = re.compile(
     r"^(?P<name>[^/:]+)"
@@ -59,7 +87,7 @@ class Target:
     name: str
     version: int | None
     label: str | None
-    verb: str  # "", ":predict", ":classify", ":regress", "/metadata", …
+    verb: str  # "", ":predict", ":classify_image", ":classify", ":regress", "/metadata", …
 
 
 def parse_target(method: str, path: str) -> Target:
@@ -82,11 +110,19 @@ class InferenceAPI:
     app = Klein()
 
     def __init__(
-        self, repository: ModelRepository, *, metrics: Metrics, overload_fraction: float = 0.8
+        self,
+        repository: ModelRepository,
+        *,
+        metrics: Metrics,
+        overload_fraction: float = 0.8,
+        images: ImageDecoder | None = None,
+        default_model: str | None = None,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
         self.overload_fraction = overload_fraction
+        self.images = images
+        self.default_model = default_model
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -98,6 +134,20 @@ class InferenceAPI:
         error: ServingError = failure.value
         return _error_response(request, error)
 
+    @app.handle_errors(HTTPException)
+    def _routing_error(self, request: IRequest, failure: Any) -> bytes:
+        """Klein's own refusals (no such path 404, another method 405) as JSON, not as 500s."""
+        error: HTTPException = failure.value
+        request.setResponseCode(error.code or 500)
+        request.setHeader(b"content-type", JSON)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"allow", ", ".join(error.valid_methods).encode())
+        method, path = (
+            request.method.decode(errors="replace"),
+            request.path.decode(errors="replace"),
+        )
+        return codec.encode_json({"error": f"{error.name}: {method} {path}"})
+
     @app.handle_errors(Exception)
     def _unexpected_error(self, request: IRequest, failure: Any) -> bytes:
         log.failure("unexpected error answering {uri}", failure, uri=request.uri)
@@ -108,9 +158,12 @@ class InferenceAPI:
     @app.route("/v1/models/<path:path>", methods=["POST"])
     async def post_model(self, request: IRequest, path: str) -> bytes:
         target = parse_target("POST", path)
+        if target.verb == ":classify_image":
+            return await self._classify_image(request, target)
         if target.verb != ":predict":
             raise InvalidArgument(
-                f"Malformed request: POST /v1/models/{path}; this server supports :predict"
+                f"Malformed request: POST /v1/models/{path}; this server supports :predict "
+                "and :classify_image"
             )
         version = self._lookup(target)
         body = read_body(request, JSON_CONTENT_TYPES)
@@ -147,6 +200,52 @@ class InferenceAPI:
                 }
             )
         raise InvalidArgument(f"Malformed request: GET /v1/models/{path}")
+
+    # -- image uploads (service.images) --------------------------------------------------------
+
+    @app.route("/", methods=["POST"])
+    async def post_upload(self, request: IRequest) -> bytes:
+        """An image upload for the default model: ``curl -F data=@picture.jpg http://host:8501/``."""
+        return await self._classify_image(
+            request, Target(self._default_model(), None, None, ":classify_image")
+        )
+
+    def _default_model(self) -> str:
+        if self.default_model is not None:
+            return self.default_model
+        if len(self.repository.configs) == 1:
+            (name,) = self.repository.configs
+            return name
+        raise NotFound(
+            "this server serves several models and has no --default_model: "
+            "POST to /v1/models/NAME:classify_image"
+        )
+
+    async def _classify_image(self, request: IRequest, target: Target) -> bytes:
+        if self.images is None:
+            raise Unavailable("image uploads are not enabled on this server")
+        version = self._lookup(target)
+        body = read_body(request, UPLOAD_CONTENT_TYPES, hint=UPLOAD_HINT)
+        query_top_k = request.args.get(b"top_k")
+        upload = parse_upload(
+            body,
+            (request.getHeader(b"content-type") or b"").decode("latin-1"),
+            query_top_k[-1].decode("utf-8", errors="replace") if query_top_k else None,
+        )
+        servable = version.require()
+        plan = await self.images.plan(servable, target.name)
+        abandonment = Abandonment()
+        request.notifyFinish().addErrback(abandonment.set)  # client gone: skip its decodes
+        arrays = await self.images.decode(plan, upload.images, abandonment)
+        scores = await _run_images(version, plan, arrays, request)
+        predictions = [top_predictions(row, plan.labels, upload.top_k) for row in scores]
+        answer: dict[str, Any] = {"model": target.name, "version": str(version.version)}
+        if len(predictions) == 1:
+            answer["predictions"] = predictions[0]
+        else:
+            answer["results"] = [{"predictions": p} for p in predictions]
+        request.setHeader(b"content-type", JSON)
+        return codec.encode_json(answer)
 
     def _lookup(self, target: Target) -> LoadedVersion:
         """The AVAILABLE version a request names (404 unknown, 503 not available)."""
@@ -190,6 +289,41 @@ class InferenceAPI:
         return generate_latest(self.metrics.registry)
 
 
+async def _run_images(
+    version: LoadedVersion, plan: ImagePlan, arrays: list[np.ndarray], request: IRequest
+) -> list[np.ndarray]:
+    """Run decoded images through the version's batching queue; one score vector per image.
+
+    k images of one shape for a batchable input are one request of k rows; otherwise each
+    image is a request of its own (they still share batches when the queue can merge them).
+    """
+    if plan.batched and len({a.shape for a in arrays}) == 1:
+        groups = [list(range(len(arrays)))]
+        submits = [{plan.input: np.stack(arrays)}]
+    else:
+        groups = [[i] for i in range(len(arrays))]
+        submits = [{plan.input: a} for a in arrays]
+    queued: list[Deferred] = []
+    try:
+        for inputs in submits:
+            queued.append(version.predict(plan.signature, inputs))
+    except ServingError:  # e.g. the queue is full: drop what was already queued
+        for d in queued:
+            d.addErrback(lambda _: None)  # the CancelledError below is expected
+            d.cancel()
+        raise
+    request.notifyFinish().addErrback(lambda _: [d.cancel() for d in queued])  # client gone
+    results = await DeferredList(queued, consumeErrors=True)
+    scores: list[np.ndarray] = [np.empty(0)] * len(arrays)
+    for group, (ok, value) in zip(groups, results, strict=True):
+        if not ok:
+            assert isinstance(value, Failure)
+            value.raiseException()
+        for i, row in zip(group, class_scores(value[plan.output], len(group)), strict=True):
+            scores[i] = row
+    return scores
+
+
 def _error_response(request: IRequest, error: ServingError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", JSON)
@@ -198,16 +332,23 @@ def _error_response(request: IRequest, error: ServingError) -> bytes:
     return codec.encode_json({"error": error.message})
 
 
-def read_body(request: IRequest, content_types: set[bytes]) -> bytes:
-    """The request body, after checking its size and type (STYLE 11)."""
+def read_body(
+    request: IRequest, content_types: set[bytes], *, hint: str = "send JSON (application/json)"
+) -> bytes:
+    """The request body, after checking its size and type (STYLE 11).
+
+    ``content_types`` may hold a wildcard subtype, ``image/*``, accepting every ``image/…``.
+    """
     if getattr(request, "body_too_large", False):
         limit = getattr(request, "max_body_bytes", 0)
         raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
     content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-    if content_type not in content_types:
+    wildcard = content_type.partition(b"/")[0] + b"/*"
+    if content_type not in content_types and (
+        b"/" not in content_type or wildcard not in content_types
+    ):
         raise UnsupportedMediaType(
-            f"content type {content_type.decode(errors='replace')!r} is not accepted here; "
-            "send JSON (application/json)"
+            f"content type {content_type.decode(errors='replace')!r} is not accepted here; {hint}"
         )
     return request.content.read()
 
@@ -273,9 +414,13 @@ class InferenceSite(server.Site):
 
 
 def route_kind(path: bytes) -> str:
+    if path == b"/":
+        return "classify_image"
     if path.startswith(b"/v1/models/"):
         if path.endswith(b":predict"):
             return "predict"
+        if path.endswith(b":classify_image"):
+            return "classify_image"
         if path.endswith(b"/metadata"):
             return "metadata"
         return "status" if b":" not in path else "other"

@@ -7,7 +7,7 @@ Every method here blocks and must run on the servable's own inference thread
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,19 @@ class Servable:
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> Servable:
-        """Load ``path`` (a SavedModel folder). Blocking: call on the inference thread."""
+        """Load ``path``: a SavedModel folder, or a TF1 frozen graph (``service.frozen_graph``).
+
+        Blocking: call on the inference thread.
+        """
         pb = path / "saved_model.pb"
         if not pb.is_file():
-            raise FailedPrecondition(f"{path} holds no saved_model.pb")
+            from service.frozen_graph import GRAPH_FILES, FrozenGraphServable, has_frozen_graph
+
+            if has_frozen_graph(path):
+                return FrozenGraphServable.load(name, version, path)
+            raise FailedPrecondition(
+                f"{path} holds no saved_model.pb (nor a frozen graph: {', '.join(GRAPH_FILES)})"
+            )
         saved = saved_model_pb2.SavedModel()
         saved.ParseFromString(pb.read_bytes())
         defs = {
@@ -130,11 +139,12 @@ def _signature(key: str, sig: Any) -> Signature:
     )
 
 
-def _read_labels(path: Path) -> tuple[str, ...] | None:
-    for name in LABEL_FILES:
+def _read_labels(path: Path, names: Sequence[str] = LABEL_FILES) -> tuple[str, ...] | None:
+    for name in names:
         file = path / name
         if file.is_file():
-            return tuple(line.strip() for line in file.read_text().splitlines() if line.strip())
+            # Line N is class N: blank lines inside count, only trailing ones are dropped.
+            return tuple(line.strip() for line in file.read_text().rstrip().splitlines())
     return None
 
 

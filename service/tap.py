@@ -10,6 +10,7 @@ This module imports no TensorFlow: ``twistd inference --help`` stays fast.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from service.batching_config import (
 )
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# As service.images.DEFAULT_MAX_IMAGE_PIXELS; not imported, to keep Pillow out of --help.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
 @attrs.frozen
@@ -57,6 +60,10 @@ class ServerConfig:
     inference_stall_seconds: float = 60.0
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    default_model: str | None = None  # POST / classifies with this model (None: the only one)
+    image_decode_threads: int = 2
+    max_enqueued_image_decodes: int = 64
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _number(flag: str):
@@ -196,6 +203,36 @@ class Options(usage.Options):
             _integer("tensorflow_inter_op_parallelism"),
         ],
     ]
+    optParameters += [
+        [
+            "default_model",
+            None,
+            None,
+            "Model that image uploads to POST / are classified with (default: the only model served).",
+        ],
+        [
+            "image_decode_threads",
+            None,
+            2,
+            "Threads that decode and preprocess uploaded images (off the reactor thread).",
+            _integer("image_decode_threads"),
+        ],
+        [
+            "max_enqueued_image_decodes",
+            None,
+            64,
+            "Uploaded images waiting for or in a decode thread; beyond that a request gets 503.",
+            _integer("max_enqueued_image_decodes"),
+        ],
+        [
+            "max_image_pixels",
+            None,
+            DEFAULT_MAX_IMAGE_PIXELS,
+            "Largest uploaded image in pixels (width x height); larger ones (and decompression "
+            "bombs) get 413 before they are decoded.",
+            _integer("max_image_pixels"),
+        ],
+    ]
     optFlags = [
         ["enable_batching", None, "Merge concurrent requests into batches (TF Serving's flag)."],
     ]
@@ -235,7 +272,12 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
     _load_batching_for_model(
         base_path, batching
     )  # fail at start-up, not at load, on a bad model file
-    for flag in ("consul_check_interval", "consul_ttl", "inference_stall_seconds"):
+    for flag in (
+        "consul_check_interval",
+        "consul_ttl",
+        "inference_stall_seconds",
+        "deregister_critical_after",
+    ):
         if opts.get(flag, 1) <= 0:
             raise usage.UsageError(f"--{flag} must be positive")
     if opts.get("drain_delay", 0) < 0:
@@ -246,6 +288,14 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
     for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
         if opts.get(flag, 0) < 0:
             raise usage.UsageError(f"--{flag} must be 0 or more")
+    for flag in ("image_decode_threads", "max_enqueued_image_decodes", "max_image_pixels"):
+        if opts.get(flag, 1) <= 0:
+            raise usage.UsageError(f"--{flag} must be positive")
+    default_model = opts.get("default_model") or None
+    if default_model is not None and default_model != name:
+        raise usage.UsageError(
+            f"--default_model {default_model!r} is not a served model; this server serves {name!r}"
+        )
     return ServerConfig(
         listen=listen,
         model_name=name,
@@ -257,6 +307,10 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         inference_stall_seconds=opts.get("inference_stall_seconds", 60.0),
         intra_op_threads=opts.get("tensorflow_intra_op_parallelism", 0),
         inter_op_threads=opts.get("tensorflow_inter_op_parallelism", 0),
+        default_model=default_model,
+        image_decode_threads=opts.get("image_decode_threads", 2),
+        max_enqueued_image_decodes=opts.get("max_enqueued_image_decodes", 64),
+        max_image_pixels=opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
     )
 
 
@@ -284,15 +338,23 @@ def _discovery_config(opts: dict[str, Any], listen: str) -> DiscoveryConfig | No
 
 
 def _advertised(advertise: str | None, listen: str) -> tuple[str, int | None]:
-    """The host (and port, if given) to register: --advertise, or the listening interface."""
+    """The host (and port, if given) to register: --advertise, or the listening interface.
+
+    --advertise takes ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; the interface of
+    --listen is read with Twisted's ``\\:`` escapes undone.
+    """
     if advertise:
-        host, _, port = (
-            advertise.rpartition(":") if advertise.count(":") == 1 else (advertise, "", "")
+        match = re.fullmatch(
+            r"\[(?P<v6>[^\]]+)\](?::(?P<v6port>\d+))?|(?P<host>[^:\[\]]+)(?::(?P<port>\d+))?",
+            advertise,
         )
-        if port and not port.isdigit():
-            raise usage.UsageError(f"--advertise {advertise!r}: the port must be a number")
-        return host, int(port) if port else None
-    parts = listen.split(":")
+        if match is None:
+            raise usage.UsageError(
+                f"--advertise {advertise!r}: expected HOST, HOST:PORT or [IPv6]:PORT"
+            )
+        port = match["v6port"] or match["port"]
+        return match["v6"] or match["host"], int(port) if port else None
+    parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", listen)]
     interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")), "")
     if parts[0] not in ("tcp", "ssl") or interface in ("", "0.0.0.0", "::"):
         raise usage.UsageError(
@@ -319,14 +381,17 @@ def makeService(options: Options) -> MultiService:
     """Build the service tree, started in this order and stopped in reverse, one at a time:
 
     1. the model repository (loads models on inference threads; readiness says 503 until done),
-    2. the HTTP port (on stop: close, then wait for requests in flight),
-    3. the Consul registration, once models are loaded and the port listens (on stop: leave
+    2. the image decoder's thread pool (stops after the port has drained, so no upload is left
+       waiting on it),
+    3. the HTTP port (on stop: close, then wait for requests in flight),
+    4. the Consul registration, once models are loaded and the port listens (on stop: leave
        Consul first, then wait --drain_delay so clients notice before the port closes).
     """
     # The composition root is the one place that picks the global reactor.
     from twisted.internet import reactor
 
     from service.http import InferenceAPI, InferenceSite
+    from service.images import ImageDecoder
     from service.lifecycle import AfterReady, HTTPPort, OrderedServices
     from service.metrics import Metrics
     from service.repository import ModelConfig, ModelRepository
@@ -345,11 +410,24 @@ def makeService(options: Options) -> MultiService:
         reactor=reactor,
         metrics=metrics,
     )
-    api = InferenceAPI(repository, metrics=metrics, overload_fraction=config.overload_fraction)
+    images = ImageDecoder(
+        reactor=reactor,
+        threads=config.image_decode_threads,
+        max_enqueued=config.max_enqueued_image_decodes,
+        max_pixels=config.max_image_pixels,
+    )
+    api = InferenceAPI(
+        repository,
+        metrics=metrics,
+        overload_fraction=config.overload_fraction,
+        images=images,
+        default_model=config.default_model,
+    )
     site = InferenceSite(api, max_body_bytes=config.max_request_bytes)
     port = HTTPPort(serverFromString(reactor, config.listen), site, site.in_flight, reactor=reactor)
     top = OrderedServices()
     repository.setServiceParent(top)
+    images.setServiceParent(top)
     port.setServiceParent(top)
     if config.discovery is not None:
         discovery = config.discovery
@@ -393,6 +471,10 @@ def model_tags(repository: Any) -> tuple[list[str], dict[str, str]]:
     return tags, {"api": "tfserving-rest", "models": ",".join(served)}
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def make_registration(
     discovery: DiscoveryConfig,
     repository: Any,
@@ -409,7 +491,7 @@ def make_registration(
         service_id=default_service_id(discovery.service_name, discovery.advertise_host, port),
         address=discovery.advertise_host,
         port=port,
-        readiness_url=f"http://{discovery.advertise_host}:{port}/readyz",
+        readiness_url=f"http://{_url_host(discovery.advertise_host)}:{port}/readyz",
         name=discovery.service_name,
         tags=tags,
         meta=meta,

@@ -19,7 +19,26 @@ make_strings       serving_default  text string [None]                     lengt
 make_fixed_batch   serving_default  x float32 [1, 3] (not batchable)       y float32 [1] = sum of x's row
 make_slow          serving_default  x float32 [None, 3]                    y float32 [None, 3] = x, after
                                                                            busy-waiting ``seconds``
+make_image_bytes   serving_default  image_bytes string [None] (PNG/JPEG)   probabilities float32 [None, 2]
+                                                                           (dark, light) from mean gray
 =================  ===============  =====================================  ===================================
+
+TF1 frozen graphs (``tf.compat.v1`` graph, variables frozen to constants with
+``convert_variables_to_constants``), written as ``base/<version>/output_graph.pb`` with
+``output_labels.txt`` (``FLOWER_LABELS``) beside it, the image-retraining tutorial's layout:
+
+=======================  ==================================================  ======================
+maker                    input                                               output
+=======================  ==================================================  ======================
+make_frozen_jpeg_graph   ``DecodeJpeg/contents:0`` string [] (JPEG bytes)    ``final_result:0``
+                         -> decode_jpeg -> bilinear 8x8 -> /255 -> dense     float32 [None, 3]
+make_frozen_float_graph  ``input:0`` float32 [None, 8, 8, 3] in [0, 1]       ``final_result:0``
+                         -> dense (names configurable)                       float32 [None, 3]
+=======================  ==================================================  ======================
+
+Both share the dense layer ``FROZEN_WEIGHTS`` (a variable before freezing): class c scores the
+mean of colour channel c, plus a little fixed noise, so a red picture is "daisy", green "rose",
+blue "tulip".
 
 ``make_linear`` uses W = [[1, 2], [3, 4], [5, 6]] and b = [0.5, -0.5], held in variables
 (so loading exercises variable restore), and writes ``labels.txt`` ("neg", "pos") next to
@@ -42,6 +61,8 @@ from typing import Any
 W = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
 B = [0.5, -0.5]
 LINEAR_LABELS = ("neg", "pos")
+FLOWER_LABELS = ("daisy", "rose", "tulip")
+FROZEN_SIZE = 8
 
 
 def _save(module: Any, base: Path, version: int, signatures: dict[str, Any]) -> Path:
@@ -126,3 +147,89 @@ def make_slow(base: Path, version: int = 1, seconds: float = 0.2) -> Path:
             return {"y": tf.identity(x)}
 
     return _save(tf.Module(), base, version, {"serving_default": serve})
+
+
+def make_image_bytes(base: Path, version: int = 1) -> Path:
+    """Encoded images in (a batch of strings), two class probabilities out."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        def gray(data: tf.Tensor) -> tf.Tensor:
+            pixels = tf.io.decode_image(data, channels=1, expand_animations=False)
+            return tf.reduce_mean(tf.cast(pixels, tf.float32)) / 255.0
+
+        light = tf.map_fn(gray, image_bytes, fn_output_signature=tf.float32)
+        return {"probabilities": tf.stack([1.0 - light, light], axis=1)}
+
+    return _save(tf.Module(), base, version, {"serving_default": serve})
+
+
+def frozen_weights() -> Any:
+    """The dense layer of the frozen graphs: [8 * 8 * 3, 3], class c reads colour channel c."""
+    import numpy as np
+
+    pixels = FROZEN_SIZE * FROZEN_SIZE
+    weights = np.zeros((pixels, 3, 3), np.float32)
+    for channel in range(3):
+        weights[:, channel, channel] = 8.0 / pixels
+    noise = np.random.default_rng(7).normal(0.0, 0.01, weights.shape).astype(np.float32)
+    return (weights + noise).reshape(pixels * 3, 3)
+
+
+def _write_frozen(graph: Any, output: str, base: Path, version: int) -> Path:
+    """Freeze ``graph``'s variables into constants and write the retraining layout."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    with v1.Session(graph=graph) as session:
+        session.run(v1.global_variables_initializer())
+        frozen = v1.graph_util.convert_variables_to_constants(
+            session, graph.as_graph_def(), [output]
+        )
+    path = Path(base) / str(version)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "output_graph.pb").write_bytes(frozen.SerializeToString())
+    (path / "output_labels.txt").write_text("".join(f"{label}\n" for label in FLOWER_LABELS))
+    return path
+
+
+def _dense_softmax(pixels: Any, output: str) -> Any:
+    """[n, 8, 8, 3] floats in [0, 1] -> softmax over the three classes, named ``output``."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    weights = v1.get_variable("final_weights", initializer=frozen_weights())
+    flat = tf.reshape(pixels, [-1, FROZEN_SIZE * FROZEN_SIZE * 3])
+    return tf.nn.softmax(tf.matmul(flat, weights), name=output)
+
+
+def make_frozen_jpeg_graph(base: Path, version: int = 1) -> Path:
+    """The retraining tutorial's shape: a scalar JPEG string in, final_result out."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        contents = v1.placeholder(tf.string, shape=[], name="DecodeJpeg/contents")
+        decoded = tf.io.decode_jpeg(contents, channels=3, name="DecodeJpeg")
+        batch = tf.expand_dims(tf.cast(decoded, tf.float32), 0)
+        resized = tf.image.resize(batch, [FROZEN_SIZE, FROZEN_SIZE], method="bilinear")
+        _dense_softmax(resized / 255.0, "final_result")
+    return _write_frozen(graph, "final_result", base, version)
+
+
+def make_frozen_float_graph(
+    base: Path, version: int = 1, input_name: str = "input", output_name: str = "final_result"
+) -> Path:
+    """A float image placeholder [None, 8, 8, 3] in [0, 1] in, class probabilities out."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        pixels = v1.placeholder(
+            tf.float32, shape=[None, FROZEN_SIZE, FROZEN_SIZE, 3], name=input_name
+        )
+        _dense_softmax(pixels, output_name)
+    return _write_frozen(graph, output_name, base, version)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from twisted.python import usage
 
-from service.tap import Options
+from service.tap import Options, _advertised
 from tests.server import TWISTD
 
 
@@ -69,3 +69,39 @@ def test_twistd_help_does_not_import_tensorflow() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
     assert TWISTD.exists()
+
+
+@pytest.mark.parametrize(
+    ("advertise", "listen", "expected"),
+    [
+        (None, "tcp:8501:interface=127.0.0.1", ("127.0.0.1", None)),
+        (None, r"tcp:8501:interface=\:\:1", ("::1", None)),
+        ("10.0.0.5", "tcp:8501", ("10.0.0.5", None)),
+        ("10.0.0.5:9000", "tcp:8501", ("10.0.0.5", 9000)),
+        ("[::1]:9000", "tcp:8501", ("::1", 9000)),
+    ],
+)
+def test_advertised_address(advertise, listen, expected) -> None:
+    """The registered address comes from --advertise, else from --listen's interface (escapes undone)."""
+    assert _advertised(advertise, listen) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--consul=127.0.0.1:8500", "--listen=tcp:8501"), "needs --advertise"),
+        (("--consul=127.0.0.1:8500", "--advertise=a:b:c"), "expected HOST"),
+        (
+            ("--consul=127.0.0.1:8500", "--advertise=h", "--deregister_critical_after=0"),
+            "must be positive",
+        ),
+        (
+            ("--consul=127.0.0.1:8500", "--advertise=h", "--overload_fraction=1.5"),
+            "overload_fraction",
+        ),
+    ],
+)
+def test_bad_discovery_flags_are_usage_errors(tmp_path, args, message) -> None:
+    """Consul flags that cannot work stop start-up with a message naming the flag."""
+    with pytest.raises(usage.UsageError, match=message):
+        parse(f"--model_base_path={tmp_path}", *args)
