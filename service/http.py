@@ -127,6 +127,19 @@ class InferenceAPI:
     def resource(self) -> IResource:
         return self.app.resource()
 
+    def _deadline(self, request: IRequest) -> float | None:
+        """The client's deadline, from ``X-Request-Deadline-Ms`` (milliseconds left), as clock time."""
+        header = request.getHeader(b"x-request-deadline-ms")
+        if header is None:
+            return None
+        try:
+            remaining = float(header)
+        except ValueError:
+            raise InvalidArgument(
+                f"X-Request-Deadline-Ms must be a number of milliseconds, not {header!r}"
+            ) from None
+        return self.repository.clock.seconds() + remaining / 1000
+
     # -- errors ---------------------------------------------------------------------------------
 
     @app.handle_errors(ServingError)
@@ -169,7 +182,7 @@ class InferenceAPI:
         body = read_body(request, JSON_CONTENT_TYPES)
         decoded = codec.decode_body(body, version.signature)
         signature = version.signature(decoded.signature_name)
-        queued = version.predict(signature.name, decoded.inputs)
+        queued = version.predict(signature.name, decoded.inputs, self._deadline(request))
         request.notifyFinish().addErrback(lambda _: queued.cancel())  # client gone: drop it
         outputs = await queued
         request.setHeader(b"content-type", JSON)
@@ -237,7 +250,7 @@ class InferenceAPI:
         abandonment = Abandonment()
         request.notifyFinish().addErrback(abandonment.set)  # client gone: skip its decodes
         arrays = await self.images.decode(plan, upload.images, abandonment)
-        scores = await _run_images(version, plan, arrays, request)
+        scores = await _run_images(version, plan, arrays, request, self._deadline(request))
         predictions = [top_predictions(row, plan.labels, upload.top_k) for row in scores]
         answer: dict[str, Any] = {"model": target.name, "version": str(version.version)}
         if len(predictions) == 1:
@@ -290,7 +303,11 @@ class InferenceAPI:
 
 
 async def _run_images(
-    version: LoadedVersion, plan: ImagePlan, arrays: list[np.ndarray], request: IRequest
+    version: LoadedVersion,
+    plan: ImagePlan,
+    arrays: list[np.ndarray],
+    request: IRequest,
+    deadline: float | None = None,
 ) -> list[np.ndarray]:
     """Run decoded images through the version's batching queue; one score vector per image.
 
@@ -306,7 +323,7 @@ async def _run_images(
     queued: list[Deferred] = []
     try:
         for inputs in submits:
-            queued.append(version.predict(plan.signature, inputs))
+            queued.append(version.predict(plan.signature, inputs, deadline))
     except ServingError:  # e.g. the queue is full: drop what was already queued
         for d in queued:
             d.addErrback(lambda _: None)  # the CancelledError below is expected
@@ -407,6 +424,7 @@ class InferenceSite(server.Site):
         )
         self._requests = api.metrics.requests
         self.in_flight = in_flight or InFlight()
+        api.metrics.in_flight.set_function(lambda: self.in_flight.count)
 
     def log(self, request: Any) -> None:
         """Count each answered request (instead of an access-log line per request)."""

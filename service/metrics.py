@@ -54,6 +54,11 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "kleinserve_in_flight_requests",
+            "HTTP requests received and not yet answered",
+            registry=self.registry,
+        )
         self.queued_rows = Gauge(
             "kleinserve_queued_rows", "Rows waiting for a batch", labels, registry=self.registry
         )

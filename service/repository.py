@@ -58,11 +58,19 @@ class LoadedVersion:
     def signature(self, name: str | None) -> Signature:
         return self.require().signature(name)
 
-    def predict(self, signature_name: str | None, inputs: Mapping[str, np.ndarray]) -> Deferred:
-        """Queue one request; the Deferred fires on the reactor with the request's own outputs."""
+    def predict(
+        self,
+        signature_name: str | None,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None = None,
+    ) -> Deferred:
+        """Queue one request; the Deferred fires on the reactor with the request's own outputs.
+
+        ``deadline`` (clock seconds): past it, a request still queued fails with 504 unrun.
+        """
         servable = self.require()
         signature = servable.signature(signature_name)
-        return self.queues[signature.name].submit(inputs, batch_rows(signature, inputs))
+        return self.queues[signature.name].submit(inputs, batch_rows(signature, inputs), deadline)
 
     def require(self) -> Servable:
         if self.state != AVAILABLE or self.servable is None:
@@ -106,6 +114,7 @@ class ModelRepository(Service):
         self.configs = {m.name: m for m in models}
         self.versions: dict[str, dict[int, LoadedVersion]] = {m.name: {} for m in models}
         self._reactor: IReactorTime & IReactorThreads = reactor  # type: ignore[valid-type]
+        self.clock: IReactorTime = reactor
         self._metrics = metrics or Metrics()
         self._load = load
         self._ready: list[Deferred] = []

@@ -262,3 +262,47 @@ def test_outputs_are_float32_not_float64() -> None:
     _, treq, _ = make_api()
     response, doc = call(treq, "POST", "/v1/models/m:predict", b'{"instances": [[0.1, 0.7]]}')
     assert doc == {"predictions": [[float(str(np.float32(0.2))), float(str(np.float32(1.4)))]]}
+
+
+def test_deadline_header_drops_a_request_that_waited_too_long() -> None:
+    """X-Request-Deadline-Ms: a request still queued when its deadline passes gets 504, unrun."""
+    held: list = []
+
+    def hold(f, *args):
+        d: Deferred = Deferred()
+        held.append((d, f, args))
+        return d
+
+    clock = Clock()
+    api, treq, repository = make_api(executor=hold, params=BatchingParameters(max_batch_size=1))
+    repository.clock = clock
+    repository.versions["m"][3].queues["serving_default"]._clock = clock
+    first = treq.request(
+        "POST", "http://server/v1/models/m:predict", data=b'{"instances": [[1, 2]]}'
+    )
+    late = treq.request(
+        "POST",
+        "http://server/v1/models/m:predict",
+        data=b'{"instances": [[3, 4]]}',
+        headers={"X-Request-Deadline-Ms": ["50"]},
+    )
+    clock.advance(0.1)
+    d, f, args = held.pop(0)
+    d.callback(f(*args))  # the first batch finishes; the late request is now past its deadline
+    treq.flush()
+    response = _result(late)
+    assert response.code == 504 and "deadline" in json.loads(_result(response.content()))["error"]
+    assert _result(first).code == 200 and held == []
+
+
+def test_bad_deadline_header_is_400() -> None:
+    """A deadline header that is not a number is a 400 naming the header."""
+    _, treq, _ = make_api()
+    response, doc = call(
+        treq,
+        "POST",
+        "/v1/models/m:predict",
+        b'{"instances": [[1, 2]]}',
+        {"X-Request-Deadline-Ms": ["soon"]},
+    )
+    assert response.code == 400 and "X-Request-Deadline-Ms" in doc["error"]
