@@ -75,6 +75,22 @@ def run_examples(server: TwistdServer, checks: Checks) -> None:
         print(f"  {name}.png → {label}")
     checks.expect(right >= 8, f"{right}/10 sample digits classified right")
 
+    print("\n== image upload: curl -F answers with top-k labels")
+    code, body = curl("-F", "data=@samples/seven.png", f"{url}/")
+    print(body)
+    top = json.loads(body)["predictions"][0]["label"] if code == 200 else None
+    checks.expect(top == "7", "curl -F data=@samples/seven.png answers label 7 first")
+    code, body = curl(
+        "-F", "data=@samples/three.png", "-F", "data=@samples/nine.png", "-F", "top_k=2",
+        f"{url}/v1/models/digits:classify_image",
+    )  # fmt: skip
+    print(body)
+    labels = [r["predictions"][0]["label"] for r in json.loads(body).get("results", [])] if code == 200 else []
+    checks.expect(labels == ["3", "9"], "two files in one request, answered in order")
+    code, body = curl("-F", "data=@README.md", f"{url}/")
+    print(body)
+    checks.expect(code == 415, "a file that is not an image → 415")
+
     print("\n== model status and metadata")
     code, body = curl(f"{url}/v1/models/digits")
     print(body)
@@ -144,7 +160,11 @@ def show_client(consul: ConsulAgent, servers: list[TwistdServer], checks: Checks
         checks.expect(sum(1 for n in spread if n > 0) >= 2, "the calls were spread over several servers")
 
     env = {**os.environ, "CONSUL_HTTP_ADDR": consul.http_addr}
-    for args in (["backends"], ["predict", "digits", "--json", "@samples/seven.json"]):
+    for args in (
+        ["backends"],
+        ["predict", "digits", "--json", "@samples/seven.json"],
+        ["classify", "--model", "digits", "--top-k", "1", "samples/"],
+    ):
         print(f"\n$ inference-client {shlex.join(args)}")
         done = subprocess.run([str(REPO / ".venv" / "bin" / "inference-client"), *args], env=env,
                               capture_output=True, text=True, cwd=REPO)
@@ -205,6 +225,8 @@ def main() -> int:
         print(f"""
 == serving until Ctrl-C. Try:
   curl -d @samples/seven.json {servers[0].url}/v1/models/digits:predict
+  curl -F data=@samples/seven.png {servers[0].url}/
+  curl -F data=@samples/three.png -F top_k=3 {servers[0].url}/v1/models/digits:classify_image
   curl {servers[0].url}/v1/models/digits
   curl {servers[0].url}/v1/models/digits/metadata
   curl {servers[0].url}/metrics
