@@ -3,8 +3,7 @@
 The client reads TF Serving's metadata JSON (``metadata.signature_def.signature_def``,
 each tensor with a ``DT_*`` dtype and a ``tensor_shape``) so that inputs are sent and
 outputs come back with the dtypes the model declares: float32 stays float32. The dtype
-table repeats the server's (``service.signature``) because the client never imports the
-server package.
+table is the server's own (``service.signature``, plain data: no TensorFlow behind it).
 """
 
 from __future__ import annotations
@@ -16,27 +15,12 @@ from typing import Any
 import numpy as np
 from attrs import field, frozen
 
+from service.signature import DTYPES
+
 __all__ = ["DEFAULT_SIGNATURE", "DTYPES", "ModelMetadata", "SignatureSpec", "TensorSpec"]
 
 DEFAULT_SIGNATURE = "serving_default"
 
-DTYPES: Mapping[str, np.dtype] = MappingProxyType(
-    {
-        "DT_FLOAT": np.dtype(np.float32),
-        "DT_DOUBLE": np.dtype(np.float64),
-        "DT_HALF": np.dtype(np.float16),
-        "DT_INT8": np.dtype(np.int8),
-        "DT_INT16": np.dtype(np.int16),
-        "DT_INT32": np.dtype(np.int32),
-        "DT_INT64": np.dtype(np.int64),
-        "DT_UINT8": np.dtype(np.uint8),
-        "DT_UINT16": np.dtype(np.uint16),
-        "DT_UINT32": np.dtype(np.uint32),
-        "DT_UINT64": np.dtype(np.uint64),
-        "DT_BOOL": np.dtype(np.bool_),
-        "DT_STRING": np.dtype(object),
-    }
-)
 
 
 def _frozen(value: Mapping[str, Any]) -> Mapping[str, Any]:

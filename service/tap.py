@@ -66,30 +66,25 @@ class ServerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
-def _number(flag: str):
-    """Like _integer, for seconds and fractions."""
+def _coerce(flag: str, kind: type, what: str):
+    """A coerce function whose error names the flag (Twisted's own message does not)."""
 
-    def coerce(value: str) -> float:
+    def coerce(value: str):
         try:
-            return float(value)
+            return kind(value)
         except ValueError:
-            raise ValueError(f"--{flag} takes a number, not {value!r}") from None
+            raise ValueError(f"--{flag} takes {what}, not {value!r}") from None
 
     coerce.coerceDoc = ""  # type: ignore[attr-defined]
     return coerce
 
 
 def _integer(flag: str):
-    """A coerce function whose error names the flag (Twisted's own message does not)."""
+    return _coerce(flag, int, "a whole number")
 
-    def coerce(value: str) -> int:
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"--{flag} takes a whole number, not {value!r}") from None
 
-    coerce.coerceDoc = ""  # type: ignore[attr-defined]
-    return coerce
+def _number(flag: str):
+    return _coerce(flag, float, "a number")
 
 
 class Options(usage.Options):

@@ -8,7 +8,6 @@ without sockets, threads or TensorFlow.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import io
 import json
 import queue
@@ -48,6 +47,7 @@ from service.metrics import Metrics
 from service.repository import AVAILABLE, LoadedVersion, ModelConfig, ModelRepository
 from service.signature import Signature, TensorInfo
 from service.tap import Options
+from tests import models
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -113,16 +113,6 @@ def plan_of(sig: Signature, prep: Preprocessing | None = None, labels=None) -> I
 
 def upload(data: bytes, name: str = "data", filename: str | None = "x.png") -> UploadedImage:
     return UploadedImage(name, filename, data)
-
-
-def load_exporter() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "export_demo_model_for_images", REPO / "scripts" / "export_demo_model.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- parsing the request --------------------------------------------------------------------------
@@ -380,7 +370,7 @@ def test_score_output_rule() -> None:
 @pytest.mark.parametrize("name", ["zero", "three", "seven", "nine"])
 def test_decoding_repeats_the_demo_models_training_preprocessing(name: str) -> None:
     """A sample PNG decodes bit for bit to the exporter's to_model_input (what training saw)."""
-    exporter = load_exporter()
+    exporter = models.load_exporter()
     plan = plan_of(
         signature(
             {"image": ("DT_FLOAT", (None, 28, 28, 1))}, {"probabilities": ("DT_FLOAT", (None, 10))}

@@ -8,7 +8,6 @@ training preprocessing does).
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -22,23 +21,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.server import REPO, TwistdServer
+from tests import models
+from tests.server import TwistdServer
 
 pytestmark = pytest.mark.integration
 
 SAMPLE_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MAX_PIXELS = 250_000
 MAX_BYTES = 2_000_000
-
-
-def load_exporter() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "export_demo_model", REPO / "scripts" / "export_demo_model.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def multipart_body(
@@ -84,7 +74,7 @@ def digits(tmp_path_factory) -> Any:
     import tensorflow as tf
 
     root = tmp_path_factory.mktemp("images")
-    exporter = load_exporter()
+    exporter = models.load_exporter()
     exporter.export(root / "digits", root / "samples")
     server = TwistdServer(
         [

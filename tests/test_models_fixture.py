@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -34,16 +32,6 @@ def specs(signature: Any) -> tuple[Spec, Spec]:
         {k: (v.dtype, tuple(v.shape)) for k, v in inputs.items()},
         {k: (v.dtype, tuple(v.shape)) for k, v in signature.structured_outputs.items()},
     )
-
-
-def load_exporter() -> ModuleType:
-    """Import scripts/export_demo_model.py by path (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("export_demo_model", EXPORTER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_linear(tmp_path: Path) -> None:
@@ -110,7 +98,7 @@ def test_slow(tmp_path: Path) -> None:
 
 def test_exporter_publish_replaces(tmp_path: Path) -> None:
     """publish() swaps a finished folder into place, replacing the old one and leaving nothing else."""
-    exporter = load_exporter()
+    exporter = models.load_exporter()
     staged, target = tmp_path / ".1.tmp-x", tmp_path / "1"
     staged.mkdir()
     (staged / "new").touch()
@@ -139,7 +127,7 @@ def test_exporter_skips_existing_without_tensorflow(tmp_path: Path) -> None:
     (output / "1").mkdir(parents=True)
     (output / "1" / "saved_model.pb").touch()
     samples.mkdir()
-    for name in load_exporter().SAMPLE_NAMES:
+    for name in models.load_exporter().SAMPLE_NAMES:
         (samples / f"{name}.png").touch()
     args = [str(EXPORTER), "--output", str(output), "--samples", str(samples)]
     run = subprocess.run(
@@ -153,7 +141,7 @@ def test_exporter_skips_existing_without_tensorflow(tmp_path: Path) -> None:
 def test_demo_exporter(tmp_path: Path) -> None:
     """The demo model scores >= 0.9, has its serving signature, and its sample PNGs decode to the
     arrays it was tested on, with the same predictions."""
-    exporter = load_exporter()
+    exporter = models.load_exporter()
     output, samples = tmp_path / "digits", tmp_path / "samples"
     accuracy = exporter.export(output, samples)
     assert accuracy >= 0.9

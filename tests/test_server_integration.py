@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import models
-from tests.server import REPO, TwistdServer
+from tests.server import TwistdServer
 
 pytestmark = pytest.mark.integration
 
@@ -243,21 +242,11 @@ def test_health_and_metrics(servers) -> None:
     assert "kleinserve_batch_size_bucket" in text
 
 
-def _load_exporter():
-    spec = importlib.util.spec_from_file_location(
-        "export_demo_model", REPO / "scripts" / "export_demo_model.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_digits_predictions_equal_the_model_in_process(tmp_path: Path) -> None:
     """The served digits model answers exactly what calling the SavedModel in-process answers."""
     import tensorflow as tf
 
-    exporter = _load_exporter()
+    exporter = models.load_exporter()
     exporter.export(tmp_path / "digits", None)
     rng = np.random.default_rng(0)
     batch = rng.random((5, 28, 28, 1), dtype=np.float32)
