@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import numpy as np
@@ -169,7 +169,7 @@ class InferenceAPI:
     # -- TF Serving REST API --------------------------------------------------------------------
 
     @app.route("/v1/models/<path:path>", methods=["POST"])
-    async def post_model(self, request: IRequest, path: str) -> bytes:
+    async def post_model(self, request: server.Request, path: str) -> bytes:
         target = parse_target("POST", path)
         if target.verb == ":classify_image":
             return await self._classify_image(request, target)
@@ -217,7 +217,7 @@ class InferenceAPI:
     # -- image uploads (service.images) --------------------------------------------------------
 
     @app.route("/", methods=["POST"])
-    async def post_upload(self, request: IRequest) -> bytes:
+    async def post_upload(self, request: server.Request) -> bytes:
         """An image upload for the default model: ``curl -F data=@picture.jpg http://host:8501/``."""
         return await self._classify_image(
             request, Target(self._default_model(), None, None, ":classify_image")
@@ -234,12 +234,13 @@ class InferenceAPI:
             "POST to /v1/models/NAME:classify_image"
         )
 
-    async def _classify_image(self, request: IRequest, target: Target) -> bytes:
+    async def _classify_image(self, request: server.Request, target: Target) -> bytes:
         if self.images is None:
             raise Unavailable("image uploads are not enabled on this server")
         version = self._lookup(target)
         body = read_body(request, UPLOAD_CONTENT_TYPES, hint=UPLOAD_HINT)
-        query_top_k = request.args.get(b"top_k")
+        args: dict[bytes, list[bytes]] = request.args or {}
+        query_top_k = args.get(b"top_k")
         upload = parse_upload(
             body,
             (request.getHeader(b"content-type") or b"").decode("latin-1"),
@@ -306,7 +307,7 @@ async def _run_images(
     version: LoadedVersion,
     plan: ImagePlan,
     arrays: list[np.ndarray],
-    request: IRequest,
+    request: server.Request,
     deadline: float | None = None,
 ) -> list[np.ndarray]:
     """Run decoded images through the version's batching queue; one score vector per image.
@@ -329,7 +330,11 @@ async def _run_images(
             d.addErrback(lambda _: None)  # the CancelledError below is expected
             d.cancel()
         raise
-    request.notifyFinish().addErrback(lambda _: [d.cancel() for d in queued])  # client gone
+    def cancel_all(_: object) -> None:  # the client went away
+        for d in queued:
+            d.cancel()
+
+    request.notifyFinish().addErrback(cancel_all)
     results = await DeferredList(queued, consumeErrors=True)
     scores: list[np.ndarray] = [np.empty(0)] * len(arrays)
     for group, (ok, value) in zip(groups, results, strict=True):
@@ -384,13 +389,13 @@ class BoundedRequest(server.Request):
     _received = 0
 
     def process(self) -> None:
-        in_flight = self.channel.site.in_flight
+        in_flight = cast(Any, self.channel).site.in_flight
         in_flight.started()
         self.notifyFinish().addBoth(in_flight.finished)
         super().process()
 
     def gotLength(self, length: int | None) -> None:
-        self.content = io.BytesIO()
+        self.content = io.BytesIO()  # type: ignore[assignment]  # Twisted declares it None until here
         if length is not None and length > self.max_body_bytes:
             self.body_too_large = True
 
@@ -400,9 +405,9 @@ class BoundedRequest(server.Request):
         self._received += len(data)
         if self._received > self.max_body_bytes:
             self.body_too_large = True
-            self.content = io.BytesIO()
+            self.content = io.BytesIO()  # type: ignore[assignment]
             return
-        self.content.write(data)
+        cast(io.BytesIO, self.content).write(data)
 
 
 class InferenceSite(server.Site):

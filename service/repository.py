@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,7 @@ class ModelRepository(Service):
             return
         for key in servable.signatures:
             queue = BatchingQueue(
-                lambda inputs, key=key: servable.run(key, inputs),
+                partial(servable.run, key),
                 params,
                 clock=self._reactor,
                 executor=lambda f, *args: deferToThreadPool(self._reactor, pool, f, *args),
