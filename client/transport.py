@@ -34,6 +34,8 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
+from discovery.consul import first_header_values
+
 __all__ = [
     "FailureKind",
     "HTTPRequest",
@@ -150,12 +152,7 @@ class TreqTransport:
             allow_redirects=False,
         )
         body = await response.content()
-        first = {
-            name.decode("latin-1"): values[0].decode("latin-1")
-            for name, values in response.headers.getAllRawHeaders()
-            if values
-        }
-        return HTTPResponse(response.code, first, body)
+        return HTTPResponse(response.code, first_header_values(response.headers), body)
 
     def close(self) -> Deferred[None]:
         """Close the idle pooled connections."""

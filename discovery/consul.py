@@ -626,6 +626,15 @@ def _was_cancelled(exc: BaseException) -> bool:
     return any(isinstance(r, Failure) and r.check(defer.CancelledError) for r in reasons)
 
 
+def first_header_values(headers: Any) -> dict[str, str]:
+    """A twisted ``Headers`` as ``{name: first value}`` (what both our HTTP clients read)."""
+    return {
+        name.decode("latin-1"): values[0].decode("latin-1")
+        for name, values in headers.getAllRawHeaders()
+        if values
+    }
+
+
 class TreqTransport:
     """Sends requests with a ``treq`` ``HTTPClient``, bounding each by a timeout on ``clock``.
 
@@ -698,12 +707,7 @@ class TreqTransport:
             if _was_cancelled(e):  # by our timeout or by the caller: say so, not "unreachable"
                 raise defer.CancelledError() from e
             raise
-        first = {
-            name.decode("latin-1"): values[0].decode("latin-1")
-            for name, values in response.headers.getAllRawHeaders()
-            if values
-        }
-        return ConsulResponse(response.code, first, body)
+        return ConsulResponse(response.code, first_header_values(response.headers), body)
 
     def close(self) -> Deferred[None]:
         """Close the pool's idle connections (call when the owning service stops)."""
