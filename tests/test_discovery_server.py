@@ -141,7 +141,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("models")
     logs = tmp_path_factory.mktemp("logs")
     models.make_linear(root / "linear")
-    models.make_slow(root / "slowstart", seconds=2)  # warm-up keeps /readyz at 503 for 2 s
+    # Warm-up keeps /readyz at 503 for 6 s: wide enough to be sampled on a loaded CI machine.
+    models.make_slow(root / "slowstart", seconds=6)
     models.make_slow(root / "wedge", seconds=8)
     models.make_slow(root / "busy", seconds=0.5)
     (root / "busy-batching.txt").write_text(OVERLOAD_BATCHING)
