@@ -29,7 +29,6 @@ thread-safe, so several inference threads share the one Session.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from service.errors import FailedPrecondition, InvalidArgument
+from service.model_files import read_model_json
 from service.servable import (
     DEFAULT_SIGNATURE,
     LABEL_FILES,
@@ -145,15 +145,10 @@ def _session_config() -> Any:
 def _tensor_names(graph: Any, path: Path, graph_file: Path) -> dict[str, dict[str, str]]:
     """{"inputs": {key: tensor name}, "outputs": {…}} from frozen_graph.json or the defaults."""
     declared: dict[str, Any] = {}
-    for folder in (path, path.parent):
-        file = folder / TENSORS_FILE
-        if file.is_file():
-            try:
-                declared = json.loads(file.read_text())
-            except (ValueError, OSError) as e:
-                raise FailedPrecondition(f"{file}: not valid JSON: {e}") from None
-            _check_tensors_file(declared, file)
-            break
+    found = read_model_json(path, TENSORS_FILE)
+    if found is not None:
+        file, declared = found
+        _check_tensors_file(declared, file)
     names = {
         "inputs": declared.get("inputs") or _default_inputs(graph, graph_file),
         "outputs": declared.get("outputs") or {"scores": DEFAULT_OUTPUT},

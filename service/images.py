@@ -63,7 +63,6 @@ not take images is 400 (FAILED_PRECONDITION).
 from __future__ import annotations
 
 import io
-import json
 import struct
 import warnings
 import weakref
@@ -91,6 +90,7 @@ from service.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from service.model_files import read_model_json
 from service.signature import Signature
 
 log = Logger()
@@ -316,15 +316,11 @@ def read_preprocessing(version_path: Path | None) -> Preprocessing:
     """
     if version_path is None:
         return Preprocessing()
-    for folder in (version_path, version_path.parent):
-        file = folder / PREPROCESSING_FILE
-        if file.is_file():
-            try:
-                doc = json.loads(file.read_text())
-            except (ValueError, OSError) as e:
-                raise FailedPrecondition(f"{file}: not valid JSON: {e}") from None
-            return Preprocessing.from_json(doc, str(file))
-    return Preprocessing()
+    found = read_model_json(version_path, PREPROCESSING_FILE)
+    if found is None:
+        return Preprocessing()
+    file, doc = found
+    return Preprocessing.from_json(doc, str(file))
 
 
 @attrs.frozen

@@ -11,11 +11,28 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
+
+
+T = TypeVar("T")
+
+
+def poll(read: Callable[[], T], until: Callable[[T], bool], timeout: float) -> T:
+    """Read until ``until(value)`` holds or ``timeout`` passes; return the last value read.
+
+    Tests then assert on that value: a state that never came fails with what was seen last.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if until(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
 
 
 def free_port() -> int:

@@ -12,10 +12,10 @@ import inspect
 import ipaddress
 import random
 import socket
-import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import crochet
 import pytest
@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -42,6 +42,7 @@ from discovery.consul import (
 )
 from discovery.registration import ConsulRegistration, RegistrationSpec
 from discovery.watch import HealthWatch
+from tests.server import poll as poll_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -50,8 +51,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning"),
 ]
 
-T = TypeVar("T")
 DEADLINE = 20.0  # generous: Consul runs the HTTP check every second here
+poll = partial(poll_until, timeout=DEADLINE)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,16 +80,6 @@ def in_reactor(fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> Any
     return call()
 
 
-def poll(read: Callable[[], T], until: Callable[[T], bool], timeout: float = DEADLINE) -> T:
-    """Read until ``until(value)`` holds or ``timeout`` passes; return the last value read."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if until(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
-
-
 class Readiness(Resource):
     """A stand-in for the server's /readyz: answers with whatever code the test sets."""
 
@@ -114,26 +105,6 @@ def readiness() -> Iterator[tuple[Readiness, int]]:
         yield resource, port.getHost().port
     finally:
         in_reactor(port.stopListening)
-
-
-@pytest.fixture
-def logs() -> Iterator[list[LogEvent]]:
-    """Every log event emitted during the test."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observer)
-
-
-def messages(events: list[LogEvent], level: LogLevel, namespace: str) -> list[str]:
-    return [
-        formatEvent(e)
-        for e in list(events)
-        if e.get("log_level") == level and e.get("log_namespace", "").startswith(namespace)
-    ]
 
 
 class Harness:
@@ -340,7 +311,7 @@ def test_registers_once_consul_comes_up(
         service = harness.registration(port)
         in_reactor(service.startService)
         retries = poll(
-            lambda: messages(logs, LogLevel.debug, "discovery.registration"),
+            lambda: logs.messages(LogLevel.debug, "discovery.registration"),
             lambda m: len(m) >= 3,
         )
         assert len(retries) >= 3 and not service.registered
@@ -348,9 +319,9 @@ def test_registers_once_consul_comes_up(
         sid = service.spec.service_id
         assert poll(lambda: harness.agent_service(sid), lambda s: s is not None) is not None
         assert poll(harness.passing_ids, lambda ids: sid in ids) == {sid}
-        warnings = messages(logs, LogLevel.warn, "discovery.registration")
+        warnings = logs.messages(LogLevel.warn, "discovery.registration")
         assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
-        infos = messages(logs, LogLevel.info, "discovery.registration")
+        infos = logs.messages(LogLevel.info, "discovery.registration")
         assert len(infos) == 1 and "failed attempts" in infos[0]
     finally:
         harness.close()

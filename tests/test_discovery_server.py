@@ -14,38 +14,30 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from consul_agent import ConsulAgent, _new_agent
 
 from tests import models
 from tests.server import TwistdServer
+from tests.server import poll as poll_until
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 
 FAST = ["--consul_check_interval=1", "--consul_ttl=3", "--drain_delay=2"]
 STARTUP = 240.0  # seven TensorFlow processes starting at once on a busy 2-core machine
 DEADLINE = 60.0  # for any one state change; all of them take a few seconds when idle
+poll = partial(poll_until, timeout=DEADLINE)
 X = [[1.0, 2.0, 3.0]]
 LINEAR_Y = [[22.5, 27.5]]  # x @ W + b for X (tests/models.py)
 OVERLOAD_BATCHING = "max_batch_size { value: 1 }\nmax_enqueued_batches { value: 4 }\n"
-
-
-def poll(read: Callable[[], T], until: Callable[[T], bool], timeout: float = DEADLINE) -> T:
-    """Read until ``until(value)`` holds or ``timeout`` passes; return the last value read."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if until(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
 
 
 # --- readbacks, straight from the agent with urllib ------------------------------------------

@@ -7,7 +7,7 @@ import json
 import random
 import re
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -18,7 +18,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -58,26 +58,6 @@ failure_of = _trial.failureResultOf
 assert_no_result = _trial.assertNoResult
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def logs() -> Iterator[list[LogEvent]]:
-    """Every log event emitted during the test."""
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observer)
-
-
-def messages(events: list[LogEvent], level: LogLevel, namespace: str) -> list[str]:
-    return [
-        formatEvent(e)
-        for e in events
-        if e.get("log_level") == level and e.get("log_namespace", "").startswith(namespace)
-    ]
 
 
 REG = "discovery.registration"
@@ -748,15 +728,15 @@ def test_registration_retries_until_consul_answers_and_warns_once(logs: list[Log
         assert 0.5 * ceiling <= delay <= ceiling <= 8.0
     assert max(delays[:3]) < min(delays[4:])  # it grows: 1, 2, 4 against 8 ... (jittered)
     assert not service.registered
-    assert len(messages(logs, LogLevel.warn, REG)) == 1
-    assert "Cannot register inference-host-8501" in messages(logs, LogLevel.warn, REG)[0]
+    assert len(logs.messages(LogLevel.warn, REG)) == 1
+    assert "Cannot register inference-host-8501" in logs.messages(LogLevel.warn, REG)[0]
 
     agent.available = True
     clock.advance(pending_delay(clock))
     assert service.registered and "inference-host-8501" in agent.services
-    infos = messages(logs, LogLevel.info, REG)
+    infos = logs.messages(LogLevel.info, REG)
     assert len(infos) == 1 and "after 9 failed attempts" in infos[0]
-    assert len(messages(logs, LogLevel.warn, REG)) == 1
+    assert len(logs.messages(LogLevel.warn, REG)) == 1
 
 
 def test_ttl_refresh_follows_liveness(logs: list[LogEvent]) -> None:
@@ -780,7 +760,7 @@ def test_ttl_refresh_follows_liveness(logs: list[LogEvent]) -> None:
     alive.value = RuntimeError("probe broke")
     clock.advance(1.0)
     assert check["Status"] == "critical"
-    assert any("liveness probe raised" in m for m in messages(logs, LogLevel.critical, REG))
+    assert any("liveness probe raised" in m for m in logs.messages(LogLevel.critical, REG))
     assert service.registered
 
 
@@ -797,7 +777,7 @@ def test_unknown_check_reregisters(code: int, logs: list[LogEvent]) -> None:
     assert "inference-host-8501" in agent.services
     assert agent.checks[SPEC.liveness_check_id]["Status"] == "passing"
     assert len(agent.calls("/v1/agent/service/register")) == 2
-    assert any("no longer knows" in m for m in messages(logs, LogLevel.warn, REG))
+    assert any("no longer knows" in m for m in logs.messages(LogLevel.warn, REG))
     assert service.registered
 
 
@@ -818,7 +798,7 @@ def test_connection_recovery_reregisters(logs: list[LogEvent]) -> None:
     clock.advance(pending_delay(clock))
     assert len(agent.calls("/v1/agent/service/register")) == registers + 1
     assert service.registered and "inference-host-8501" in agent.services
-    assert len(messages(logs, LogLevel.warn, REG)) == 1
+    assert len(logs.messages(LogLevel.warn, REG)) == 1
 
 
 def test_other_ttl_errors_are_logged_once_and_heartbeats_go_on(logs: list[LogEvent]) -> None:
@@ -831,10 +811,10 @@ def test_other_ttl_errors_are_logged_once_and_heartbeats_go_on(logs: list[LogEve
     agent.answer = lambda request: response(403, b"Permission denied")  # type: ignore[method-assign]
     clock.advance(1.0)
     clock.advance(1.0)
-    assert len(messages(logs, LogLevel.warn, REG)) == 1
+    assert len(logs.messages(LogLevel.warn, REG)) == 1
     agent.answer = original  # type: ignore[method-assign]
     clock.advance(1.0)
-    assert any("accepts TTL updates" in m for m in messages(logs, LogLevel.info, REG))
+    assert any("accepts TTL updates" in m for m in logs.messages(LogLevel.info, REG))
     assert service.registered and len(clock.getDelayedCalls()) == 1
 
 
@@ -845,7 +825,7 @@ def test_unexpected_errors_never_escape_start(logs: list[LogEvent]) -> None:
     agent.broken = RuntimeError("bug")
     service = registration(agent, clock)
     service.startService()
-    assert any("Unexpected error" in m for m in messages(logs, LogLevel.critical, REG))
+    assert any("Unexpected error" in m for m in logs.messages(LogLevel.critical, REG))
     agent.broken = None
     clock.advance(pending_delay(clock))
     assert service.registered
@@ -906,8 +886,8 @@ def test_stop_deregisters_then_waits_the_drain_delay(logs: list[LogEvent]) -> No
     requests = len(agent.requests)
     clock.advance(60)
     assert len(agent.requests) == requests and clock.getDelayedCalls() == []
-    assert any("Deregistered" in m for m in messages(logs, LogLevel.info, REG))
-    assert messages(logs, LogLevel.critical, REG) == []
+    assert any("Deregistered" in m for m in logs.messages(LogLevel.info, REG))
+    assert logs.messages(LogLevel.critical, REG) == []
 
 
 def test_stop_goes_on_when_consul_is_down(logs: list[LogEvent]) -> None:
@@ -919,7 +899,7 @@ def test_stop_goes_on_when_consul_is_down(logs: list[LogEvent]) -> None:
     service.startService()
     d = service.stopService()
     assert result_of(d) is None
-    assert any("Could not deregister" in m for m in messages(logs, LogLevel.warn, REG))
+    assert any("Could not deregister" in m for m in logs.messages(LogLevel.warn, REG))
     assert clock.getDelayedCalls() == []
 
 
@@ -954,7 +934,7 @@ def test_stop_cancels_an_in_flight_registration(logs: list[LogEvent]) -> None:
     assert agent.calls("/v1/agent/service/deregister/")
     assert result_of(d) is None  # never registered: no drain
     assert clock.getDelayedCalls() == []
-    assert messages(logs, LogLevel.critical, REG) == []
+    assert logs.messages(LogLevel.critical, REG) == []
 
 
 # --- watch --------------------------------------------------------------------------------------
@@ -1046,9 +1026,9 @@ def test_watch_keeps_the_last_snapshot_and_backs_off_on_errors(logs: list[LogEve
     assert [b.service_id for b in watch.current] == ["a", "b"] and watch.reachable
     assert all("index" not in transport.params(n) for n in (2, 3, 4))
     assert transport.params(5)["index"] == "3"
-    warnings = messages(logs, LogLevel.warn, WATCH)
+    warnings = logs.messages(LogLevel.warn, WATCH)
     assert len(warnings) == 1 and "Keeping the last 1 known backends" in warnings[0]
-    assert any("again after 3 failed" in m for m in messages(logs, LogLevel.info, WATCH))
+    assert any("again after 3 failed" in m for m in logs.messages(LogLevel.info, WATCH))
 
 
 def test_watch_rate_limits_quick_answers() -> None:
@@ -1078,7 +1058,7 @@ def test_watch_subscriber_errors_do_not_stop_the_watch(logs: list[LogEvent]) -> 
     unsubscribe = watch.subscribe(seen.append)
     watch.startService()
     assert len(seen) == 1 and len(transport.pending) == 1
-    assert any("subscriber raised" in m for m in messages(logs, LogLevel.critical, WATCH))
+    assert any("subscriber raised" in m for m in logs.messages(LogLevel.critical, WATCH))
     unsubscribe()
     transport.answer(response(200, [], "6"))
     assert len(seen) == 1 and watch.current == ()
