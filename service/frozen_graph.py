@@ -70,7 +70,8 @@ class _Call:
 
 @attrs.define(eq=False)
 class FrozenGraphServable(Servable):
-    """A frozen GraphDef in a Session; ``_functions`` holds a ``_Call``, ``_loaded`` the Session."""
+    """A frozen GraphDef in a Session; ``_functions`` holds a ``_Call``, ``_loaded`` the Session
+    (None once closed)."""
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> FrozenGraphServable:
@@ -122,16 +123,25 @@ class FrozenGraphServable(Servable):
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One ``Session.run`` of a (batched) request. Blocking: inference thread only."""
-        call: _Call = self._functions[signature_name]
+        session = self._loaded  # read before the check: None here means closed, and refused
+        call: _Call = self._open_functions()[signature_name]
         feed = {call.feeds[name]: value for name, value in inputs.items()}
         try:
-            values = self._loaded.run(dict(call.fetches), feed_dict=feed)
+            values = session.run(dict(call.fetches), feed_dict=feed)
         except tf.errors.InvalidArgumentError as e:
             raise InvalidArgument(e.message) from None
         return {name: np.asarray(value) for name, value in values.items()}
 
     def close(self) -> None:
-        self._loaded.close()
+        """Close the Session (its C++ state and buffers go at once) and drop it and the Graph.
+
+        As ``Servable.close``: idempotent, ``run`` raises FailedPrecondition afterwards; the
+        Graph is a web of cycles (ops and tensors point back at it), freed by ``gc.collect``.
+        """
+        session = self._loaded
+        super().close()
+        if session is not None:
+            session.close()
 
 
 def _session_config() -> Any:

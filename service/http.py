@@ -1,14 +1,18 @@
 """The HTTP API: TensorFlow Serving's REST API on Klein, plus health and metrics.
 
 Routes (TF Serving's, see ARCHITECTURE.md):
-  POST /v1/models/{name}[/versions/{v}]:predict
-  POST /v1/models/{name}[/versions/{v}]:classify_image   an image upload (service.images)
+  POST /v1/models/{name}[/versions/{v} | /labels/{l}]:predict
+  POST /v1/models/{name}[/versions/{v} | /labels/{l}]:classify_image   an image upload
   POST /          the same, for the default model (--default_model, or the only one served)
-  GET  /v1/models/{name}[/versions/{v}]            version status
-  GET  /v1/models/{name}[/versions/{v}]/metadata   signatures
+  GET  /v1/models/{name}[/versions/{v} | /labels/{l}]            version status
+  GET  /v1/models/{name}[/versions/{v} | /labels/{l}]/metadata   signatures
   GET  /healthz   200 while the process runs
-  GET  /readyz    200 when every configured model has an AVAILABLE version, 503 before that,
+  GET  /readyz    200 when every model (of the start-up config, or added later and since
+                  served) has an AVAILABLE version, 503 before that,
                   429 while a batching queue is fuller than --overload_fraction
+
+A request holds the version it was routed to (``LoadedVersion.lease``) until it is
+answered, so a hot swap never unloads a version under a request.
   GET  /metrics   Prometheus text format
 
 Everything here runs on the reactor thread and stays cheap: parse, validate,
@@ -179,12 +183,13 @@ class InferenceAPI:
                 "and :classify_image"
             )
         version = self._lookup(target)
-        body = read_body(request, JSON_CONTENT_TYPES)
-        decoded = codec.decode_body(body, version.signature)
-        signature = version.signature(decoded.signature_name)
-        queued = version.predict(signature.name, decoded.inputs, self._deadline(request))
-        request.notifyFinish().addErrback(lambda _: queued.cancel())  # client gone: drop it
-        outputs = await queued
+        with version.lease():  # a swap unloads this version only after the answer
+            body = read_body(request, JSON_CONTENT_TYPES)
+            decoded = codec.decode_body(body, version.signature)
+            signature = version.signature(decoded.signature_name)
+            queued = version.predict(signature.name, decoded.inputs, self._deadline(request))
+            request.notifyFinish().addErrback(lambda _: queued.cancel())  # client gone: drop it
+            outputs = await queued
         request.setHeader(b"content-type", JSON)
         return codec.encode_predict(outputs, decoded.row_format)
 
@@ -193,11 +198,8 @@ class InferenceAPI:
         target = parse_target("GET", path)
         request.setHeader(b"content-type", JSON)
         if target.verb == "":
-            if target.label is not None:
-                target = attrs.evolve(target, version=self._lookup(target).version, label=None)
-            return codec.encode_json(
-                {"model_version_status": self.repository.status(target.name, target.version)}
-            )
+            status = self.repository.status(target.name, target.version, target.label)
+            return codec.encode_json({"model_version_status": status})
         if target.verb == "/metadata":
             version = self._lookup(target)
             return codec.encode_json(
@@ -238,6 +240,12 @@ class InferenceAPI:
         if self.images is None:
             raise Unavailable("image uploads are not enabled on this server")
         version = self._lookup(target)
+        with version.lease():  # decoding awaits: the version must outlive it
+            return await self._classify_leased(request, target, version, self.images)
+
+    async def _classify_leased(
+        self, request: server.Request, target: Target, version: LoadedVersion, images: ImageDecoder
+    ) -> bytes:
         body = read_body(request, UPLOAD_CONTENT_TYPES, hint=UPLOAD_HINT)
         args: dict[bytes, list[bytes]] = request.args or {}
         query_top_k = args.get(b"top_k")
@@ -247,10 +255,10 @@ class InferenceAPI:
             query_top_k[-1].decode("utf-8", errors="replace") if query_top_k else None,
         )
         servable = version.require()
-        plan = await self.images.plan(servable, target.name)
+        plan = await images.plan(servable, target.name)
         abandonment = Abandonment()
         request.notifyFinish().addErrback(abandonment.set)  # client gone: skip its decodes
-        arrays = await self.images.decode(plan, upload.images, abandonment)
+        arrays = await images.decode(plan, upload.images, abandonment)
         scores = await _run_images(version, plan, arrays, request, self._deadline(request))
         predictions = [top_predictions(row, plan.labels, upload.top_k) for row in scores]
         answer: dict[str, Any] = {"model": target.name, "version": str(version.version)}
@@ -262,14 +270,9 @@ class InferenceAPI:
         return codec.encode_json(answer)
 
     def _lookup(self, target: Target) -> LoadedVersion:
-        """The AVAILABLE version a request names (404 unknown, 503 not available)."""
-        if target.label is not None:
-            raise InvalidArgument(
-                f"Unrecognized servable version label: {target.label} (no version labels are configured)"
-            )
-        version = self.repository.lookup(target.name, target.version)
-        version.require()
-        return version
+        """The AVAILABLE version a request names (404 unknown, 400 unknown label, 503 not
+        available); take its ``lease()`` before the first await."""
+        return self.repository.lookup(target.name, target.version, target.label)
 
     # -- operations -----------------------------------------------------------------------------
 
@@ -330,6 +333,7 @@ async def _run_images(
             d.addErrback(lambda _: None)  # the CancelledError below is expected
             d.cancel()
         raise
+
     def cancel_all(_: object) -> None:  # the client went away
         for d in queued:
             d.cancel()

@@ -71,6 +71,22 @@ class Metrics:
             lambda: queue.queued_rows
         )
 
+    def forget(self, model: str, version: int, signature: str) -> None:
+        """Drop an unloaded version's series: they would report it forever, and hold its queue."""
+        labels = (model, str(version), signature)
+        for metric in (
+            self.queued_rows,
+            self.batch_size,
+            self.padded_batch_size,
+            self.queue_seconds,
+            self.run_seconds,
+            self.batch_failures,
+        ):
+            try:
+                metric.remove(*labels)
+            except KeyError:  # never observed
+                pass
+
 
 class _BatchMetrics:
     def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:

@@ -1,52 +1,105 @@
 """The model repository: which models and versions this server holds, and in what state.
 
-A model is a base path in TF Serving's layout (numeric version folders). Each
-loaded version is a ``LoadedVersion``: the servable, its own inference
-thread pool, and one batching queue per signature. TensorFlow only ever runs
-on that pool; this module itself runs on the reactor thread.
+A model is a base path in TF Serving's layout (numeric version folders) with a
+version policy and labels (``service.model_config``). Each version the policy
+wants is a ``LoadedVersion``: the servable, its own inference threads and one
+batching queue per signature. This module runs on the reactor thread; files are
+scanned on the repository's scan thread and TensorFlow only ever runs on a
+version's own threads.
+
+How the set of versions changes (TF Serving's availability-preserving policy):
+
+* A scan (every ``file_system_poll_wait`` seconds) finds the ready version
+  folders (``service.model_folders``: complete and no longer being copied); the
+  policy picks the *aspired* ones; ``_reconcile`` loads each aspired version
+  that is not loaded and unloads each loaded one that is not aspired.
+* A version takes traffic only once loaded *and warmed up*: until then it is
+  LOADING and lookups never return it.
+* A version that is no longer aspired is unloaded only once an aspired version
+  of its model is AVAILABLE (or nothing is aspired any more): a new version that
+  is still loading, or failed to load, leaves the old one serving.
+* Unloading: UNLOADING (no new lookups), wait for the requests that hold the
+  version (``lease``) and for its queues to drain, stop its threads, close the
+  servable, give the memory back (``service.memory``), END.
+* A failed load is retried with backoff up to ``max_load_retries`` times; the
+  error is in the status meanwhile, and after the last attempt the version is
+  END with its error until its folder changes.
 """
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import numpy as np
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from service.batching import BatchingParameters, BatchingQueue
-from service.errors import NotFound, ServingError, Unavailable
+from discovery.backoff import Backoff
+from service import memory
+from service.batching import BatchingQueue
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
 from service.metrics import Metrics
-from service.servable import Servable, find_versions
+from service.model_config import ModelConfig
+from service.model_folders import VersionFolder, ready_versions, scan_model
+from service.servable import Servable
 from service.signature import Signature
 
+__all__ = [
+    "AVAILABLE",
+    "END",
+    "LOADING",
+    "UNLOADING",
+    "LoadedVersion",
+    "ModelConfig",
+    "ModelRepository",
+]
+
 log = Logger()
+
+# Models load after the repository froze TensorFlow's own objects: no unfreeze needed.
+RELEASE_MEMORY = partial(memory.release_memory, unfreeze=False)
 
 # TF Serving's ModelVersionStatus states.
 LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
 
 
-@attrs.frozen
-class ModelConfig:
-    """One model to serve: TF Serving's ``config { name base_path }``."""
+class Threads(Protocol):
+    """Where one version's blocking work runs: its loading, warm-up and batches."""
 
-    name: str
-    base_path: Path
-    batching: BatchingParameters = BatchingParameters(enabled=False)
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred: ...
+
+    def stop(self) -> None: ...
+
+
+class PoolThreads:
+    """``Threads`` on a ThreadPool of its own (STYLE 5), started on creation."""
+
+    def __init__(self, reactor: Any, size: int, name: str) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(size, size, name)
+        self._pool.start()
+
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def stop(self) -> None:
+        self._pool.stop()  # joins idle threads: the queues have drained before this is called
 
 
 @attrs.define(eq=False)
 class LoadedVersion:
-    """One version of a model: its state, and once AVAILABLE its servable, threads and queues."""
+    """One version of a model: its state, and while it serves its servable, threads and queues."""
 
     name: str
     version: int
@@ -54,7 +107,13 @@ class LoadedVersion:
     error: str = ""
     servable: Servable | None = None
     queues: dict[str, BatchingQueue] = attrs.Factory(dict)
-    pool: ThreadPool | None = None
+    threads: Threads | None = None
+    path: Path | None = None
+    fingerprint: int | None = None  # of the folder this version was (last) loaded from
+    attempts: int = 0  # failed loads of this folder so far
+    retry: IDelayedCall | None = None  # a pending retry of a failed load
+    leases: int = 0  # requests that hold this version (see lease())
+    _idle: list[Deferred] = attrs.Factory(list)
 
     def signature(self, name: str | None) -> Signature:
         return self.require().signature(name)
@@ -74,12 +133,39 @@ class LoadedVersion:
         return self.queues[signature.name].submit(inputs, batch_rows(signature, inputs), deadline)
 
     def require(self) -> Servable:
-        if self.state != AVAILABLE or self.servable is None:
+        """The servable; a request holding a lease may still use it while it is UNLOADING."""
+        if self.servable is None or self.state not in (AVAILABLE, UNLOADING):
             raise Unavailable(
                 f"model {self.name!r} version {self.version} is {self.state}, not AVAILABLE",
                 retry_after=1,
             )
         return self.servable
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[LoadedVersion]:
+        """Hold this version for one request: it is not unloaded before the request is done.
+
+        Taken right after the lookup (no await in between), so a request that found the
+        version AVAILABLE can always finish on it, however long its body takes to decode.
+        """
+        self.leases += 1
+        try:
+            yield self
+        finally:
+            self.leases -= 1
+            if self.leases == 0:
+                waiters, self._idle = self._idle, []
+                for d in waiters:
+                    d.callback(None)
+
+    def released(self) -> Deferred:
+        """Fires once no request holds this version."""
+        d: Deferred = Deferred()
+        if self.leases == 0:
+            d.callback(None)
+        else:
+            self._idle.append(d)
+        return d
 
     def status(self) -> dict[str, Any]:
         error_code = "UNKNOWN" if self.error else "OK"
@@ -102,7 +188,13 @@ def batch_rows(signature: Signature, inputs: Mapping[str, np.ndarray]) -> int | 
 
 
 class ModelRepository(Service):
-    """Loads the configured models on start, serves lookups, drains and unloads on stop."""
+    """Keeps the configured models' aspired versions loaded; serves lookups; drains on stop.
+
+    ``file_system_poll_wait``: seconds between scans of the base paths (TF Serving's
+    ``--file_system_poll_wait_seconds``): 0 scans once at start (and once per model a
+    reload adds), a negative value never scans. ``apply(models)`` changes the
+    configuration while serving (a config file reload).
+    """
 
     def __init__(
         self,
@@ -111,30 +203,71 @@ class ModelRepository(Service):
         reactor: Any,
         metrics: Metrics | None = None,
         load: Callable[[str, int, Path], Servable] = Servable.load,
+        file_system_poll_wait: float = 1.0,
+        max_load_retries: int = 5,
+        load_retry_interval: float = 60.0,
+        make_threads: Callable[[int, str], Threads] | None = None,
+        scan: Callable[..., Deferred] | None = None,
+        release_memory: Callable[[], object] = RELEASE_MEMORY,
+        freeze: Callable[[], object] = memory.freeze_startup_objects,
     ) -> None:
-        self.configs = {m.name: m for m in models}
+        self.configs: dict[str, ModelConfig] = {m.name: m for m in models}
         self.versions: dict[str, dict[int, LoadedVersion]] = {m.name: {} for m in models}
-        self._reactor: IReactorTime & IReactorThreads = reactor  # type: ignore[valid-type]
         self.clock: IReactorTime = reactor
+        self._reactor = reactor
         self._metrics = metrics or Metrics()
         self._load = load
-        self._ready: list[Deferred] = []
+        self._poll_wait = file_system_poll_wait
+        self._max_retries = max_load_retries
+        self._retry_backoff = Backoff(
+            initial=load_retry_interval, maximum=load_retry_interval * 8, jitter=0.2
+        )
+        self._make_threads = make_threads or partial(PoolThreads, reactor)
+        self._scan_pool: ThreadPool | None = None
+        self._scan = scan or self._scan_in_pool  # (f, *args) -> Deferred, off the reactor
+        self._release_memory = release_memory
+        self._freeze = freeze
+        self._scans: dict[str, dict[int, VersionFolder]] = {}  # the last scan of each model
+        self._ready: dict[str, dict[int, VersionFolder]] = {}  # folders that may be loaded
+        self._scan_errors: dict[str, str] = {}
+        self._label_targets: dict[str, dict[str, int]] = {}  # label -> version last served
+        self._required = set(self.configs)  # models /readyz waits for (see ready)
+        self._waiting_ready: list[Deferred] = []
+        self._listeners: list[Callable[[], object]] = []
+        self._served: frozenset[tuple[str, int]] = frozenset()
+        self._busy: set[Deferred] = set()  # loads and unloads in progress
+        self._poller: LoopingCall | None = None
+        self._rng = random.Random()
 
     # -- lookups (reactor thread) ---------------------------------------------------------------
 
-    def lookup(self, name: str, version: int | None = None) -> LoadedVersion:
-        """The version to serve a request: a given one, or the highest AVAILABLE one."""
+    def lookup(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> LoadedVersion:
+        """The version a request names: a number, a label, or (neither) the highest AVAILABLE.
+
+        Only AVAILABLE versions are returned; take ``lease()`` on the result before any await.
+        """
         versions = self.versions.get(name)
-        if versions is None:
+        config = self.configs.get(name)
+        if versions is None or config is None:
             raise NotFound(
                 f"Servable not found for request: Latest({name}): no model named {name!r}"
             )
+        if label is not None:
+            return self._by_label(config, versions, label)
         if version is not None:
             found = versions.get(version)
             if found is None:
                 raise NotFound(
                     f"Servable not found for request: Specific({name}, {version}): "
                     f"model {name!r} has no version {version}"
+                )
+            found.require()
+            if found.state != AVAILABLE:
+                raise Unavailable(
+                    f"model {name!r} version {version} is {found.state}, not AVAILABLE",
+                    retry_after=1,
                 )
             return found
         available = [v for v in versions.values() if v.state == AVAILABLE]
@@ -145,19 +278,65 @@ class ModelRepository(Service):
             raise Unavailable(f"model {name!r} has no AVAILABLE version ({states})", retry_after=1)
         return max(available, key=lambda v: v.version)
 
-    def status(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
-        if version is not None:
-            return [self.lookup(name, version).status()]
+    def _by_label(
+        self, config: ModelConfig, versions: dict[int, LoadedVersion], label: str
+    ) -> LoadedVersion:
+        if label not in config.labels:
+            known = ", ".join(sorted(config.labels)) or "none"
+            raise InvalidArgument(
+                f"Unrecognized servable version label: {label} "
+                f"(model {config.name!r} has labels: {known})"
+            )
+        number = config.labels[label]
+        wanted = versions.get(number)
+        if wanted is not None and wanted.state == AVAILABLE:
+            return wanted
+        # Moving a label to a version that is still loading keeps it on the one it served.
+        previous = versions.get(self._label_targets.get(config.name, {}).get(label, -1))
+        if previous is not None and previous.state == AVAILABLE:
+            return previous
+        if wanted is not None and wanted.state == LOADING:
+            raise Unavailable(
+                f"label {label!r} of model {config.name!r} points at version {number}, which is "
+                f"still LOADING{': ' + wanted.error if wanted.error else ''}",
+                retry_after=1,
+            )
+        if wanted is None:
+            why = f"{config.base_path / str(number)} is not a complete version folder"
+            if number in self._ready.get(config.name, {}):
+                why = f"the version policy ({config.policy.describe()}) does not serve it"
+        else:
+            why = f"it is {wanted.state}" + (f": {wanted.error}" if wanted.error else "")
+        raise FailedPrecondition(
+            f"label {label!r} of model {config.name!r} points at version {number}, which is not "
+            f"loaded ({why}); a label may only point at a loaded version"
+        )
+
+    def status(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> list[dict[str, Any]]:
+        if label is not None or version is not None:
+            if label is not None:
+                version = self.lookup(name, label=label).version
+            found = self.versions.get(name, {}).get(version)  # type: ignore[arg-type]
+            if found is None:
+                raise NotFound(
+                    f"Servable not found for request: Specific({name}, {version}): "
+                    f"model {name!r} has no version {version}"
+                )
+            return [found.status()]
         if name not in self.versions:
             raise NotFound(f"Could not find any versions of model {name}")
         return [v.status() for _, v in sorted(self.versions[name].items(), reverse=True)]
 
     @property
     def ready(self) -> bool:
-        """Every configured model has an AVAILABLE version."""
+        """Every model of the start-up config (and each added later, once it has served) has an
+        AVAILABLE version: a model a reload adds does not take the instance out while it loads,
+        its Consul tag announces it once it serves."""
         return all(
-            any(v.state == AVAILABLE for v in versions.values())
-            for versions in self.versions.values()
+            any(v.state == AVAILABLE for v in self.versions.get(name, {}).values())
+            for name in self._required
         )
 
     def when_ready(self) -> Deferred:
@@ -165,8 +344,21 @@ class ModelRepository(Service):
         if self.ready:
             d.callback(None)
         else:
-            self._ready.append(d)
+            self._waiting_ready.append(d)
         return d
+
+    def subscribe(self, listener: Callable[[], object]) -> None:
+        """Call ``listener()`` whenever the set of AVAILABLE model versions changes."""
+        self._listeners.append(listener)
+
+    def served(self) -> frozenset[tuple[str, int]]:
+        """(model, version) of every AVAILABLE version."""
+        return frozenset(
+            (name, number)
+            for name, versions in self.versions.items()
+            for number, v in versions.items()
+            if v.state == AVAILABLE
+        )
 
     def queues(self) -> list[BatchingQueue]:
         return [
@@ -176,92 +368,325 @@ class ModelRepository(Service):
             for q in v.queues.values()
         ]
 
+    # -- configuration --------------------------------------------------------------------------
+
+    def apply(self, models: Sequence[ModelConfig]) -> None:
+        """Serve ``models`` from now on: load added ones, unload removed ones, re-apply policies.
+
+        A model whose base path changed is unloaded and loaded again from the new path.
+        """
+        wanted = {m.name: m for m in models}
+        changed = []
+        for name in list(self.configs):
+            if name not in wanted:
+                log.info("model {name}: removed from the config; unloading", name=name)
+                del self.configs[name]
+                self._required.discard(name)
+                changed.append(name)
+        for name, config in wanted.items():
+            old = self.configs.get(name)
+            if old == config:
+                continue
+            if old is None:
+                log.info("model {name}: added ({path})", name=name, path=config.base_path)
+                self.versions.setdefault(name, {})
+            elif old.base_path != config.base_path:
+                self._forget_scans(name)
+            self.configs[name] = config
+            changed.append(name)
+        for name in changed:
+            self._reconcile(name)
+        added = [n for n in changed if n in self.configs]
+        if added and self.running and self._poll_wait >= 0:
+            self._start_scan(added)
+
+    def rescan(self) -> None:
+        """Scan every model's folders now (SIGHUP), whatever the poll interval."""
+        if self.running and self._poll_wait >= 0:
+            self._poll()
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        loads = [
-            Deferred.fromCoroutine(self._load_model(config)) for config in self.configs.values()
-        ]
-        DeferredList(loads).addCallback(lambda _: self._loaded_all())
+        self._freeze()  # before any model loads: see service.memory
+        if self._scan == self._scan_in_pool:  # not injected: scan on a thread of our own
+            self._scan_pool = ThreadPool(1, 1, "model-scan")
+            self._scan_pool.start()
+        if self._poll_wait > 0:
+            self._poller = LoopingCall(self._poll)
+            self._poller.clock = self._reactor
+            self._poller.start(self._poll_wait, now=True)
+        elif self._poll_wait == 0:
+            self._poll()
+        else:
+            log.warn("--file_system_poll_wait_seconds < 0: model folders are never scanned")
 
     def stopService(self) -> Deferred:
         super().stopService()
-        return Deferred.fromCoroutine(self._unload_all())
+        return Deferred.fromCoroutine(self._stop())
 
-    async def _load_model(self, config: ModelConfig) -> None:
-        try:
-            versions = find_versions(config.base_path)
-        except ServingError as e:
-            log.error("model {name}: {error}", name=config.name, error=e)
-            return
-        if not versions:
+    async def _stop(self) -> None:
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        for versions in self.versions.values():
+            for version in versions.values():
+                if version.retry is not None and version.retry.active():
+                    version.retry.cancel()
+                version.retry = None
+        while self._busy:  # loads finish (and see the service stopped); unloads finish
+            await DeferredList(list(self._busy))
+        unloads = [
+            Deferred.fromCoroutine(self._unload(version))
+            for versions in self.versions.values()
+            for version in list(versions.values())
+            if version.state == AVAILABLE
+        ]
+        await DeferredList(unloads)
+        if self._scan_pool is not None:
+            self._scan_pool.stop()
+            self._scan_pool = None
+
+    # -- scanning -------------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        self._start_scan(list(self.configs))
+
+    def _start_scan(self, names: list[str]) -> None:
+        for name in names:
+            config = self.configs.get(name)
+            if config is None:
+                continue
+            d = self._scan(scan_model, config.base_path)
+            d.addCallbacks(
+                partial(self._scanned, name, config.base_path),
+                partial(self._scan_failed, name, config.base_path),
+            )
+            d.addErrback(lambda f: log.failure("scanning models failed", f))
+
+    def _scan_in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        assert self._scan_pool is not None
+        return deferToThreadPool(self._reactor, self._scan_pool, f, *args)
+
+    def _scan_failed(self, name: str, base_path: Path, failure: Any) -> None:
+        failure.trap(ServingError, OSError)
+        message = str(failure.value)
+        if self._scan_errors.get(name) != message:  # log a lasting problem once, not every poll
+            log.error("model {name}: {error}", name=name, error=message)
+            self._scan_errors[name] = message
+        # The folders that were there stay aspired: an unreadable base path (a network file
+        # system hiccup) must not unload what serves.
+
+    def _scanned(self, name: str, base_path: Path, found: dict[int, VersionFolder]) -> None:
+        config = self.configs.get(name)
+        if config is None or config.base_path != base_path or not self.running:
+            return  # removed or moved while we scanned
+        if self._scan_errors.pop(name, None) is not None:
+            log.info("model {name}: {path} readable again", name=name, path=base_path)
+        if not found and name not in self._scans:
             log.error(
-                "model {name}: no numeric version folder in {path}",
-                name=config.name,
-                path=config.base_path,
+                "model {name}: no numeric version folder in {path}", name=name, path=base_path
             )
-            return
-        await self._load_version(config, versions[-1])
+        ready = ready_versions(found, self._scans.get(name), self._ready.get(name, {}))
+        self._scans[name] = found
+        self._ready[name] = ready
+        self._reconcile(name)
 
-    async def _load_version(self, config: ModelConfig, number: int) -> None:
-        version = LoadedVersion(config.name, number)
-        self.versions[config.name][number] = version
-        params = config.batching
-        pool = ThreadPool(
-            params.num_batch_threads, params.num_batch_threads, f"inference-{config.name}-{number}"
+    def _forget_scans(self, name: str) -> None:
+        self._scans.pop(name, None)
+        self._ready.pop(name, None)
+        self._scan_errors.pop(name, None)
+
+    # -- reconciling what is loaded with what is aspired ----------------------------------------
+
+    def _reconcile(self, name: str) -> None:
+        if not self.running:
+            return
+        config = self.configs.get(name)
+        versions = self.versions.get(name, {})
+        folders = self._ready.get(name, {}) if config is not None else {}
+        aspired = config.policy.select(folders) if config is not None else set()
+        for number in sorted(aspired, reverse=True):
+            folder = folders[number]
+            current = versions.get(number)
+            if current is None:
+                self._start_load(name, folder)
+            elif current.path != folder.path and current.state == AVAILABLE:
+                self._start_unload(current)  # the base path moved: reload from the new one
+            elif current.state == END and (
+                not current.error or current.fingerprint != folder.fingerprint
+            ):
+                self._start_load(name, folder)  # unloaded before, or failed and then replaced
+        serving = any(
+            versions[n].state == AVAILABLE and versions[n].path == folders[n].path
+            for n in aspired
+            if n in versions
         )
-        pool.start()
-        version.pool = pool
-        path = config.base_path / str(number)
-        log.info("model {name} version {v}: loading {path}", name=config.name, v=number, path=path)
+        # A label moved to a version that is not AVAILABLE yet keeps serving from the version it
+        # served before: that one stays loaded until the label's new version is.
+        pinned = set()
+        if config is not None:
+            for label, number in config.labels.items():
+                if number not in versions or versions[number].state != AVAILABLE:
+                    pinned.add(self._label_targets.get(name, {}).get(label))
+        for number, version in list(versions.items()):
+            if number in aspired or number in pinned:
+                continue
+            if version.retry is not None:  # a failed load waiting to retry: no longer wanted
+                version.retry.cancel()
+                version.retry, version.state = None, END
+            elif version.state == AVAILABLE and (config is None or serving or not aspired):
+                self._start_unload(version)
+        if config is None and all(v.state == END for v in versions.values()):
+            self.versions.pop(name, None)
+            self._label_targets.pop(name, None)
+            self._forget_scans(name)
+        self._changed()
+
+    def _start_load(self, name: str, folder: VersionFolder) -> None:
+        config = self.configs[name]
+        version = self.versions[name].get(folder.number)
+        if version is None or version.state == END and version.fingerprint != folder.fingerprint:
+            attempts = 0
+        else:
+            attempts = version.attempts
+        version = LoadedVersion(
+            name, folder.number, path=folder.path, fingerprint=folder.fingerprint, attempts=attempts
+        )
+        self.versions[name][folder.number] = version
+        self._track(Deferred.fromCoroutine(self._load_version(config, version)))
+
+    def _start_unload(self, version: LoadedVersion) -> None:
+        self._track(Deferred.fromCoroutine(self._unload(version)))
+
+    def _track(self, d: Deferred) -> None:
+        self._busy.add(d)
+
+        def done(result: object) -> object:
+            self._busy.discard(d)
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: log.failure("model lifecycle step failed", f))
+
+    async def _load_version(self, config: ModelConfig, version: LoadedVersion) -> None:
+        name, number, path = config.name, version.version, version.path
+        params = config.batching
+        threads = self._make_threads(params.num_batch_threads, f"inference-{name}-{number}")
+        version.threads = threads
+        log.info("model {name} version {v}: loading {path}", name=name, v=number, path=path)
         try:
-            servable = await deferToThreadPool(
-                self._reactor, pool, self._load, config.name, number, path
-            )
-            await deferToThreadPool(
-                self._reactor, pool, servable.warm_up, params.allowed_batch_sizes
-            )
-        except Exception as e:  # any load failure is reported in the status, not raised
-            log.failure("model {name} version {v} failed to load", name=config.name, v=number)
-            version.state, version.error = END, f"{type(e).__name__}: {e}"
-            pool.stop()
-            version.pool = None
+            servable = await threads.run(self._load, name, number, path)
+            await threads.run(servable.warm_up, params.allowed_batch_sizes)
+        except Exception as e:  # any load failure goes to the status and is retried, not raised
+            threads.stop()
+            version.threads = None
+            self._load_failed(config, version, e)
+            return
+        if not self.running:  # stopping: the server will not serve it
+            await threads.run(_close, servable)
+            threads.stop()
+            version.state, version.threads = END, None
             return
         for key in servable.signatures:
             queue = BatchingQueue(
                 partial(servable.run, key),
                 params,
                 clock=self._reactor,
-                executor=lambda f, *args: deferToThreadPool(self._reactor, pool, f, *args),
-                observer=self._metrics.batch_observer(config.name, number, key),
+                executor=threads.run,
+                observer=self._metrics.batch_observer(name, number, key),
             )
-            self._metrics.watch_queue(config.name, number, key, queue)
+            self._metrics.watch_queue(name, number, key, queue)
             version.queues[key] = queue
-        version.servable, version.state = servable, AVAILABLE
-        log.info("model {name} version {v}: AVAILABLE", name=config.name, v=number)
+        version.servable, version.state, version.error = servable, AVAILABLE, ""
+        version.attempts = 0
+        log.info("model {name} version {v}: AVAILABLE", name=name, v=number)
+        self._reconcile(name)  # unloads what this version replaces
         self._check_ready()
 
-    def _loaded_all(self) -> None:
-        # TensorFlow leaves ~300k long-lived objects behind; freezing them keeps every later
-        # garbage collection (triggered by parsing large request bodies) from rescanning them.
-        gc.collect()
-        gc.freeze()
+    def _load_failed(self, config: ModelConfig, version: LoadedVersion, error: Exception) -> None:
+        version.attempts += 1
+        reason = f"{type(error).__name__}: {error}"
+        total = self._max_retries + 1
+        if version.attempts < total and self.running:
+            delay = self._retry_backoff.delay(version.attempts - 1, self._rng)
+            version.error = (
+                f"load attempt {version.attempts} of {total} failed: {reason}; "
+                f"retrying in {delay:.0f} s"
+            )
+            version.retry = self._reactor.callLater(delay, self._retry, version)
+        else:
+            version.state = END
+            version.error = f"failed to load after {version.attempts} attempts: {reason}"
+        log.critical(
+            "model {name} version {v} failed to load from {path}: {error}",
+            name=config.name,
+            v=version.version,
+            path=version.path,
+            error=version.error,
+        )
+        self._changed()
+
+    def _retry(self, version: LoadedVersion) -> None:
+        version.retry = None
+        folder = self._ready.get(version.name, {}).get(version.version)
+        if folder is None or version.name not in self.configs:
+            version.state = END
+            self._reconcile(version.name)
+            return
+        self._start_load(version.name, folder)
+
+    async def _unload(self, version: LoadedVersion) -> None:
+        if version.state != AVAILABLE:
+            return
+        name, number = version.name, version.version
+        version.state = UNLOADING
+        log.info("model {name} version {v}: UNLOADING", name=name, v=number)
+        self._changed()
+        await version.released()
+        for queue in version.queues.values():
+            await queue.drain()
+        for key in version.queues:
+            self._metrics.forget(name, number, key)
+        servable, threads = version.servable, version.threads
+        version.servable, version.queues, version.threads = None, {}, None
+        if threads is not None:
+            await threads.run(_close, servable)
+            threads.stop()
+        del servable
+        version.state = END
+        self._release_memory()
+        log.info("model {name} version {v}: END (unloaded)", name=name, v=number)
+        self._reconcile(name)
+
+    # -- notifications --------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        for name, config in self.configs.items():
+            versions = self.versions.get(name, {})
+            targets = self._label_targets.setdefault(name, {})
+            for label, number in config.labels.items():
+                if number in versions and versions[number].state == AVAILABLE:
+                    targets[label] = number
+            if any(v.state == AVAILABLE for v in versions.values()):
+                self._required.add(name)
+        served = self.served()
+        if served != self._served:
+            self._served = served
+            for listener in list(self._listeners):
+                try:
+                    listener()
+                except Exception:  # a listener's bug must not stop the lifecycle
+                    log.failure("model set listener failed")
 
     def _check_ready(self) -> None:
         if self.ready:
-            waiters, self._ready = self._ready, []
+            waiters, self._waiting_ready = self._waiting_ready, []
             for d in waiters:
                 d.callback(None)
 
-    async def _unload_all(self) -> None:
-        for versions in self.versions.values():
-            for version in versions.values():
-                if version.state != AVAILABLE:
-                    continue
-                version.state = UNLOADING
-                for queue in version.queues.values():
-                    await queue.drain()
-                if version.pool is not None:
-                    version.pool.stop()
-                version.state, version.servable, version.queues = END, None, {}
+
+def _close(servable: Any) -> None:
+    close = getattr(servable, "close", None)
+    if close is not None:
+        close()

@@ -1,7 +1,7 @@
 """One loaded model version, and the only module of the request path that imports TensorFlow.
 
 Every method here blocks and must run on the servable's own inference thread
-(``service.repository`` sees to that): loading, warming up and running.
+(``service.repository`` sees to that): loading, warming up, running and closing.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Servable:
     signature_defs: Mapping[str, Any]  # the SignatureDef protos as TF Serving's metadata JSON
     labels: tuple[str, ...] | None
     _functions: Mapping[str, Any]
-    _loaded: Any  # keeps the restored object (and its variables) alive
+    _loaded: Any  # keeps the restored object (and its variables) alive; None once closed
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> Servable:
@@ -94,12 +94,37 @@ class Servable:
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one (batched) call of a signature. Blocking: inference thread only."""
-        fn = self._functions[signature_name]
+        fn = self._open_functions()[signature_name]
         try:
             outputs = fn(**{name: tf.constant(value) for name, value in inputs.items()})
         except tf.errors.InvalidArgumentError as e:
             raise InvalidArgument(e.message) from None
         return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+    def close(self) -> None:
+        """Drop every TensorFlow object of this version, so that unloading it frees its memory.
+
+        Whoever still holds the servable afterwards (a batching queue, a request in flight)
+        then keeps only plain data: the signatures, signature defs and labels stay readable,
+        ``run`` raises FailedPrecondition. The restored object and its functions hold
+        reference cycles, so their memory returns at the next ``gc.collect`` (see
+        ``service.memory.release_memory``). Idempotent. Call once no call is running.
+        """
+        self._loaded = None  # first: run() checks it after reading _functions
+        self._functions = {}
+
+    @property
+    def closed(self) -> bool:
+        return self._loaded is None
+
+    def _open_functions(self) -> Mapping[str, Any]:
+        """The callables to run, or FailedPrecondition once closed."""
+        functions = self._functions  # read before the check, so a concurrent close() is seen
+        if self._loaded is None:
+            raise FailedPrecondition(
+                f"model {self.name!r} version {self.version} is unloaded: it runs no more calls"
+            )
+        return functions
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
         """Run every batchable signature once per batch size, so no request pays the first call."""

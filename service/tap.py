@@ -1,10 +1,11 @@
 """``twistd inference``: command-line options and the service tree they build.
 
 Options follow TensorFlow Serving's flag names (``--rest_api_port``,
-``--model_name``, ``--model_base_path``, ``--enable_batching``,
-``--batching_parameters_file``) so a TF Serving command line moves over
-unchanged; ``--listen`` takes any Twisted endpoint string instead of a port.
-This module imports no TensorFlow: ``twistd inference --help`` stays fast.
+``--model_name``, ``--model_base_path``, ``--model_config_file``,
+``--enable_batching``, ``--batching_parameters_file``, the poll waits) so a TF
+Serving command line moves over unchanged; ``--listen`` takes any Twisted
+endpoint string instead of a port. This module imports no TensorFlow:
+``twistd inference --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from discovery.consul import ConsulAddress
@@ -26,6 +28,9 @@ from service.batching_config import (
     batching_for_model,
     load_batching_parameters,
 )
+from service.model_config import ModelConfig, ModelConfigError, load_model_config
+
+log = Logger()
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # As service.images.DEFAULT_MAX_IMAGE_PIXELS; not imported, to keep Pillow out of --help.
@@ -51,9 +56,15 @@ class ServerConfig:
     """Everything ``makeService`` needs, validated; built from Options, testable as plain data."""
 
     listen: str
-    model_name: str
-    model_base_path: Path
-    batching: BatchingParameters
+    models: tuple[ModelConfig, ...]  # with each model's batching parameters resolved
+    batching: (
+        BatchingParameters  # the server-wide ones (--enable_batching, --batching_parameters_file)
+    )
+    model_config_file: Path | None = None
+    model_config_file_poll_wait: float = 0.0
+    file_system_poll_wait: float = 1.0
+    max_load_retries: int = 5
+    load_retry_interval: float = 60.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     discovery: DiscoveryConfig | None = None
     overload_fraction: float = 0.8
@@ -88,10 +99,16 @@ def _number(flag: str):
 
 
 class Options(usage.Options):
-    synopsis = "--model_base_path=DIR [--model_name=NAME] [--rest_api_port=8501 | --listen=ENDPOINT] [options]"
+    synopsis = (
+        "(--model_base_path=DIR [--model_name=NAME] | --model_config_file=FILE) "
+        "[--rest_api_port=8501 | --listen=ENDPOINT] [options]"
+    )
     longdesc = (
-        "Serve a TensorFlow SavedModel (TF Serving's versioned layout: DIR/1/, DIR/2/, …; the highest "
-        "version is served) over TensorFlow Serving's REST API. Flags are named as TF Serving's."
+        "Serve TensorFlow SavedModels (TF Serving's versioned layout: DIR/1/, DIR/2/, …) over "
+        "TensorFlow Serving's REST API: one model (--model_base_path; the highest version is "
+        "served), or the models, version policies and labels of a TF Serving model config file. "
+        "New version folders are picked up while serving; SIGHUP reloads the config file at once. "
+        "Flags are named as TF Serving's."
     )
     optParameters = [
         [
@@ -117,6 +134,42 @@ class Options(usage.Options):
             "batching_parameters.txt overrides it for that model.",
         ],
         ["model_base_path", None, None, "Folder holding the model's numeric version folders."],
+        [
+            "model_config_file",
+            None,
+            None,
+            "TF Serving's ModelServerConfig text-proto (model_config_list: names, base paths, version "
+            "policies, labels), instead of --model_name/--model_base_path.",
+        ],
+        [
+            "model_config_file_poll_wait_seconds",
+            None,
+            0.0,
+            "Seconds between re-reads of --model_config_file (0: only at start and on SIGHUP).",
+            _number("model_config_file_poll_wait_seconds"),
+        ],
+        [
+            "file_system_poll_wait_seconds",
+            None,
+            1.0,
+            "Seconds between scans of the model folders for new versions (0: scan once at start, "
+            "negative: never scan).",
+            _number("file_system_poll_wait_seconds"),
+        ],
+        [
+            "max_num_load_retries",
+            None,
+            5,
+            "Times a version that failed to load is tried again (with backoff) before it is given up.",
+            _integer("max_num_load_retries"),
+        ],
+        [
+            "load_retry_interval_micros",
+            None,
+            60_000_000,
+            "Microseconds before the first retry of a failed load; doubles per retry, up to 8 times it.",
+            _integer("load_retry_interval_micros"),
+        ],
         [
             "max_request_bytes",
             None,
@@ -245,28 +298,34 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         raise usage.UsageError(f"--rest_api_port must be between 0 and 65535, not {port}")
     if listen is None:
         listen = f"tcp:{8501 if port is None else port}"
-    base = opts.get("model_base_path")
-    if not base:
-        raise usage.UsageError(
-            "--model_base_path is required: the folder holding version folders 1/, 2/, …"
-        )
-    base_path = Path(base).expanduser().resolve()
-    if not base_path.is_dir():
-        raise usage.UsageError(f"--model_base_path {base} is not a folder")
-    name = opts.get("model_name") or "default"
-    if "/" in name or ":" in name:
-        raise usage.UsageError(f"--model_name {name!r} may not contain '/' or ':'")
-    max_bytes = opts.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
-    if max_bytes <= 0:
-        raise usage.UsageError("--max_request_bytes must be positive")
     batching = BatchingParameters(enabled=bool(opts.get("enable_batching")))
     if opts.get("batching_parameters_file"):
         if not batching.enabled:
             raise usage.UsageError("--batching_parameters_file needs --enable_batching")
         batching = _load_batching(Path(opts["batching_parameters_file"]))
-    _load_batching_for_model(
-        base_path, batching
-    )  # fail at start-up, not at load, on a bad model file
+    config_file = opts.get("model_config_file")
+    if config_file:
+        if opts.get("model_base_path"):
+            raise usage.UsageError("give --model_config_file or --model_base_path, not both")
+        config_path = Path(config_file).expanduser().resolve()
+        try:
+            models = read_models(config_path, batching)
+        except ModelConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if not models:
+            raise usage.UsageError(f"--model_config_file {config_file} configures no model")
+    else:
+        config_path = None
+        models = [_single_model(opts, batching)]
+    max_bytes = opts.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
+    if max_bytes <= 0:
+        raise usage.UsageError("--max_request_bytes must be positive")
+    if opts.get("model_config_file_poll_wait_seconds", 0) < 0:
+        raise usage.UsageError("--model_config_file_poll_wait_seconds must be 0 or more")
+    if opts.get("max_num_load_retries", 5) < 0:
+        raise usage.UsageError("--max_num_load_retries must be 0 or more")
+    if opts.get("load_retry_interval_micros", 1) <= 0:
+        raise usage.UsageError("--load_retry_interval_micros must be positive")
     for flag in (
         "consul_check_interval",
         "consul_ttl",
@@ -287,15 +346,21 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         if opts.get(flag, 1) <= 0:
             raise usage.UsageError(f"--{flag} must be positive")
     default_model = opts.get("default_model") or None
-    if default_model is not None and default_model != name:
+    names = [m.name for m in models]
+    if default_model is not None and default_model not in names:
         raise usage.UsageError(
-            f"--default_model {default_model!r} is not a served model; this server serves {name!r}"
+            f"--default_model {default_model!r} is not a served model; this server serves "
+            + ", ".join(repr(n) for n in names)
         )
     return ServerConfig(
         listen=listen,
-        model_name=name,
-        model_base_path=base_path,
+        models=tuple(models),
         batching=batching,
+        model_config_file=config_path,
+        model_config_file_poll_wait=opts.get("model_config_file_poll_wait_seconds", 0.0),
+        file_system_poll_wait=opts.get("file_system_poll_wait_seconds", 1.0),
+        max_load_retries=opts.get("max_num_load_retries", 5),
+        load_retry_interval=opts.get("load_retry_interval_micros", 60_000_000) / 1e6,
         max_request_bytes=max_bytes,
         discovery=_discovery_config(opts, listen),
         overload_fraction=fraction,
@@ -365,22 +430,50 @@ def _load_batching(path: Path) -> BatchingParameters:
         raise usage.UsageError(str(e)) from None
 
 
-def _load_batching_for_model(base_path: Path, batching: BatchingParameters) -> BatchingParameters:
-    try:
-        return batching_for_model(base_path, batching)
+def _single_model(opts: dict[str, Any], batching: BatchingParameters) -> ModelConfig:
+    """The one model of --model_name/--model_base_path (TF Serving: latest version, no labels)."""
+    base = opts.get("model_base_path")
+    if not base:
+        raise usage.UsageError(
+            "--model_base_path (the folder holding version folders 1/, 2/, …) or "
+            "--model_config_file is required"
+        )
+    base_path = Path(base).expanduser().resolve()
+    if not base_path.is_dir():
+        raise usage.UsageError(f"--model_base_path {base} is not a folder")
+    name = opts.get("model_name") or "default"
+    if "/" in name or ":" in name:
+        raise usage.UsageError(f"--model_name {name!r} may not contain '/' or ':'")
+    try:  # fail at start-up, not at load, on a bad batching_parameters.txt
+        return ModelConfig(name, base_path, batching=batching_for_model(base_path, batching))
     except BatchingConfigError as e:
         raise usage.UsageError(str(e)) from None
+
+
+def read_models(path: Path, batching: BatchingParameters) -> list[ModelConfig]:
+    """The models of a config file, each with its batching parameters (a model folder's own
+    batching_parameters.txt, else the server's); every problem is a ModelConfigError."""
+    models = load_model_config(
+        path, warn=lambda message: log.warn("{path}: {message}", path=path, message=message)
+    )
+    try:
+        return [attrs.evolve(m, batching=batching_for_model(m.base_path, batching)) for m in models]
+    except BatchingConfigError as e:
+        raise ModelConfigError(str(e)) from None
 
 
 def makeService(options: Options) -> MultiService:
     """Build the service tree, started in this order and stopped in reverse, one at a time:
 
-    1. the model repository (loads models on inference threads; readiness says 503 until done),
-    2. the image decoder's thread pool (stops after the port has drained, so no upload is left
+    1. the model repository (scans the model folders and loads on inference threads;
+       readiness says 503 until the models are AVAILABLE),
+    2. the config file reloader (--model_config_file: re-read on a timer and on SIGHUP),
+    3. the image decoder's thread pool (stops after the port has drained, so no upload is left
        waiting on it),
-    3. the HTTP port (on stop: close, then wait for requests in flight),
-    4. the Consul registration, once models are loaded and the port listens (on stop: leave
-       Consul first, then wait --drain_delay so clients notice before the port closes).
+    4. the HTTP port (on stop: close, then wait for requests in flight),
+    5. the Consul registration, once models are loaded and the port listens (on stop: leave
+       Consul first, then wait --drain_delay so clients notice before the port closes); its
+       tags follow the set of AVAILABLE model versions.
     """
     # The composition root is the one place that picks the global reactor.
     from twisted.internet import reactor
@@ -389,21 +482,19 @@ def makeService(options: Options) -> MultiService:
     from service.images import ImageDecoder
     from service.lifecycle import AfterReady, HTTPPort, OrderedServices
     from service.metrics import Metrics
-    from service.repository import ModelConfig, ModelRepository
+    from service.reload import ConfigReloader
+    from service.repository import ModelRepository
 
     config: ServerConfig = options.config
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads)
     metrics = Metrics()
     repository = ModelRepository(
-        [
-            ModelConfig(
-                config.model_name,
-                config.model_base_path,
-                batching_for_model(config.model_base_path, config.batching),
-            )
-        ],
+        config.models,
         reactor=reactor,
         metrics=metrics,
+        file_system_poll_wait=config.file_system_poll_wait,
+        max_load_retries=config.max_load_retries,
+        load_retry_interval=config.load_retry_interval,
     )
     images = ImageDecoder(
         reactor=reactor,
@@ -422,19 +513,32 @@ def makeService(options: Options) -> MultiService:
     port = HTTPPort(serverFromString(reactor, config.listen), site, site.in_flight, reactor=reactor)
     top = OrderedServices()
     repository.setServiceParent(top)
+    if config.model_config_file is not None:
+        reloader = ConfigReloader(
+            config.model_config_file,
+            lambda path: read_models(path, config.batching),
+            repository.apply,
+            reactor=reactor,
+            poll_wait=config.model_config_file_poll_wait,
+            rescan=repository.rescan,
+        )
+        reloader.started_with(config.models)
+        reloader.setServiceParent(top)
     images.setServiceParent(top)
     port.setServiceParent(top)
     if config.discovery is not None:
         discovery = config.discovery
 
         def registration(listening: Any) -> Any:
-            return make_registration(
+            registration = make_registration(
                 discovery,
                 repository,
                 listening.getHost().port,
                 config.inference_stall_seconds,
                 reactor,
             )
+            repository.subscribe(lambda: registration.update(*model_tags(repository)))
+            return registration
 
         def ready() -> Any:
             return repository.when_ready().addCallback(lambda _: port.listening)
@@ -455,14 +559,19 @@ def configure_tensorflow(intra: int, inter: int) -> None:
 
 
 def model_tags(repository: Any) -> tuple[list[str], dict[str, str]]:
-    """Consul tags and meta naming every served model and AVAILABLE version."""
+    """Consul tags and meta naming every model with an AVAILABLE version, and those versions.
+
+    A model still loading (or only failing) is not announced: clients choosing backends by
+    ``model:NAME`` would otherwise send it requests it can only answer with 503.
+    """
     tags, served = ["api:tfserving-rest"], []
     for name, versions in sorted(repository.versions.items()):
-        tags.append(f"model:{name}")
-        for number, version in sorted(versions.items()):
-            if version.state == "AVAILABLE":
-                tags.append(f"model:{name}:{number}")
-                served.append(f"{name}:{number}")
+        available = sorted(n for n, v in versions.items() if v.state == "AVAILABLE")
+        if available:
+            tags.append(f"model:{name}")
+        for number in available:
+            tags.append(f"model:{name}:{number}")
+            served.append(f"{name}:{number}")
     return tags, {"api": "tfserving-rest", "models": ",".join(served)}
 
 

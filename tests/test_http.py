@@ -52,8 +52,10 @@ def double(inputs):
 SMALL_BATCHES = BatchingParameters(max_batch_size=4)
 
 
-def make_api(executor=maybeDeferred, params=SMALL_BATCHES):
-    repository = ModelRepository([ModelConfig("m", Path("/nonexistent"))], reactor=Clock())
+def make_api(executor=maybeDeferred, params=SMALL_BATCHES, labels=None):
+    repository = ModelRepository(
+        [ModelConfig("m", Path("/nonexistent"), labels=labels or {})], reactor=Clock()
+    )
     version = LoadedVersion("m", 3, state=AVAILABLE, servable=FakeServable())  # type: ignore[arg-type]
     metrics = Metrics()
     version.queues["serving_default"] = BatchingQueue(
@@ -129,6 +131,28 @@ def test_unknown_model_version_and_label() -> None:
         treq, "POST", "/v1/models/m/labels/stable:predict", b'{"instances": [[1, 2]]}'
     )
     assert response.code == 400 and "stable" in doc["error"]
+
+
+def test_version_labels_route_predict_metadata_and_status() -> None:
+    """/labels/{label} works wherever /versions/{v} does; an unknown label is a 400 listing the
+    labels there are, and one pointing at a version that is not loaded a 400 saying so."""
+    _, treq, _ = make_api(labels={"stable": 3, "old": 1})
+    response, doc = call(
+        treq, "POST", "/v1/models/m/labels/stable:predict", b'{"instances": [[1, 2]]}'
+    )
+    assert response.code == 200 and doc == {"predictions": [[2.0, 4.0]]}
+    response, doc = call(treq, "GET", "/v1/models/m/labels/stable/metadata")
+    assert response.code == 200 and doc["model_spec"]["version"] == "3"
+    response, doc = call(treq, "GET", "/v1/models/m/labels/stable")
+    assert response.code == 200 and doc["model_version_status"][0]["version"] == "3"
+    response, doc = call(treq, "GET", "/v1/models/m/labels/beta/metadata")
+    assert response.code == 400
+    assert doc["error"].startswith("Unrecognized servable version label: beta")
+    assert "old, stable" in doc["error"]
+    response, doc = call(
+        treq, "POST", "/v1/models/m/labels/old:predict", b'{"instances": [[1, 2]]}'
+    )
+    assert response.code == 400 and "points at version 1, which is not loaded" in doc["error"]
 
 
 def test_malformed_paths_are_400() -> None:

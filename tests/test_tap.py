@@ -8,6 +8,7 @@ import sys
 import pytest
 from twisted.python import usage
 
+from service.model_config import VersionPolicy
 from service.tap import Options, _advertised
 from tests.server import TWISTD
 
@@ -27,9 +28,45 @@ def test_tf_serving_flags_build_the_config(tmp_path) -> None:
         "--enable_batching",
     ).config
     assert config.listen == "tcp:9000"
-    assert config.model_name == "digits"
-    assert config.model_base_path == tmp_path.resolve()
-    assert config.batching.enabled
+    ((model),) = config.models
+    assert (model.name, model.base_path) == ("digits", tmp_path.resolve())
+    assert model.policy == VersionPolicy("latest", num_versions=1)
+    assert config.batching.enabled and model.batching.enabled
+    assert config.model_config_file is None
+
+
+def test_a_model_config_file_configures_several_models(tmp_path) -> None:
+    """--model_config_file brings TF Serving's models, policies and labels, with each model's
+    own batching_parameters.txt, and the poll/retry flags land in the config."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "batching_parameters.txt").write_text("max_batch_size { value: 8 }\n")
+    config_file = tmp_path / "models.config"
+    config_file.write_text(
+        f"""model_config_list {{
+          config {{ name: 'a' base_path: '{tmp_path / "a"}' model_platform: 'tensorflow'
+                   model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+                   version_labels {{ key: 'stable' value: 1 }} }}
+          config {{ name: 'b' base_path: '{tmp_path / "b"}' model_platform: 'tensorflow' }}
+        }}"""
+    )
+    config = parse(
+        f"--model_config_file={config_file}",
+        "--enable_batching",
+        "--model_config_file_poll_wait_seconds=30",
+        "--file_system_poll_wait_seconds=5",
+        "--max_num_load_retries=2",
+        "--load_retry_interval_micros=500000",
+        "--default_model=b",
+    ).config
+    a, b = config.models
+    assert a.name == "a" and a.policy == VersionPolicy("specific", versions=frozenset({1, 2}))
+    assert dict(a.labels) == {"stable": 1}
+    assert a.batching.max_batch_size == 32 and b.batching.max_batch_size == 8
+    assert config.model_config_file == config_file.resolve()
+    assert (config.model_config_file_poll_wait, config.file_system_poll_wait) == (30, 5)
+    assert (config.max_load_retries, config.load_retry_interval) == (2, 0.5)
+    assert config.default_model == "b"
 
 
 def test_listen_takes_an_endpoint_string(tmp_path) -> None:
@@ -44,7 +81,12 @@ def test_listen_takes_an_endpoint_string(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ((), "--model_base_path is required"),
+        ((), "--model_base_path .* or --model_config_file is required"),
+        (("--model_base_path={tmp}", "--model_config_file={tmp}/m.config"), "not both"),
+        (("--model_config_file={tmp}/missing.config",), "cannot read"),
+        (("--model_base_path={tmp}", "--default_model=other"), "not a served model"),
+        (("--model_base_path={tmp}", "--max_num_load_retries=-1"), "0 or more"),
+        (("--model_base_path={tmp}", "--model_config_file_poll_wait_seconds=-1"), "0 or more"),
         (("--model_base_path=/nonexistent/x",), "is not a folder"),
         (("--model_base_path={tmp}", "--rest_api_port=70000"), "between 0 and 65535"),
         (("--model_base_path={tmp}", "--rest_api_port=1", "--listen=tcp:2"), "not both"),
@@ -105,3 +147,22 @@ def test_bad_discovery_flags_are_usage_errors(tmp_path, args, message) -> None:
     """Consul flags that cannot work stop start-up with a message naming the flag."""
     with pytest.raises(usage.UsageError, match=message):
         parse(f"--model_base_path={tmp_path}", *args)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model_config_list { config { nmae: 'a' base_path: '/x' } }", 'no field named "nmae"'),
+        (
+            "model_config_list { config { name: 'a' base_path: '/x' model_platform: 'pytorch' } }",
+            "model_platform",
+        ),
+        ("model_config_list { }", "configures no model"),
+    ],
+)
+def test_a_bad_model_config_file_stops_start_up_naming_the_field(tmp_path, text, message) -> None:
+    """A config file TF Serving would refuse stops start-up with the field named."""
+    config_file = tmp_path / "models.config"
+    config_file.write_text(text)
+    with pytest.raises(usage.UsageError, match=message):
+        parse(f"--model_config_file={config_file}")

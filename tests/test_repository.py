@@ -1,0 +1,375 @@
+"""The model repository's lifecycle, driven synchronously: real folders, fake servables.
+
+Folders are real (``tmp_path``; a version folder is "complete" once it holds a
+saved_model.pb), scans run inline, and each version's threads are ``ManualThreads``
+whose work runs only when the test says so, so every intermediate state (a new
+version LOADING while the old one serves, UNLOADING while a request holds it) can be
+looked at. Time is a ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel
+
+from service.batching import BatchingParameters
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from service.model_config import ModelConfig, VersionPolicy
+from service.repository import AVAILABLE, END, LOADING, UNLOADING, ModelRepository
+from service.signature import Signature, TensorInfo
+
+SIGNATURE = Signature(
+    name="serving_default",
+    inputs={"x": TensorInfo("x", "DT_FLOAT", (None, 1), "x:0")},
+    outputs={"y": TensorInfo("y", "DT_FLOAT", (None, 1), "y:0")},
+    method_name="tensorflow/serving/predict",
+)
+
+
+@attrs.define(eq=False)
+class FakeServable:
+    """Answers x * version, so a test sees which version answered."""
+
+    name: str
+    version: int
+    path: Path
+    signatures: dict = attrs.Factory(lambda: {"serving_default": SIGNATURE})
+    labels: Any = None
+    closed: bool = False
+
+    def signature(self, name):
+        return self.signatures[name or "serving_default"]
+
+    def run(self, key, inputs):
+        return {"y": inputs["x"] * self.version}
+
+    def warm_up(self, sizes):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class ManualThreads:
+    """A version's threads whose work runs when the test calls ``work()``."""
+
+    def __init__(self, board: Board) -> None:
+        self.board = board
+        self.stopped = False
+
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self.board.pending.append((f, args, d))
+        return d
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@attrs.define
+class Board:
+    """Everything a test drives: pending thread work, the loader's behaviour, what it made."""
+
+    pending: list = attrs.Factory(list)
+    failing: set = attrs.Factory(set)  # (name, version) whose load raises
+    loaded: list = attrs.Factory(list)
+
+    def load(self, name: str, version: int, path: Path) -> FakeServable:
+        if (name, version) in self.failing:
+            raise OSError(f"{path} is corrupt")
+        servable = FakeServable(name, version, path)
+        self.loaded.append(servable)
+        return servable
+
+    def work(self) -> None:
+        """Run every pending piece of thread work (and what it queues in turn)."""
+        while self.pending:
+            f, args, d = self.pending.pop(0)
+            maybeDeferred(f, *args).chainDeferred(d)
+
+
+def version_folder(base: Path, number: int, *, complete: bool = True) -> Path:
+    folder = base / str(number)
+    (folder / "variables").mkdir(parents=True, exist_ok=True)
+    (folder / "variables" / "variables.data-00000-of-00001").write_bytes(b"w" * number)
+    if complete:
+        (folder / "saved_model.pb").write_bytes(b"graph")
+        (folder / "variables" / "variables.index").write_bytes(b"index")
+    return folder
+
+
+@attrs.define
+class Harness:
+    repository: ModelRepository
+    board: Board
+    clock: Clock
+    released: list
+
+    def scan(self) -> None:
+        """One file system poll, and the loads it starts."""
+        self.clock.advance(1)
+        self.board.work()
+
+    def state(self, name: str = "m") -> dict[int, str]:
+        return {n: v.state for n, v in sorted(self.repository.versions.get(name, {}).items())}
+
+    def predict(self, name: str = "m", **kw: Any) -> float:
+        version = self.repository.lookup(name, **kw)
+        d = version.predict(None, {"x": np.ones((1, 1), np.float32)})
+        self.board.work()
+        return float(_result(d)["y"][0, 0])
+
+
+def _result(d: Deferred) -> Any:
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def start(models: list[ModelConfig], **kw: Any) -> Harness:
+    clock, board, released = Clock(), Board(), []
+    repository = ModelRepository(
+        models,
+        reactor=clock,
+        load=board.load,  # type: ignore[arg-type]
+        make_threads=lambda size, name: ManualThreads(board),
+        scan=lambda f, *args: maybeDeferred(f, *args),
+        release_memory=lambda: released.append(True),
+        freeze=lambda: None,
+        load_retry_interval=10.0,
+        max_load_retries=2,
+        **kw,
+    )
+    repository.startService()
+    board.work()
+    return Harness(repository, board, clock, released)
+
+
+def model(base: Path, name: str = "m", **kw: Any) -> ModelConfig:
+    return ModelConfig(name, base, batching=BatchingParameters(enabled=False), **kw)
+
+
+def test_start_loads_the_highest_complete_version(tmp_path: Path) -> None:
+    """At start the highest complete version folder is loaded, warmed up and made AVAILABLE."""
+    version_folder(tmp_path, 1)
+    version_folder(tmp_path, 2)
+    version_folder(tmp_path, 3, complete=False)
+    h = start([model(tmp_path)])
+    assert h.state() == {2: AVAILABLE}
+    assert h.repository.ready
+    assert h.predict() == 2.0
+
+
+def test_a_new_version_takes_over_only_once_available(tmp_path: Path) -> None:
+    """A new folder is loaded once it is stable; the old version serves until the new is
+    AVAILABLE, then unloads, closes its servable and gives memory back."""
+    version_folder(tmp_path, 1)
+    h = start([model(tmp_path)])
+    version_folder(tmp_path, 2)
+    h.clock.advance(1)  # first sight of 2: it may still be being copied
+    assert h.state() == {1: AVAILABLE}
+    h.clock.advance(1)  # unchanged since: load it (the load waits on ManualThreads)
+    assert h.state() == {1: AVAILABLE, 2: LOADING}
+    assert h.predict() == 1.0
+    h.board.work()
+    assert h.state() == {1: END, 2: AVAILABLE}
+    assert h.predict() == 2.0
+    old = h.board.loaded[0]
+    assert old.version == 1 and old.closed
+    assert h.released == [True]
+
+
+def test_a_folder_still_being_written_is_not_loaded(tmp_path: Path) -> None:
+    """A version folder whose files change between scans, or that lacks its graph, waits."""
+    version_folder(tmp_path, 1)
+    h = start([model(tmp_path)])
+    folder = version_folder(tmp_path, 2, complete=False)
+    h.scan()
+    h.scan()
+    assert h.state() == {1: AVAILABLE}  # no saved_model.pb yet
+    (folder / "saved_model.pb").write_bytes(b"graph")
+    (folder / "variables" / "variables.index").write_bytes(b"index")
+    h.scan()  # complete now, but changed since the last scan
+    assert h.state() == {1: AVAILABLE}
+    data = folder / "variables" / "variables.data-00000-of-00001"
+    data.write_bytes(b"more bytes arrive")
+    h.scan()  # still changing
+    assert h.state() == {1: AVAILABLE}
+    h.scan()  # settled
+    assert h.state() == {1: END, 2: AVAILABLE}
+
+
+def test_a_request_holding_the_old_version_delays_its_unload(tmp_path: Path) -> None:
+    """A request that looked up the old version can still use it while it is UNLOADING; the
+    unload completes only after that request lets go, and new lookups get the new version."""
+    version_folder(tmp_path, 1)
+    h = start([model(tmp_path)])
+    old = h.repository.lookup("m")
+    with old.lease():
+        version_folder(tmp_path, 2)
+        h.scan()
+        h.scan()
+        assert h.state() == {1: UNLOADING, 2: AVAILABLE}
+        assert h.repository.lookup("m").version == 2
+        d = old.predict(None, {"x": np.ones((1, 1), np.float32)})
+        h.board.work()
+        assert _result(d)["y"][0, 0] == 1.0
+        assert not h.board.loaded[0].closed
+    h.board.work()
+    assert h.state() == {1: END, 2: AVAILABLE}
+    assert h.board.loaded[0].closed
+
+
+def test_a_failed_load_is_retried_with_backoff_and_the_old_version_keeps_serving(
+    tmp_path: Path, logs
+) -> None:
+    """A corrupt new version shows its error in the status, is retried after the backoff up to
+    the cap, leaves the old version serving, and is tried again once its folder is replaced."""
+    version_folder(tmp_path, 1)
+    h = start([model(tmp_path)])
+    h.board.failing.add(("m", 2))
+    folder = version_folder(tmp_path, 2)
+    h.scan()
+    h.scan()
+    (status,) = [s for s in h.repository.status("m") if s["version"] == "2"]
+    assert status["state"] == LOADING
+    assert "load attempt 1 of 3 failed: OSError" in status["status"]["error_message"]
+    assert any("failed to load" in m for m in logs.messages(LogLevel.critical, "service"))
+    assert h.predict() == 1.0
+    for _ in range(200):  # well past two backoffs of 10 s (at most 20 s) + polls
+        h.scan()
+    (status,) = [s for s in h.repository.status("m") if s["version"] == "2"]
+    assert status["state"] == END
+    assert status["status"]["error_message"].startswith("failed to load after 3 attempts")
+    assert h.state() == {1: AVAILABLE, 2: END}
+    assert h.predict() == 1.0
+    h.board.failing.clear()
+    (folder / "saved_model.pb").write_bytes(b"a good graph")  # replaced
+    h.scan()
+    h.scan()
+    assert h.state() == {1: END, 2: AVAILABLE}
+
+
+def test_version_policies_choose_the_versions(tmp_path: Path) -> None:
+    """latest N, all and specific load exactly the versions they name."""
+    for n in (1, 2, 3):
+        version_folder(tmp_path, n)
+    h = start([model(tmp_path, policy=VersionPolicy("latest", num_versions=2))])
+    assert h.state() == {2: AVAILABLE, 3: AVAILABLE}
+    h.repository.apply([model(tmp_path, policy=VersionPolicy("all"))])
+    h.board.work()
+    assert h.state() == {1: AVAILABLE, 2: AVAILABLE, 3: AVAILABLE}
+    h.repository.apply([model(tmp_path, policy=VersionPolicy("specific", versions=frozenset({1})))])
+    h.board.work()
+    assert h.state() == {1: AVAILABLE, 2: END, 3: END}
+    assert h.repository.lookup("m", version=1).version == 1
+    with pytest.raises(Unavailable, match="version 3 is END"):
+        h.repository.lookup("m", version=3)
+
+
+def test_labels_resolve_and_move_without_a_gap(tmp_path: Path) -> None:
+    """A label names a version; moved to a version still loading it keeps serving the old one;
+    an unknown label is a 400 naming the labels there are."""
+    version_folder(tmp_path, 1)
+    version_folder(tmp_path, 2)
+    specific = VersionPolicy("specific", versions=frozenset({1, 2}))
+    h = start([model(tmp_path, policy=specific, labels={"stable": 1, "canary": 2})])
+    assert h.predict(label="stable") == 1.0
+    assert h.predict(label="canary") == 2.0
+    assert h.repository.status("m", label="canary")[0]["version"] == "2"
+    with pytest.raises(
+        InvalidArgument, match="Unrecognized servable version label: beta.*canary, stable"
+    ):
+        h.repository.lookup("m", label="beta")
+    version_folder(tmp_path, 3)
+    h.scan()
+    h.scan()
+    three = VersionPolicy("specific", versions=frozenset({2, 3}))
+    h.repository.apply([model(tmp_path, policy=three, labels={"stable": 3, "canary": 3})])
+    assert h.state() == {1: AVAILABLE, 2: AVAILABLE, 3: LOADING}
+    assert h.predict(label="stable") == 1.0  # 3 is loading: stable stays on 1
+    h.board.work()
+    assert h.state() == {1: END, 2: AVAILABLE, 3: AVAILABLE}
+    assert h.predict(label="stable") == 3.0
+
+
+def test_a_label_pointing_at_a_version_not_served_is_a_clear_error(tmp_path: Path) -> None:
+    """A label whose version the policy does not load fails with a message saying so; one
+    whose version is still loading is a retryable 503."""
+    version_folder(tmp_path, 1)
+    version_folder(tmp_path, 2)
+    h = start([model(tmp_path, labels={"old": 1})])  # latest 1 serves only 2
+    with pytest.raises(FailedPrecondition, match="points at version 1, which is not loaded"):
+        h.repository.lookup("m", label="old")
+    h.repository.apply([model(tmp_path, policy=VersionPolicy("all"), labels={"old": 1})])
+    with pytest.raises(Unavailable, match="still LOADING"):
+        h.repository.lookup("m", label="old")
+    h.board.work()
+    assert h.predict(label="old") == 1.0
+
+
+def test_a_reload_adds_and_removes_models(tmp_path: Path) -> None:
+    """apply() loads an added model (without taking the instance out of readiness while it
+    loads) and unloads a removed one, which then answers 404; listeners hear each change."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    version_folder(a, 1)
+    version_folder(b, 4)
+    h = start([model(a, "a")])
+    changes: list = []
+    h.repository.subscribe(lambda: changes.append(h.repository.served()))
+    h.repository.apply([model(a, "a"), model(b, "b")])
+    assert h.state("b") == {4: LOADING}
+    assert h.repository.ready
+    h.board.work()
+    assert h.state("b") == {4: AVAILABLE}
+    h.repository.apply([model(b, "b")])
+    h.board.work()
+    with pytest.raises(NotFound):
+        h.repository.lookup("a")
+    assert "a" not in h.repository.versions
+    assert h.predict("b") == 4.0
+    assert changes == [frozenset({("a", 1), ("b", 4)}), frozenset({("b", 4)})]
+
+
+def test_an_unreadable_base_path_keeps_what_serves(tmp_path: Path, logs) -> None:
+    """If the base path disappears (a network file system hiccup) the loaded version keeps
+    serving and the error is logged once; removing a version folder unloads it."""
+    base = tmp_path / "m"
+    version_folder(base, 1)
+    h = start([model(base)])
+    os.rename(base, tmp_path / "elsewhere")
+    h.scan()
+    h.scan()
+    assert h.state() == {1: AVAILABLE}
+    assert len([m for m in logs.messages(LogLevel.error, "service") if "does not exist" in m]) == 1
+    os.rename(tmp_path / "elsewhere", base)
+    version_folder(base, 2)
+    h.scan()
+    h.scan()
+    assert h.state() == {1: END, 2: AVAILABLE}
+
+
+def test_stop_drains_and_unloads_everything(tmp_path: Path) -> None:
+    """Stopping the repository unloads every version after its queued requests are answered."""
+    version_folder(tmp_path, 1)
+    h = start([model(tmp_path)])
+    version = h.repository.lookup("m")
+    queued = version.predict(None, {"x": np.ones((1, 1), np.float32)})
+    stopped = h.repository.stopService()
+    h.board.work()
+    assert _result(queued)["y"][0, 0] == 1.0
+    _result(stopped)
+    assert h.state() == {1: END}
+    assert h.board.loaded[0].closed
