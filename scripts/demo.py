@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+import shutil
+import threading
+
 import numpy as np
 from PIL import Image
 
@@ -112,6 +115,87 @@ def run_examples(server: TwistdServer, checks: Checks) -> None:
     checks.expect(server.get("/readyz")[0] == 200, "still ready after the bad requests")
 
 
+MODEL_CONFIG = """\
+model_config_list {{
+  config {{ name: 'digits' base_path: '{base}' model_platform: 'tensorflow'{labels} }}
+}}
+"""
+
+
+def write_model_config(path: Path, base: Path, labels: str = "") -> None:
+    path.write_text(MODEL_CONFIG.format(base=base, labels=labels))
+
+
+def show_lifecycle(
+    servers: list[TwistdServer], config: Path, base: Path, consul: ConsulAgent, checks: Checks
+) -> None:
+    """A new version dropped in while serving, then a label set by editing the config + SIGHUP."""
+    server = servers[0]
+    print("\n== model lifecycle: a new version arrives while the servers are under load")
+    request = json.loads((REPO / "samples" / "seven.json").read_text())
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            codes.append(server.post_json("/v1/models/digits:predict", request)[0])
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)
+    print(f"$ cp -r {base.relative_to(REPO)}/1 {base.relative_to(REPO)}/2      # (4 threads keep calling :predict)")
+    copied = time.monotonic()
+    shutil.copytree(base / "1", base / "2")
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    states = ""
+    while time.monotonic() < deadline:
+        status = server.get("/v1/models/digits")[1]
+        states = ", ".join(f"{v['version']}: {v['state']}" for v in status.get("model_version_status", []))
+        if not seen or seen[-1] != states:
+            seen.append(states)
+            print(f"  {time.monotonic() - copied:5.2f} s  {states}")
+        if states == "2: AVAILABLE, 1: END":
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    failed = sum(code != 200 for code in codes)
+    print(f"  {len(codes)} requests during the swap, {failed} failed")
+    checks.expect(states == "2: AVAILABLE, 1: END", "version 2 took over and version 1 was unloaded")
+    checks.expect(failed == 0 and len(codes) > 0, f"no request failed during the swap ({len(codes)} sent)")
+
+    print("\n== version labels: edit the config file and send SIGHUP")
+    write_model_config(config, base, "\n           version_labels { key: 'stable' value: 2 }")
+    print(config.read_text().rstrip())
+    print("$ kill -HUP " + " ".join(str(s.process.pid) for s in servers if s.process))
+    for s in servers:
+        if s.process is not None:
+            os.kill(s.process.pid, signal.SIGHUP)
+    for _ in range(50):  # the reload happens on each server's reactor, a moment after the signal
+        if all(s.get("/v1/models/digits/labels/stable")[0] == 200 for s in servers):
+            break
+        time.sleep(0.1)
+    code, body = curl(f"{server.url}/v1/models/digits/labels/stable/metadata")
+    print(_short(body, 120))
+    checks.expect(code == 200 and '"version":"2"' in body, "/labels/stable answers from version 2")
+    code, body = curl("-d", "@samples/seven.json", f"{server.url}/v1/models/digits/labels/beta:predict")
+    print(body)
+    checks.expect(code == 400 and "Unrecognized servable version label" in body, "an unknown label → 400")
+    tags: list[str] = []
+    for _ in range(50):
+        services = consul.get("/v1/catalog/service/inference")[2]
+        tags = sorted({t for entry in services for t in entry["ServiceTags"]})
+        if "model:digits:2" in tags and "model:digits:1" not in tags:
+            break
+        time.sleep(0.1)
+    print(f"  Consul tags now: {', '.join(tags)}")
+    checks.expect("model:digits:2" in tags and "model:digits:1" not in tags, "Consul tags name version 2 only")
+
+
 def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} bytes)"
 
@@ -194,12 +278,18 @@ def main() -> int:
     print(f"== starting a Consul dev agent on {consul.http_addr}")
     consul.start()
     first = args.port or (8501 if _port_free(8501) else free_port())
+    # The servers serve a copy of the demo model, so the demo can drop a version 2 into it.
+    base = logs / "models" / "digits"
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.copytree(REPO / "models" / "digits" / "1", base / "1")
+    config = logs / "models.config"
+    write_model_config(config, base)
     servers = []
     for n in range(args.servers):
         port = first if n == 0 else free_port()
         flags = [
-            "--model_name=digits",
-            f"--model_base_path={REPO / 'models' / 'digits'}",
+            f"--model_config_file={config}",
+            "--file_system_poll_wait_seconds=0.5",
             "--enable_batching",
             f"--consul={consul.http_addr}",
             "--consul_check_interval=1",
@@ -208,6 +298,7 @@ def main() -> int:
         servers.append(TwistdServer(flags, logs, port=port))
         print(f"== starting: twistd -n inference {' '.join(flags[:3])} --consul={consul.http_addr} "
               f"--rest_api_port={port}")
+    print(config.read_text().rstrip())
     started = time.monotonic()
     for server in servers:
         server.start()
@@ -219,6 +310,7 @@ def main() -> int:
         run_examples(servers[0], checks)
         show_discovery(consul, servers, checks)
         show_client(consul, servers, checks)
+        show_lifecycle(servers, config, base, consul, checks)
         if args.check:
             print(f"\n{'all checks passed' if not checks.failures else 'FAILED: ' + '; '.join(checks.failures)}")
             return 1 if checks.failures else 0
@@ -228,7 +320,9 @@ def main() -> int:
   curl -F data=@samples/seven.png {servers[0].url}/
   curl -F data=@samples/three.png -F top_k=3 {servers[0].url}/v1/models/digits:classify_image
   curl {servers[0].url}/v1/models/digits
-  curl {servers[0].url}/v1/models/digits/metadata
+  curl {servers[0].url}/v1/models/digits/labels/stable/metadata
+  cp -r {base}/2 {base}/3      # picked up while serving
+  kill -HUP <pid>              # after editing {config}
   curl {servers[0].url}/metrics
   CONSUL_HTTP_ADDR={consul.http_addr} .tools/bin/consul catalog services -tags
   curl '{consul.http_addr}/v1/health/service/inference?passing'
