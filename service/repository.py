@@ -536,6 +536,17 @@ class ModelRepository(Service):
                 version.retry.cancel()
                 version.retry, version.state = None, END
             elif version.state == AVAILABLE and (config is None or serving or not aspired):
+                for label, target in (config.labels if config is not None else {}).items():
+                    if target == number:
+                        log.warn(
+                            "model {name}: label {label!r} points at version {v}, which the "
+                            "version policy ({policy}) no longer serves; /labels/{label} fails "
+                            "until the label moves",
+                            name=name,
+                            label=label,
+                            v=number,
+                            policy=config.policy.describe() if config is not None else "",
+                        )
                 self._start_unload(version)
         if config is None and all(v.state == END for v in versions.values()):
             self.versions.pop(name, None)
