@@ -11,14 +11,13 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-
-import shutil
-import threading
 
 import numpy as np
 from PIL import Image
