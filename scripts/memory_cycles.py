@@ -148,31 +148,9 @@ def _make(kind: str, root: str) -> None:
     elif kind == "frozen":
         models.make_frozen_float_graph(base)
     elif kind == "wide":
-        make_wide(base)
+        models.make_wide(base)
     else:
         raise ValueError(kind)
-
-
-def make_wide(base: Path, units: int = 2048, layers: int = 3) -> Path:
-    """x float32 [None, units] -> y: ``layers`` dense layers of units x units (16 MiB each),
-    big enough that a version left behind shows in RSS at once."""
-    import tensorflow as tf
-
-    module = tf.Module()
-    rng = np.random.default_rng(0)
-    module.weights = [
-        tf.Variable(rng.standard_normal((units, units), np.float32) / units) for _ in range(layers)
-    ]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, units], tf.float32, name="x")])
-    def serve(x: tf.Tensor) -> dict[str, tf.Tensor]:
-        for w in module.weights:
-            x = tf.nn.relu(tf.matmul(x, w))
-        return {"y": x}
-
-    path = base / "1"
-    tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

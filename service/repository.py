@@ -623,7 +623,7 @@ class ModelRepository(Service):
             delay = self._retry_backoff.delay(version.attempts - 1, self._rng)
             version.error = (
                 f"load attempt {version.attempts} of {total} failed: {reason}; "
-                f"retrying in {delay:.0f} s"
+                f"retrying in {delay:.3g} s"
             )
             version.retry = self._reactor.callLater(delay, self._retry, version)
         else:

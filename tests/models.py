@@ -21,6 +21,8 @@ make_slow          serving_default  x float32 [None, 3]                    y flo
                                                                            busy-waiting ``seconds``
 make_image_bytes   serving_default  image_bytes string [None] (PNG/JPEG)   probabilities float32 [None, 2]
                                                                            (dark, light) from mean gray
+make_wide          serving_default  x float32 [None, 2048]                 y float32 [None, 2048]: three relu
+                                                                           dense layers, 16 MiB of weights each
 =================  ===============  =====================================  ===================================
 
 TF1 frozen graphs (``tf.compat.v1`` graph, variables frozen to constants with
@@ -44,6 +46,10 @@ blue "tulip".
 (so loading exercises variable restore), and writes ``labels.txt`` ("neg", "pos") next to
 ``saved_model.pb``. Its ``scale`` tells versions apart: x = [1, 1, 1] gives
 y = [9 scale + 0.5, 12 scale - 0.5].
+
+``make_wide`` is for memory tests: its 48 MiB of weights (fixed random values, seed 0) make one
+version left behind after an unload show in the process's RSS at once. It is the model
+``scripts/memory_cycles.py --make wide`` measures.
 
 ``make_slow`` cannot sleep: ``tf.py_function`` is not saved in a SavedModel. It spins in a
 ``tf.while_loop`` reading ``tf.timestamp()`` until ``seconds`` have passed, so each call
@@ -167,6 +173,26 @@ def make_image_bytes(base: Path, version: int = 1) -> Path:
         return {"probabilities": tf.stack([1.0 - light, light], axis=1)}
 
     return _save(tf.Module(), base, version, {"serving_default": serve})
+
+
+def make_wide(base: Path, version: int = 1, units: int = 2048, layers: int = 3) -> Path:
+    """``layers`` relu dense layers of ``units`` x ``units`` float32 (16 MiB each at 2048)."""
+    import numpy as np
+    import tensorflow as tf
+
+    module = tf.Module()
+    rng = np.random.default_rng(0)
+    module.weights = [
+        tf.Variable(rng.standard_normal((units, units), np.float32) / units) for _ in range(layers)
+    ]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, units], tf.float32, name="x")])
+    def serve(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        for w in module.weights:
+            x = tf.nn.relu(tf.matmul(x, w))
+        return {"y": x}
+
+    return _save(module, base, version, {"serving_default": serve})
 
 
 def frozen_weights() -> Any:
