@@ -49,6 +49,7 @@ from discovery.backoff import Backoff
 from service import memory
 from service.batching import BatchingQueue
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
+from service.lifecycle import InFlight
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.model_folders import VersionFolder, ready_versions, scan_model
@@ -112,8 +113,7 @@ class LoadedVersion:
     fingerprint: int | None = None  # of the folder this version was (last) loaded from
     attempts: int = 0  # failed loads of this folder so far
     retry: IDelayedCall | None = None  # a pending retry of a failed load
-    leases: int = 0  # requests that hold this version (see lease())
-    _idle: list[Deferred] = attrs.Factory(list)
+    holders: InFlight = attrs.Factory(InFlight)  # requests that hold this version (lease())
 
     def signature(self, name: str | None) -> Signature:
         return self.require().signature(name)
@@ -148,24 +148,11 @@ class LoadedVersion:
         Taken right after the lookup (no await in between), so a request that found the
         version AVAILABLE can always finish on it, however long its body takes to decode.
         """
-        self.leases += 1
+        self.holders.started()
         try:
             yield self
         finally:
-            self.leases -= 1
-            if self.leases == 0:
-                waiters, self._idle = self._idle, []
-                for d in waiters:
-                    d.callback(None)
-
-    def released(self) -> Deferred:
-        """Fires once no request holds this version."""
-        d: Deferred = Deferred()
-        if self.leases == 0:
-            d.callback(None)
-        else:
-            self._idle.append(d)
-        return d
+            self.holders.finished()
 
     def status(self) -> dict[str, Any]:
         error_code = "UNKNOWN" if self.error else "OK"
@@ -654,7 +641,7 @@ class ModelRepository(Service):
         version.state = UNLOADING
         log.info("model {name} version {v}: UNLOADING", name=name, v=number)
         self._changed()
-        await version.released()
+        await version.holders.idle()
         for queue in version.queues.values():
             await queue.drain()
         for key in version.queues:

@@ -24,6 +24,7 @@ from service.http import InferenceAPI, parse_target
 from service.metrics import Metrics
 from service.repository import AVAILABLE, LOADING, LoadedVersion, ModelConfig, ModelRepository
 from service.signature import Signature, TensorInfo
+from tests.deferreds import result_of
 
 SIGNATURE = Signature(
     "serving_default",
@@ -72,18 +73,9 @@ def make_api(executor=maybeDeferred, params=SMALL_BATCHES, labels=None):
 
 def call(treq: StubTreq, method: str, path: str, body: bytes | None = None, headers=None):
     d = treq.request(method, "http://server" + path, data=body, headers=headers or {})
-    response = _result(d)
-    content = _result(response.content())
+    response = result_of(d)
+    content = result_of(response.content())
     return response, json.loads(content) if content.startswith((b"{", b"[")) else content
-
-
-def _result(d: Deferred):
-    results: list = []
-    d.addBoth(results.append)
-    assert results, "the request did not complete synchronously"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def test_predict_answers_row_format() -> None:
@@ -314,9 +306,9 @@ def test_deadline_header_drops_a_request_that_waited_too_long() -> None:
     d, f, args = held.pop(0)
     d.callback(f(*args))  # the first batch finishes; the late request is now past its deadline
     treq.flush()
-    response = _result(late)
-    assert response.code == 504 and "deadline" in json.loads(_result(response.content()))["error"]
-    assert _result(first).code == 200 and held == []
+    response = result_of(late)
+    assert response.code == 504 and "deadline" in json.loads(result_of(response.content()))["error"]
+    assert result_of(first).code == 200 and held == []
 
 
 def test_bad_deadline_header_is_400() -> None:

@@ -26,6 +26,7 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavai
 from service.model_config import ModelConfig, VersionPolicy
 from service.repository import AVAILABLE, END, LOADING, UNLOADING, ModelRepository
 from service.signature import Signature, TensorInfo
+from tests.deferreds import result_of
 
 SIGNATURE = Signature(
     name="serving_default",
@@ -126,16 +127,7 @@ class Harness:
         version = self.repository.lookup(name, **kw)
         d = version.predict(None, {"x": np.ones((1, 1), np.float32)})
         self.board.work()
-        return float(_result(d)["y"][0, 0])
-
-
-def _result(d: Deferred) -> Any:
-    out: list = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
+        return float(result_of(d)["y"][0, 0])
 
 
 def start(models: list[ModelConfig], **kw: Any) -> Harness:
@@ -225,7 +217,7 @@ def test_a_request_holding_the_old_version_delays_its_unload(tmp_path: Path) -> 
         assert h.repository.lookup("m").version == 2
         d = old.predict(None, {"x": np.ones((1, 1), np.float32)})
         h.board.work()
-        assert _result(d)["y"][0, 0] == 1.0
+        assert result_of(d)["y"][0, 0] == 1.0
         assert not h.board.loaded[0].closed
     h.board.work()
     assert h.state() == {1: END, 2: AVAILABLE}
@@ -369,7 +361,7 @@ def test_stop_drains_and_unloads_everything(tmp_path: Path) -> None:
     queued = version.predict(None, {"x": np.ones((1, 1), np.float32)})
     stopped = h.repository.stopService()
     h.board.work()
-    assert _result(queued)["y"][0, 0] == 1.0
-    _result(stopped)
+    assert result_of(queued)["y"][0, 0] == 1.0
+    result_of(stopped)
     assert h.state() == {1: END}
     assert h.board.loaded[0].closed
