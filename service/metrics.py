@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from service.batching import BatchingQueue, BatchRecord
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -62,6 +67,23 @@ class Metrics:
         self.queued_rows = Gauge(
             "kleinserve_queued_rows", "Rows waiting for a batch", labels, registry=self.registry
         )
+        self.model_loads = Counter(
+            "kleinserve_model_loads",
+            "Attempts to load (and warm up) a model version, by outcome (success, failure)",
+            ("model", "outcome"),
+            registry=self.registry,
+        )
+        self.model_load_seconds = Histogram(
+            "kleinserve_model_load_seconds",
+            "Time from starting to load a version to it being AVAILABLE (load + warm-up)",
+            ("model",),
+            buckets=_LOAD_BUCKETS,
+            registry=self.registry,
+        )
+
+    def watch_versions(self, versions: Callable[[], Iterable[tuple[str, int, str]]]) -> None:
+        """Export ``kleinserve_model_version_state``: 1 per (model, version) in its current state."""
+        self.registry.register(_VersionStates(versions))
 
     def batch_observer(self, model: str, version: int, signature: str) -> _BatchMetrics:
         return _BatchMetrics(self, (model, str(version), signature))
@@ -86,6 +108,23 @@ class Metrics:
                 metric.remove(*labels)
             except KeyError:  # never observed
                 pass
+
+
+class _VersionStates(Collector):
+    """Read at scrape time, so a version's state is never stale or left behind."""
+
+    def __init__(self, versions: Callable[[], Iterable[tuple[str, int, str]]]) -> None:
+        self._versions = versions
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "kleinserve_model_version_state",
+            "1 for each model version, labelled with its state (LOADING, AVAILABLE, UNLOADING, END)",
+            labels=("model", "version", "state"),
+        )
+        for model, version, state in self._versions():
+            family.add_metric((model, str(version), state), 1)
+        yield family
 
 
 class _BatchMetrics:

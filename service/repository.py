@@ -225,6 +225,13 @@ class ModelRepository(Service):
         self._busy: set[Deferred] = set()  # loads and unloads in progress
         self._poller: LoopingCall | None = None
         self._rng = random.Random()
+        self._metrics.watch_versions(
+            lambda: [
+                (name, number, v.state)
+                for name, versions in list(self.versions.items())
+                for number, v in list(versions.items())
+            ]
+        )
 
     # -- lookups (reactor thread) ---------------------------------------------------------------
 
@@ -573,14 +580,18 @@ class ModelRepository(Service):
         threads = self._make_threads(params.num_batch_threads, f"inference-{name}-{number}")
         version.threads = threads
         log.info("model {name} version {v}: loading {path}", name=name, v=number, path=path)
+        started = self.clock.seconds()
         try:
             servable = await threads.run(self._load, name, number, path)
             await threads.run(servable.warm_up, params.allowed_batch_sizes)
         except Exception as e:  # any load failure goes to the status and is retried, not raised
             threads.stop()
             version.threads = None
+            self._metrics.model_loads.labels(name, "failure").inc()
             self._load_failed(config, version, e)
             return
+        self._metrics.model_loads.labels(name, "success").inc()
+        self._metrics.model_load_seconds.labels(name).observe(self.clock.seconds() - started)
         if not self.running:  # stopping: the server will not serve it
             await threads.run(_close, servable)
             threads.stop()
@@ -598,7 +609,12 @@ class ModelRepository(Service):
             version.queues[key] = queue
         version.servable, version.state, version.error = servable, AVAILABLE, ""
         version.attempts = 0
-        log.info("model {name} version {v}: AVAILABLE", name=name, v=number)
+        log.info(
+            "model {name} version {v}: AVAILABLE (loaded and warmed up in {s:.2f} s)",
+            name=name,
+            v=number,
+            s=self.clock.seconds() - started,
+        )
         self._reconcile(name)  # unloads what this version replaces
         self._check_ready()
 

@@ -365,3 +365,24 @@ def test_stop_drains_and_unloads_everything(tmp_path: Path) -> None:
     result_of(stopped)
     assert h.state() == {1: END}
     assert h.board.loaded[0].closed
+
+
+def test_lifecycle_metrics_follow_loads_and_states(tmp_path: Path) -> None:
+    """/metrics counts loads by outcome and shows each version's current state."""
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    version_folder(tmp_path, 1)
+    metrics = Metrics()
+    h = start([model(tmp_path)], metrics=metrics)
+    h.board.failing.add(("m", 2))
+    version_folder(tmp_path, 2)
+    h.scan()
+    h.scan()
+    text = generate_latest(metrics.registry).decode()
+    assert 'kleinserve_model_loads_total{model="m",outcome="success"} 1.0' in text
+    assert 'kleinserve_model_loads_total{model="m",outcome="failure"} 1.0' in text
+    assert 'kleinserve_model_version_state{model="m",state="AVAILABLE",version="1"} 1.0' in text
+    assert 'kleinserve_model_version_state{model="m",state="LOADING",version="2"} 1.0' in text
+    assert 'kleinserve_model_load_seconds_count{model="m"} 1.0' in text
