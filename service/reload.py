@@ -4,7 +4,9 @@
 file) and hands the result to ``apply`` (``ModelRepository.apply``). A file that
 does not parse changes nothing: the error is logged loudly and the models keep
 serving as configured before. SIGHUP also asks for an immediate scan of the model
-folders (``rescan``), so ``kill -HUP`` is "look again now" whatever the poll waits.
+folders (``rescan``), so ``kill -HUP`` is "look again now" whatever the poll waits;
+without a config file (``path`` None, one model from --model_base_path) that is all
+it does -- a SIGHUP never kills the server.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ log = Logger()
 class ConfigReloader(Service):
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         read: Callable[[Path], Sequence[Any]],
         apply: Callable[[Sequence[Any]], object],
         *,
@@ -46,7 +48,7 @@ class ConfigReloader(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._poll_wait > 0:
+        if self._poll_wait > 0 and self.path is not None:
             self._poller = LoopingCall(self.reload, reason="poll")
             self._poller.clock = self._reactor
             self._poller.start(self._poll_wait, now=False)  # the start-up config is already applied
@@ -70,6 +72,10 @@ class ConfigReloader(Service):
 
     def reload(self, reason: str = "request") -> bool:
         """Read the file and apply it if it changed; False (and a loud log) if it is bad."""
+        if self.path is None:
+            log.info("{reason}: rescanning the model folders", reason=reason)
+            self._rescan()
+            return True
         try:
             models = list(self._read(self.path))
         except Exception as e:  # a bad file must never stop the server: it keeps its models

@@ -467,7 +467,8 @@ def makeService(options: Options) -> MultiService:
 
     1. the model repository (scans the model folders and loads on inference threads;
        readiness says 503 until the models are AVAILABLE),
-    2. the config file reloader (--model_config_file: re-read on a timer and on SIGHUP),
+    2. the reloader (SIGHUP rescans the model folders and re-reads --model_config_file, which
+       is also re-read every --model_config_file_poll_wait_seconds),
     3. the image decoder's thread pool (stops after the port has drained, so no upload is left
        waiting on it),
     4. the HTTP port (on stop: close, then wait for requests in flight),
@@ -513,17 +514,16 @@ def makeService(options: Options) -> MultiService:
     port = HTTPPort(serverFromString(reactor, config.listen), site, site.in_flight, reactor=reactor)
     top = OrderedServices()
     repository.setServiceParent(top)
-    if config.model_config_file is not None:
-        reloader = ConfigReloader(
-            config.model_config_file,
-            lambda path: read_models(path, config.batching),
-            repository.apply,
-            reactor=reactor,
-            poll_wait=config.model_config_file_poll_wait,
-            rescan=repository.rescan,
-        )
-        reloader.started_with(config.models)
-        reloader.setServiceParent(top)
+    reloader = ConfigReloader(
+        config.model_config_file,  # None: SIGHUP only rescans the model folders
+        lambda path: read_models(path, config.batching),
+        repository.apply,
+        reactor=reactor,
+        poll_wait=config.model_config_file_poll_wait,
+        rescan=repository.rescan,
+    )
+    reloader.started_with(config.models)
+    reloader.setServiceParent(top)
     images.setServiceParent(top)
     port.setServiceParent(top)
     if config.discovery is not None:
