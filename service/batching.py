@@ -335,7 +335,10 @@ class BatchingQueue:
         else:
             outputs, run_seconds, padded = result
             for part, out in zip(parts, outputs, strict=True):
-                self._deliver(part, out)
+                if isinstance(out, ServingError):  # this request alone was refused (see _run_batch)
+                    self._fail(part.request, out)
+                else:
+                    self._deliver(part, out)
             record = BatchRecord(rows, padded, len(parts), queue_seconds, run_seconds, failed=False)
         try:
             self._observer.batch_finished(record)
@@ -378,8 +381,34 @@ class BatchingQueue:
 
     # -- inference thread side ------------------------------------------------------------------
 
-    def _run_batch(self, parts: list[_Part]) -> tuple[list[Tensors], float, int]:
-        """Concatenate, pad, run once, split. Runs on an inference thread."""
+    def _run_batch(self, parts: list[_Part]) -> tuple[list[Tensors | ServingError], float, int]:
+        """Concatenate, pad, run once, split. Runs on an inference thread.
+
+        If the model refuses a merged batch as invalid input (what validation before queueing
+        cannot see: a serialized tf.Example the model parses differently, say), each request's
+        rows run again on their own, so only the request at fault gets the error.
+        """
+        started = self._timer()
+        try:
+            outputs, padded, run_seconds = self._run_merged(parts)
+        except InvalidArgument:
+            if len({id(part.request) for part in parts}) < 2:
+                raise
+            return self._run_each(parts), self._timer() - started, sum(p.rows for p in parts)
+        return list(outputs), run_seconds, padded
+
+    def _run_each(self, parts: list[_Part]) -> list[Tensors | ServingError]:
+        results: list[Tensors | ServingError] = []
+        for part in parts:
+            try:
+                (outputs,), _, _ = self._run_merged([part])
+                results.append(outputs)
+            except InvalidArgument as e:
+                results.append(e)
+        return results
+
+    def _run_merged(self, parts: list[_Part]) -> tuple[list[Tensors], int, float]:
+        """Concatenate, pad, run once, split: (outputs per part, padded rows, model seconds)."""
         rows = sum(part.rows for part in parts)
         if len(parts) == 1 and not parts[0].request.splittable:
             inputs = parts[0].request.inputs  # runs as sent: nothing to merge or pad
@@ -396,7 +425,7 @@ class BatchingQueue:
         outputs = self._model(inputs)
         run_seconds = self._timer() - started
         if len(parts) == 1 and not parts[0].request.splittable:
-            return [dict(outputs)], run_seconds, padded
+            return [dict(outputs)], padded, run_seconds
         for name, value in outputs.items():
             if value.ndim == 0 or value.shape[0] != padded:
                 raise Internal(
@@ -410,7 +439,7 @@ class BatchingQueue:
                 {name: value[offset : offset + part.rows] for name, value in outputs.items()}
             )
             offset += part.rows
-        return split, run_seconds, padded
+        return split, padded, run_seconds
 
 
 def _merge(pieces: list[np.ndarray], padded: int) -> np.ndarray:

@@ -77,6 +77,8 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
             raise InvalidArgument(f"malformed JSON: the body is not valid UTF-8 ({e})") from None
         except RecursionError:
             raise InvalidArgument("malformed JSON: nested too deeply") from None
+        except ValueError as e:  # an integer beyond Python's 4300-digit conversion limit
+            raise InvalidArgument(f"malformed JSON: {e}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"the request body must be a JSON object, got {_json_type(doc)}")
     return doc

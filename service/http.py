@@ -2,6 +2,8 @@
 
 Routes (TF Serving's, see ARCHITECTURE.md):
   POST /v1/models/{name}[/versions/{v} | /labels/{l}]:predict
+  POST /v1/models/{name}[/versions/{v} | /labels/{l}]:classify   tf.Examples (service.examples)
+  POST /v1/models/{name}[/versions/{v} | /labels/{l}]:regress    tf.Examples (service.examples)
   POST /v1/models/{name}[/versions/{v} | /labels/{l}]:classify_image   an image upload
   POST /          the same, for the default model (--default_model, or the only one served)
   GET  /v1/models/{name}[/versions/{v} | /labels/{l}]            version status
@@ -38,7 +40,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from service import codec
+from service import codec, examples
 from service.errors import (
     InvalidArgument,
     NotFound,
@@ -177,10 +179,12 @@ class InferenceAPI:
         target = parse_target("POST", path)
         if target.verb == ":classify_image":
             return await self._classify_image(request, target)
+        if target.verb in (":classify", ":regress"):
+            return await self._classify_or_regress(request, target, target.verb[1:])
         if target.verb != ":predict":
             raise InvalidArgument(
-                f"Malformed request: POST /v1/models/{path}; this server supports :predict "
-                "and :classify_image"
+                f"Malformed request: POST /v1/models/{path}; this server supports :predict, "
+                ":classify, :regress and :classify_image"
             )
         version = self._lookup(target)
         with version.lease():  # a swap unloads this version only after the answer
@@ -192,6 +196,25 @@ class InferenceAPI:
             outputs = await queued
         request.setHeader(b"content-type", JSON)
         return codec.encode_predict(outputs, decoded.row_format)
+
+    async def _classify_or_regress(
+        self, request: server.Request, target: Target, verb: str
+    ) -> bytes:
+        """TF Serving's Classify and Regress: the examples run as k rows of the DT_STRING input."""
+        version = self._lookup(target)
+        with version.lease():  # a swap unloads this version only after the answer
+            body = read_body(request, JSON_CONTENT_TYPES)
+            decoded = examples.decode_examples(body, verb)
+            signature = examples.signature_for(
+                version.require().signatures, decoded.signature_name, verb
+            )
+            queued = version.predict(
+                signature.name, {examples.INPUTS: decoded.serialized}, self._deadline(request)
+            )
+            request.notifyFinish().addErrback(lambda _: queued.cancel())  # client gone: drop it
+            outputs = await queued
+        request.setHeader(b"content-type", JSON)
+        return examples.encode_results(outputs, verb, len(decoded.serialized))
 
     @app.route("/v1/models/<path:path>", methods=["GET"])
     def get_model(self, request: IRequest, path: str) -> bytes:
@@ -448,6 +471,10 @@ def route_kind(path: bytes) -> str:
             return "predict"
         if path.endswith(b":classify_image"):
             return "classify_image"
+        if path.endswith(b":classify"):
+            return "classify"
+        if path.endswith(b":regress"):
+            return "regress"
         if path.endswith(b"/metadata"):
             return "metadata"
         return "status" if b":" not in path else "other"

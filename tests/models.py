@@ -23,6 +23,8 @@ make_image_bytes   serving_default  image_bytes string [None] (PNG/JPEG)   proba
                                                                            (dark, light) from mean gray
 make_wide          serving_default  x float32 [None, 2048]                 y float32 [None, 2048]: three relu
                                                                            dense layers, 16 MiB of weights each
+make_example_      serving_default  inputs string [None]: serialized       classes string [None, 2], scores
+classifier         and 4 more       tf.Examples (x, kind, count)           float32 [None, 2]; all: see below
 =================  ===============  =====================================  ===================================
 
 TF1 frozen graphs (``tf.compat.v1`` graph, variables frozen to constants with
@@ -50,6 +52,29 @@ y = [9 scale + 0.5, 12 scale - 0.5].
 ``make_wide`` is for memory tests: its 48 MiB of weights (fixed random values, seed 0) make one
 version left behind after an unload show in the process's RSS at once. It is the model
 ``scripts/memory_cycles.py --make wide`` measures.
+
+``make_example_classifier`` is for ``:classify`` and ``:regress``. Every signature takes
+``inputs`` string [None], serialized ``tf.Example`` s, parsed with ``tf.io.parse_example``
+(``x``: 2 floats, required; ``kind``: a string, default ""; ``count``: an int64, default 0)
+into z = x[0] + 2 x[1] + 10 [kind == "big"] + count + version (so versions answer
+differently), and p = sigmoid(z / 10):
+
+===================================  ==========================  ==============================
+signature                            method_name                 outputs
+===================================  ==========================  ==============================
+serving_default, classify            tensorflow/serving/classify classes string [None, 2]
+                                                                 ("neg", "pos");
+                                                                 scores float32 [None, 2]
+                                                                 = (1 - p, p)
+scores_only                          tensorflow/serving/classify scores float32 [None, 2]
+regress                              tensorflow/serving/regress  outputs float32 [None] = z
+predict                              tensorflow/serving/predict  z float32 [None]
+===================================  ==========================  ==============================
+
+``tf.saved_model.save`` writes every method_name as ``tensorflow/serving/predict``; the maker
+rewrites ``saved_model.pb`` (the ``saved_model_pb2`` proto) to give the classify and regress
+signatures TF Serving's method names, which ``Servable.load`` reads into
+``Signature.method_name``.
 
 ``make_slow`` cannot sleep: ``tf.py_function`` is not saved in a SavedModel. It spins in a
 ``tf.while_loop`` reading ``tf.timestamp()`` until ``seconds`` have passed, so each call
@@ -193,6 +218,71 @@ def make_wide(base: Path, version: int = 1, units: int = 2048, layers: int = 3) 
         return {"y": x}
 
     return _save(module, base, version, {"serving_default": serve})
+
+
+EXAMPLE_LABELS = ("neg", "pos")
+EXAMPLE_METHODS = {
+    "serving_default": "tensorflow/serving/classify",
+    "classify": "tensorflow/serving/classify",
+    "scores_only": "tensorflow/serving/classify",
+    "regress": "tensorflow/serving/regress",
+    "predict": "tensorflow/serving/predict",
+}
+
+
+def make_example_classifier(base: Path, version: int = 1) -> Path:
+    """Serialized tf.Examples in: classify, regress and predict signatures (see above)."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    features = {
+        "x": tf.io.FixedLenFeature([2], tf.float32),
+        "kind": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "count": tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    }
+    examples = tf.TensorSpec([None], tf.string, name="inputs")
+
+    def z_of(inputs: tf.Tensor) -> tf.Tensor:
+        parsed = tf.io.parse_example(inputs, features)
+        big = tf.cast(tf.equal(parsed["kind"], "big"), tf.float32)
+        count = tf.cast(parsed["count"], tf.float32)
+        return parsed["x"][:, 0] + 2.0 * parsed["x"][:, 1] + 10.0 * big + count + float(version)
+
+    def scores_of(inputs: tf.Tensor) -> tf.Tensor:
+        p = tf.sigmoid(z_of(inputs) / 10.0)
+        return tf.stack([1.0 - p, p], axis=1)
+
+    @tf.function(input_signature=[examples])
+    def classify(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        classes = tf.tile(tf.constant([EXAMPLE_LABELS]), [tf.shape(inputs)[0], 1])
+        return {"classes": classes, "scores": scores_of(inputs)}
+
+    @tf.function(input_signature=[examples])
+    def scores_only(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"scores": scores_of(inputs)}
+
+    @tf.function(input_signature=[examples])
+    def regress(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"outputs": z_of(inputs)}
+
+    @tf.function(input_signature=[examples])
+    def predict(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"z": z_of(inputs)}
+
+    signatures = {
+        "serving_default": classify,
+        "classify": classify,
+        "scores_only": scores_only,
+        "regress": regress,
+        "predict": predict,
+    }
+    path = _save(tf.Module(), base, version, signatures)
+    pb = path / "saved_model.pb"
+    saved = saved_model_pb2.SavedModel.FromString(pb.read_bytes())
+    for key, method in EXAMPLE_METHODS.items():
+        saved.meta_graphs[0].signature_def[key].method_name = method
+    pb.write_bytes(saved.SerializeToString())
+    return path
 
 
 def frozen_weights() -> Any:

@@ -313,6 +313,33 @@ def test_failing_batch_fails_exactly_its_requests() -> None:
     assert first.called and not isinstance(c.result, Failure)
 
 
+def test_an_invalid_request_fails_alone_in_a_shared_batch() -> None:
+    """When the model refuses a merged batch as invalid input, each request runs again on its
+    own: the one at fault gets the 400, the others their answers."""
+    calls: list[int] = []
+
+    def picky(inputs):
+        calls.append(len(inputs["x"]))
+        if (inputs["x"][:, 0] == 13).any():
+            raise InvalidArgument("request 13 is unreadable")
+        return fake_model(inputs)
+
+    clock, executor = Clock(), ManualExecutor()
+    queue = BatchingQueue(
+        picky, BatchingParameters(max_batch_size=4), clock=clock, executor=executor
+    )
+    first = queue.submit(rows_for(0, 1), 1)  # takes the thread; the next three share a batch
+    good, bad, other = (queue.submit(rows_for(i, 1), 1) for i in (1, 13, 2))
+    executor.finish_one()
+    assert executor.finish_one() == [1, 13, 2]
+    assert calls == [1, 3, 1, 1, 1]
+    assert good.result["y"][0, 0] == 11 and other.result["y"][0, 0] == 21
+    failure = bad.result
+    bad.addErrback(lambda _: None)
+    assert isinstance(failure, Failure) and failure.check(InvalidArgument)
+    assert first.called
+
+
 def test_unbatched_requests_run_one_per_batch() -> None:
     """With batching disabled each request is its own batch, whatever its size."""
     queue, clock, executor, recorder = make_queue(BatchingParameters(enabled=False))

@@ -381,6 +381,12 @@ def test_malformed_json_is_reported_before_the_signature_is_looked_up() -> None:
         decode_body(b'{"signature_name": "nope", "instances": [1,,2]}', signature_for)
 
 
+def test_an_integer_too_long_to_convert_is_malformed_json() -> None:
+    """An integer past Python's 4300-digit conversion limit is a 400, not a ValueError (500)."""
+    with pytest.raises(InvalidArgument, match="malformed JSON: Exceeds the limit"):
+        parse_json_body(b'{"instances": [' + b"1" * 5000 + b"]}")
+
+
 def test_unknown_rank_and_dimensions_accept_any_shape() -> None:
     """An input of unknown rank (shape None) or unknown dimensions takes what it is sent."""
     sig = signature(x=("DT_INT64", None))

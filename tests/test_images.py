@@ -1038,5 +1038,7 @@ def test_make_service_starts_the_decoder_before_the_port(tmp_path: Path) -> None
 
     options = Options()
     options.parseOptions([f"--model_base_path={tmp_path}", "--listen=tcp:0:interface=127.0.0.1"])
+    from service.reload import ConfigReloader
+
     kinds = [type(child) for child in makeService(options)]
-    assert kinds[:3] == [Repository, ImageDecoder, HTTPPort]
+    assert kinds[:4] == [Repository, ConfigReloader, ImageDecoder, HTTPPort]
