@@ -219,6 +219,7 @@ class ModelRepository(Service):
         self._scan_errors: dict[str, str] = {}
         self._label_targets: dict[str, dict[str, int]] = {}  # label -> version last served
         self._required = set(self.configs)  # models /readyz waits for (see ready)
+        self._started = False  # ready once: later loads (hot swaps) never make it unready
         self._waiting_ready: list[Deferred] = []
         self._listeners: list[Callable[[], object]] = []
         self._served: frozenset[tuple[str, int]] = frozenset()
@@ -327,11 +328,16 @@ class ModelRepository(Service):
     def ready(self) -> bool:
         """Every model of the start-up config (and each added later, once it has served) has an
         AVAILABLE version: a model a reload adds does not take the instance out while it loads,
-        its Consul tag announces it once it serves."""
-        return all(
-            any(v.state == AVAILABLE for v in self.versions.get(name, {}).values())
-            for name in self._required
-        )
+        its Consul tag announces it once it serves. At start-up, also every version the
+        policies asked for has had its first load attempt, so the first clients see the
+        versions the config names (not version 1 of two that happened to load first)."""
+        for name in self._required:
+            versions = self.versions.get(name, {}).values()
+            if not any(v.state == AVAILABLE for v in versions):
+                return False
+            if not self._started and any(v.state == LOADING and v.retry is None for v in versions):
+                return False
+        return True
 
     def when_ready(self) -> Deferred:
         d: Deferred = Deferred()
@@ -589,6 +595,7 @@ class ModelRepository(Service):
             version.threads = None
             self._metrics.model_loads.labels(name, "failure").inc()
             self._load_failed(config, version, e)
+            self._check_ready()  # a failed first attempt no longer holds start-up back
             return
         self._metrics.model_loads.labels(name, "success").inc()
         self._metrics.model_load_seconds.labels(name).observe(self.clock.seconds() - started)
@@ -695,6 +702,7 @@ class ModelRepository(Service):
 
     def _check_ready(self) -> None:
         if self.ready:
+            self._started = True
             waiters, self._waiting_ready = self._waiting_ready, []
             for d in waiters:
                 d.callback(None)

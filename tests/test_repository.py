@@ -91,6 +91,11 @@ class Board:
         self.loaded.append(servable)
         return servable
 
+    def work_one(self) -> None:
+        """Run the oldest pending piece of thread work."""
+        f, args, d = self.pending.pop(0)
+        maybeDeferred(f, *args).chainDeferred(d)
+
     def work(self) -> None:
         """Run every pending piece of thread work (and what it queues in turn)."""
         while self.pending:
@@ -130,7 +135,7 @@ class Harness:
         return float(result_of(d)["y"][0, 0])
 
 
-def start(models: list[ModelConfig], **kw: Any) -> Harness:
+def start(models: list[ModelConfig], *, work: bool = True, **kw: Any) -> Harness:
     clock, board, released = Clock(), Board(), []
     repository = ModelRepository(
         models,
@@ -145,7 +150,8 @@ def start(models: list[ModelConfig], **kw: Any) -> Harness:
         **kw,
     )
     repository.startService()
-    board.work()
+    if work:
+        board.work()
     return Harness(repository, board, clock, released)
 
 
@@ -162,6 +168,36 @@ def test_start_loads_the_highest_complete_version(tmp_path: Path) -> None:
     assert h.state() == {2: AVAILABLE}
     assert h.repository.ready
     assert h.predict() == 2.0
+
+
+def test_start_up_is_ready_once_every_aspired_version_had_its_first_load(tmp_path: Path) -> None:
+    """At start, /readyz waits for all the versions the policy names (not just the first to
+    load); a failed one does not hold it back; later loads never make it unready."""
+    for n in (1, 2):
+        version_folder(tmp_path, n)
+    h = start([model(tmp_path, policy=VersionPolicy("all"))], work=False)
+    ready: list = []
+    h.repository.when_ready().addCallback(ready.append)
+    for _ in range(3):  # load 2, load 1, warm up 2: version 2 serves, version 1 still loading
+        h.board.work_one()
+    assert h.state() == {1: LOADING, 2: AVAILABLE}
+    assert not h.repository.ready and not ready
+    h.board.work()
+    assert h.state() == {1: AVAILABLE, 2: AVAILABLE} and h.repository.ready and ready
+    version_folder(tmp_path, 3)
+    h.clock.advance(1)
+    h.clock.advance(1)
+    assert h.state()[3] == LOADING and h.repository.ready
+
+
+def test_a_failed_version_does_not_hold_start_up_back(tmp_path: Path) -> None:
+    """A version that fails its first load at start (retry pending) leaves the others ready."""
+    for n in (1, 2):
+        version_folder(tmp_path, n)
+    h = start([model(tmp_path, policy=VersionPolicy("all"))], work=False)
+    h.board.failing.add(("m", 2))
+    h.board.work()
+    assert h.state() == {1: AVAILABLE, 2: LOADING} and h.repository.ready
 
 
 def test_a_new_version_takes_over_only_once_available(tmp_path: Path) -> None:
