@@ -88,10 +88,9 @@ def _fingerprint(path: Path) -> int:
             file = os.path.join(root, name)
             try:
                 st = os.stat(file)
+                entries.append((os.path.relpath(file, path), st.st_size, st.st_mtime_ns))
             except FileNotFoundError:  # removed while we walked: the folder is changing
-                entries.append((file, -1, -1))
-                continue
-            entries.append((os.path.relpath(file, path), st.st_size, st.st_mtime_ns))
+                entries.append((os.path.relpath(file, path), -1, -1))
     return hash(tuple(entries))
 
 

@@ -211,6 +211,7 @@ class ModelRepository(Service):
         )
         self._make_threads = make_threads or partial(PoolThreads, reactor)
         self._scan_pool: ThreadPool | None = None
+        self._own_scan_pool = scan is None  # else injected (tests scan inline)
         self._scan = scan or self._scan_in_pool  # (f, *args) -> Deferred, off the reactor
         self._release_memory = release_memory
         self._freeze = freeze
@@ -310,10 +311,10 @@ class ModelRepository(Service):
     def status(
         self, name: str, version: int | None = None, label: str | None = None
     ) -> list[dict[str, Any]]:
-        if label is not None or version is not None:
-            if label is not None:
-                version = self.lookup(name, label=label).version
-            found = self.versions.get(name, {}).get(version)  # type: ignore[arg-type]
+        if label is not None:
+            version = self.lookup(name, label=label).version
+        if version is not None:
+            found = self.versions.get(name, {}).get(version)
             if found is None:
                 raise NotFound(
                     f"Servable not found for request: Specific({name}, {version}): "
@@ -410,7 +411,7 @@ class ModelRepository(Service):
     def startService(self) -> None:
         super().startService()
         self._freeze()  # before any model loads: see service.memory
-        if self._scan == self._scan_in_pool:  # not injected: scan on a thread of our own
+        if self._own_scan_pool:
             self._scan_pool = ThreadPool(1, 1, "model-scan")
             self._scan_pool.start()
         if self._poll_wait > 0:
@@ -600,7 +601,7 @@ class ModelRepository(Service):
         self._metrics.model_loads.labels(name, "success").inc()
         self._metrics.model_load_seconds.labels(name).observe(self.clock.seconds() - started)
         if not self.running:  # stopping: the server will not serve it
-            await threads.run(_close, servable)
+            await threads.run(servable.close)
             threads.stop()
             version.state, version.threads = END, None
             return
@@ -671,8 +672,8 @@ class ModelRepository(Service):
             self._metrics.forget(name, number, key)
         servable, threads = version.servable, version.threads
         version.servable, version.queues, version.threads = None, {}, None
-        if threads is not None:
-            await threads.run(_close, servable)
+        if threads is not None and servable is not None:
+            await threads.run(servable.close)
             threads.stop()
         del servable
         version.state = END
@@ -706,9 +707,3 @@ class ModelRepository(Service):
             waiters, self._waiting_ready = self._waiting_ready, []
             for d in waiters:
                 d.callback(None)
-
-
-def _close(servable: Any) -> None:
-    close = getattr(servable, "close", None)
-    if close is not None:
-        close()
