@@ -191,11 +191,21 @@ class InferenceAPI:
             body = read_body(request, JSON_CONTENT_TYPES)
             decoded = codec.decode_body(body, version.signature)
             signature = version.signature(decoded.signature_name)
-            queued = version.predict(signature.name, decoded.inputs, self._deadline(request))
-            request.notifyFinish().addErrback(lambda _: queued.cancel())  # client gone: drop it
-            outputs = await queued
+            outputs = await self._predict(request, version, signature.name, decoded.inputs)
         request.setHeader(b"content-type", JSON)
         return codec.encode_predict(outputs, decoded.row_format)
+
+    async def _predict(
+        self,
+        request: server.Request,
+        version: LoadedVersion,
+        signature_name: str,
+        inputs: dict[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """Queue one request's inputs; a client that goes away drops them from the queue."""
+        queued = version.predict(signature_name, inputs, self._deadline(request))
+        request.notifyFinish().addErrback(lambda _: queued.cancel())
+        return await queued
 
     async def _classify_or_regress(
         self, request: server.Request, target: Target, verb: str
@@ -208,11 +218,9 @@ class InferenceAPI:
             signature = examples.signature_for(
                 version.require().signatures, decoded.signature_name, verb
             )
-            queued = version.predict(
-                signature.name, {examples.INPUTS: decoded.serialized}, self._deadline(request)
+            outputs = await self._predict(
+                request, version, signature.name, {examples.INPUTS: decoded.serialized}
             )
-            request.notifyFinish().addErrback(lambda _: queued.cancel())  # client gone: drop it
-            outputs = await queued
         request.setHeader(b"content-type", JSON)
         return examples.encode_results(outputs, verb, len(decoded.serialized))
 
