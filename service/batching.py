@@ -128,8 +128,9 @@ class BatchingQueue:
     """Merges requests for one signature of one servable into batches.
 
     ``submit`` is called on the reactor thread and returns a Deferred of the
-    request's own outputs. Cancelling that Deferred (the client went away)
-    drops the request if its rows have not started running.
+    request's own outputs. Cancelling that Deferred (the client went away) is
+    safe at any moment: waiting rows leave the queue, rows already running
+    finish and their outputs are dropped.
     """
 
     def __init__(
@@ -172,6 +173,18 @@ class BatchingQueue:
         if not self._running:
             return 0.0
         return self._clock.seconds() - min(self._running.values())
+
+    def stalled_seconds(self) -> float:
+        """How long this queue has not moved: the oldest running batch's time, or how long rows
+        have waited past the batch timeout while a thread sat idle (scheduling broke). 0 while
+        it moves; the liveness check compares it with its bounds."""
+        waiting = 0.0
+        if self._idle_threads > 0:
+            head = next((r for r in self._waiting if not r.done), None)
+            if head is not None:
+                timeout = self.params.batch_timeout_micros / 1e6 if self.params.enabled else 0.0
+                waiting = max(0.0, self._clock.seconds() - head.enqueued_at - timeout)
+        return max(self.longest_running(), waiting)
 
     @property
     def load(self) -> float:
@@ -228,11 +241,18 @@ class BatchingQueue:
         return d
 
     def _cancel(self, request: _Request) -> None:
-        if request.taken == 0 and not request.done:
-            request.done = True
-            self._waiting_rows -= request.rows
-            self._schedule()  # a cancelled head may have been holding a timer
-        # Once rows run, the answer is computed anyway and dropped by the cancelled Deferred.
+        """The client gave up: the request is done, whatever state it is in.
+
+        Its rows still waiting leave the queue; rows already running finish (a batch cannot
+        be taken back from the model) and their outputs are dropped in ``_deliver``. Twisted
+        fires the Deferred with CancelledError once this returns, so nothing here may fire it.
+        """
+        if request.done:
+            return
+        request.done = True
+        self._waiting_rows -= request.rows - request.taken
+        request.parts.clear()
+        self._schedule()  # a cancelled head may have been holding a timer
 
     def _head(self) -> _Request | None:
         """The oldest request still waiting, after dropping answered and expired ones."""
@@ -324,28 +344,43 @@ class BatchingQueue:
     ) -> None:
         # Answer first, free the thread after: requests submitted from the answers' callbacks
         # (a client sending its next request) then join the next batch instead of grabbing
-        # the idle thread one by one.
-        del self._running[id(parts)]
+        # the idle thread one by one. Whatever answering does, the thread is freed.
+        try:
+            self._answer(result, parts, queue_seconds)
+        finally:
+            del self._running[id(parts)]
+            self._idle_threads += 1
+            self._schedule()
+
+    def _answer(
+        self,
+        result: tuple[list[Tensors | ServingError], float, int] | Failure,
+        parts: list[_Part],
+        queue_seconds: list[float],
+    ) -> None:
         rows = sum(part.rows for part in parts)
         if isinstance(result, Failure):
             error = _as_serving_error(result)
-            for part in parts:
-                self._fail(part.request, error)
+            outcomes: list[Tensors | ServingError] = [error] * len(parts)
             record = BatchRecord(rows, rows, len(parts), queue_seconds, 0.0, failed=True)
         else:
-            outputs, run_seconds, padded = result
-            for part, out in zip(parts, outputs, strict=True):
-                if isinstance(out, ServingError):  # this request alone was refused (see _run_batch)
-                    self._fail(part.request, out)
-                else:
-                    self._deliver(part, out)
+            outcomes, run_seconds, padded = result
             record = BatchRecord(rows, padded, len(parts), queue_seconds, run_seconds, failed=False)
+        for part, outcome in zip(parts, outcomes, strict=True):
+            try:
+                if isinstance(outcome, ServingError):  # failed, or refused alone (see _run_batch)
+                    self._fail(part.request, outcome)
+                else:
+                    self._deliver(part, outcome)
+            except Exception:  # one answer going wrong must not stop the others or the queue
+                log.failure("answering a request failed")
+                self._fail(
+                    part.request, Internal("answering the request failed; see the server log")
+                )
         try:
             self._observer.batch_finished(record)
         except Exception:
             log.failure("batch observer failed")
-        self._idle_threads += 1
-        self._schedule()
 
     def _deliver(self, part: _Part, outputs: Tensors) -> None:
         request = part.request
@@ -355,13 +390,13 @@ class BatchingQueue:
         request.answered += part.rows
         if request.answered < request.rows:
             return
-        request.done = True
         pieces = [request.parts[k] for k in sorted(request.parts)]
         whole = (
             pieces[0]
             if len(pieces) == 1
             else {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
         )
+        request.done = True
         request.parts.clear()
         request.deferred.callback(whole)
 
