@@ -174,17 +174,16 @@ class BatchingQueue:
             return 0.0
         return self._clock.seconds() - min(self._running.values())
 
-    def stalled_seconds(self) -> float:
-        """How long this queue has not moved: the oldest running batch's time, or how long rows
-        have waited past the batch timeout while a thread sat idle (scheduling broke). 0 while
-        it moves; the liveness check compares it with its bounds."""
-        waiting = 0.0
-        if self._idle_threads > 0:
-            head = next((r for r in self._waiting if not r.done), None)
-            if head is not None:
-                timeout = self.params.batch_timeout_micros / 1e6 if self.params.enabled else 0.0
-                waiting = max(0.0, self._clock.seconds() - head.enqueued_at - timeout)
-        return max(self.longest_running(), waiting)
+    def idle_wait_seconds(self) -> float:
+        """How long rows have waited past the batch timeout while a thread sat idle: 0 unless
+        scheduling broke (the liveness check turns red past its bound)."""
+        if self._idle_threads == 0:
+            return 0.0
+        head = next((r for r in self._waiting if not r.done), None)
+        if head is None:
+            return 0.0
+        timeout = self.params.batch_timeout_micros / 1e6 if self.params.enabled else 0.0
+        return max(0.0, self._clock.seconds() - head.enqueued_at - timeout)
 
     @property
     def load(self) -> float:
@@ -239,6 +238,18 @@ class BatchingQueue:
         self._drained.append(d)
         self._check_drained()
         return d
+
+    def abort_waiting(self, error: ServingError) -> int:
+        """Fail every request that has rows still waiting (not those only running) with
+        ``error``; the number failed. At the shutdown deadline, queued clients get an answer
+        (503, retry elsewhere) rather than a dropped connection."""
+        failed = 0
+        for request in list(self._waiting):
+            if not request.done:
+                self._fail(request, error)
+                failed += 1
+        self._schedule()
+        return failed
 
     def _cancel(self, request: _Request) -> None:
         """The client gave up: the request is done, whatever state it is in.
@@ -338,7 +349,7 @@ class BatchingQueue:
 
     def _finished(
         self,
-        result: tuple[list[Tensors], float, int] | Failure,
+        result: tuple[list[Tensors | ServingError], float, int] | Failure,
         parts: list[_Part],
         queue_seconds: list[float],
     ) -> None:

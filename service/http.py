@@ -8,9 +8,11 @@ Routes (TF Serving's, see ARCHITECTURE.md):
   POST /          the same, for the default model (--default_model, or the only one served)
   GET  /v1/models/{name}[/versions/{v} | /labels/{l}]            version status
   GET  /v1/models/{name}[/versions/{v} | /labels/{l}]/metadata   signatures
-  GET  /healthz   200 while the process runs
+  GET  /healthz   200 while the server serves; 503 when a batch has run past
+                  --inference_stall_seconds or a queue stopped moving (service.health)
   GET  /readyz    200 when every model (of the start-up config, or added later and since
-                  served) has an AVAILABLE version, 503 before that,
+                  served) has an AVAILABLE version, 503 before that, while draining on
+                  stop and while /healthz fails,
                   429 while a batching queue is fuller than --overload_fraction
 
 A request holds the version it was routed to (``LoadedVersion.lease``) until it is
@@ -49,6 +51,7 @@ from service.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from service.health import Health
 from service.images import (
     Abandonment,
     ImageDecoder,
@@ -123,8 +126,10 @@ class InferenceAPI:
         overload_fraction: float = 0.8,
         images: ImageDecoder | None = None,
         default_model: str | None = None,
+        health: Health | None = None,
     ) -> None:
         self.repository = repository
+        self.health = health or Health(repository, stall_seconds=60.0)
         self.metrics = metrics
         self.overload_fraction = overload_fraction
         self.images = images
@@ -310,6 +315,10 @@ class InferenceAPI:
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", JSON)
+        problem = self.health.problem()
+        if problem is not None:
+            request.setResponseCode(503)
+            return codec.encode_json({"status": "stalled", "error": problem})
         return codec.encode_json({"status": "alive"})
 
     @app.route("/readyz", methods=["GET"])
@@ -319,6 +328,13 @@ class InferenceAPI:
             name: [v.status() for v in versions.values()]
             for name, versions in self.repository.versions.items()
         }
+        if self.health.draining:
+            request.setResponseCode(503)
+            return codec.encode_json({"status": "draining", "models": models})
+        problem = self.health.problem()
+        if problem is not None:
+            request.setResponseCode(503)
+            return codec.encode_json({"status": "stalled", "error": problem, "models": models})
         if not self.repository.ready:
             request.setResponseCode(503)
             return codec.encode_json({"status": "loading", "models": models})
@@ -410,6 +426,10 @@ def read_body(
     return request.content.read()
 
 
+IDLE_GRACE = 1.0
+"""On stop, seconds an idle keep-alive connection is kept for a request already on its way."""
+
+
 class BoundedRequest(server.Request):
     """A request whose body is held in memory up to a limit and discarded beyond it.
 
@@ -424,9 +444,11 @@ class BoundedRequest(server.Request):
     _received = 0
 
     def process(self) -> None:
-        in_flight = cast(Any, self.channel).site.in_flight
-        in_flight.started()
-        self.notifyFinish().addBoth(in_flight.finished)
+        site = cast(Any, self.channel).site
+        site.in_flight.started()
+        self.notifyFinish().addBoth(site.in_flight.finished)
+        if site.stopping:  # arrived on a kept-alive connection while the port closes
+            _close_after(self)
         super().process()
 
     def gotLength(self, length: int | None) -> None:
@@ -465,10 +487,58 @@ class InferenceSite(server.Site):
         self._requests = api.metrics.requests
         self.in_flight = in_flight or InFlight()
         api.metrics.in_flight.set_function(lambda: self.in_flight.count)
+        self.stopping = False
+        self._connections: set[Any] = set()
+        self._all_closed: list[Deferred] = []
 
-    def log(self, request: Any) -> None:
-        """Count each answered request (instead of an access-log line per request)."""
-        self._requests.labels(route_kind(request.path), str(request.code)).inc()
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self._connections.add(protocol)
+            lost = protocol.connectionLost
+
+            def connection_lost(reason: Any, protocol: Any = protocol) -> None:
+                self._connections.discard(protocol)
+                lost(reason)
+                if not self._connections:
+                    waiters, self._all_closed = self._all_closed, []
+                    for d in waiters:
+                        d.callback(None)
+
+            protocol.connectionLost = connection_lost
+        return protocol
+
+    def all_closed(self) -> Deferred:
+        """Fires once no connection is open (at once if none is)."""
+        d: Deferred = Deferred()
+        if self._connections:
+            self._all_closed.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def stop_keeping_alive(self, idle_grace: float = IDLE_GRACE) -> None:
+        """The port is closing: answers from now on carry ``Connection: close`` and their
+        connections close after them; a connection with no request under way closes once it
+        has been idle ``idle_grace`` seconds (not at once: a request it was sent may still be
+        unread, and closing with unread data would reset it)."""
+        self.stopping = True
+        for protocol in list(self._connections):
+            channel = getattr(
+                protocol, "_channel", protocol
+            )  # Site wraps HTTPChannel (HTTP/2 switch)
+            requests = getattr(channel, "requests", [])
+            for request in requests:
+                _close_after(request)
+            if not requests:  # not persistent = False: Twisted would drop a request arriving
+                channel.setTimeout(idle_grace)
+
+
+def _close_after(request: Any) -> None:
+    """Answer this request with ``Connection: close`` and close the connection after it."""
+    if not request.startedWriting:
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+    request.channel.persistent = False
 
 
 def route_kind(path: bytes) -> str:

@@ -29,6 +29,7 @@ from service.batching_config import (
     load_batching_parameters,
 )
 from service.model_config import ModelConfig, ModelConfigError, load_model_config
+from service.shutdown import CUT_MARGIN
 
 log = Logger()
 
@@ -69,6 +70,8 @@ class ServerConfig:
     discovery: DiscoveryConfig | None = None
     overload_fraction: float = 0.8
     inference_stall_seconds: float = 60.0
+    drain_delay: float = 5.0
+    drain_timeout: float = 30.0
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     default_model: str | None = None  # POST / classifies with this model (None: the only one)
@@ -223,6 +226,14 @@ class Options(usage.Options):
             _number("drain_delay"),
         ],
         [
+            "drain_timeout",
+            None,
+            30.0,
+            "On stop: seconds, after --drain_delay, that requests in flight may take; then what is "
+            "still queued is answered 503 and the process exits (within --drain_delay + this).",
+            _number("drain_timeout"),
+        ],
+        [
             "overload_fraction",
             None,
             0.8,
@@ -336,6 +347,8 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
             raise usage.UsageError(f"--{flag} must be positive")
     if opts.get("drain_delay", 0) < 0:
         raise usage.UsageError("--drain_delay must be 0 or more")
+    if opts.get("drain_timeout", 1) <= CUT_MARGIN:
+        raise usage.UsageError(f"--drain_timeout must be more than {CUT_MARGIN:g} s")
     fraction = opts.get("overload_fraction", 0.8)
     if not 0 < fraction <= 1:
         raise usage.UsageError(f"--overload_fraction must be in (0, 1], not {fraction}")
@@ -365,6 +378,8 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         discovery=_discovery_config(opts, listen),
         overload_fraction=fraction,
         inference_stall_seconds=opts.get("inference_stall_seconds", 60.0),
+        drain_delay=opts.get("drain_delay", 5.0),
+        drain_timeout=opts.get("drain_timeout", 30.0),
         intra_op_threads=opts.get("tensorflow_intra_op_parallelism", 0),
         inter_op_threads=opts.get("tensorflow_inter_op_parallelism", 0),
         default_model=default_model,
@@ -471,20 +486,27 @@ def makeService(options: Options) -> MultiService:
        is also re-read every --model_config_file_poll_wait_seconds),
     3. the image decoder's thread pool (stops after the port has drained, so no upload is left
        waiting on it),
-    4. the HTTP port (on stop: close, then wait for requests in flight),
+    4. the HTTP port (on stop: close, close idle connections, wait for requests in flight,
+       answer what is still queued 503 shortly before the stop deadline),
     5. the Consul registration, once models are loaded and the port listens (on stop: leave
        Consul first, then wait --drain_delay so clients notice before the port closes); its
-       tags follow the set of AVAILABLE model versions.
+       tags follow the set of AVAILABLE model versions,
+    6. ``BeginStop``, stopped first: starts the stop deadline (--drain_delay +
+       --drain_timeout; every step is waited for only until then, and a watchdog ends the
+       process at it, see service.shutdown) and makes /readyz answer 503.
     """
     # The composition root is the one place that picks the global reactor.
     from twisted.internet import reactor
 
+    from service.errors import Unavailable
+    from service.health import Health
     from service.http import InferenceAPI, InferenceSite
     from service.images import ImageDecoder
     from service.lifecycle import AfterReady, HTTPPort, OrderedServices
     from service.metrics import Metrics
     from service.reload import ConfigReloader
     from service.repository import ModelRepository
+    from service.shutdown import BeginStop, StopDeadline
 
     config: ServerConfig = options.config
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads)
@@ -503,16 +525,33 @@ def makeService(options: Options) -> MultiService:
         max_enqueued=config.max_enqueued_image_decodes,
         max_pixels=config.max_image_pixels,
     )
+    health = Health(repository, stall_seconds=config.inference_stall_seconds)
     api = InferenceAPI(
         repository,
         metrics=metrics,
         overload_fraction=config.overload_fraction,
         images=images,
         default_model=config.default_model,
+        health=health,
     )
     site = InferenceSite(api, max_body_bytes=config.max_request_bytes)
-    port = HTTPPort(serverFromString(reactor, config.listen), site, site.in_flight, reactor=reactor)
-    top = OrderedServices()
+    deadline = StopDeadline(
+        reactor, drain_delay=config.drain_delay, drain_timeout=config.drain_timeout
+    )
+
+    def cut_queued() -> int:
+        stopping = Unavailable("the server is stopping; retry on another server", retry_after=1)
+        return sum(queue.abort_waiting(stopping) for queue in repository.queues())
+
+    port = HTTPPort(
+        serverFromString(reactor, config.listen),
+        site,
+        site.in_flight,
+        reactor=reactor,
+        deadline=deadline,
+        cut_queued=cut_queued,
+    )
+    top = OrderedServices(deadline, clock=reactor)
     repository.setServiceParent(top)
     reloader = ConfigReloader(
         config.model_config_file,  # None: SIGHUP only rescans the model folders
@@ -534,7 +573,7 @@ def makeService(options: Options) -> MultiService:
                 discovery,
                 repository,
                 listening.getHost().port,
-                config.inference_stall_seconds,
+                health,
                 reactor,
             )
             repository.subscribe(lambda: registration.update(*model_tags(repository)))
@@ -544,6 +583,8 @@ def makeService(options: Options) -> MultiService:
             return repository.when_ready().addCallback(lambda _: port.listening)
 
         AfterReady(registration, ready).setServiceParent(top)
+    # Stopped first: the stop's deadline starts and /readyz fails before anything else happens.
+    BeginStop(deadline, lambda: setattr(health, "draining", True)).setServiceParent(top)
     return top
 
 
@@ -583,7 +624,7 @@ def make_registration(
     discovery: DiscoveryConfig,
     repository: Any,
     listening_port: int,
-    stall_seconds: float,
+    health: Any,
     reactor: Any,
 ) -> Any:
     from discovery.consul import ConsulClient, TreqTransport
@@ -605,8 +646,5 @@ def make_registration(
         drain_delay=discovery.drain_delay,
     )
 
-    def alive() -> bool:
-        return all(queue.longest_running() < stall_seconds for queue in repository.queues())
-
     client = ConsulClient(TreqTransport.create(reactor, discovery.consul))
-    return ConsulRegistration(spec, client, reactor, alive)
+    return ConsulRegistration(spec, client, reactor, health.alive)

@@ -184,6 +184,24 @@ def make_slow(base: Path, version: int = 1, seconds: float = 0.2) -> Path:
     return _save(tf.Module(), base, version, {"serving_default": serve})
 
 
+def make_hanging(base: Path, version: int = 1) -> Path:
+    """Identity, except that a batch with a negative ``x[:, 0]`` never returns: it waits on an
+    empty queue (no CPU burnt) — an inference thread stuck in the model, made on purpose."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def serve(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        def hang() -> tf.Tensor:
+            queue = tf.raw_ops.FIFOQueueV2(component_types=[tf.float32], shapes=[[]])
+            return tf.raw_ops.QueueDequeueV2(handle=queue, component_types=[tf.float32])[0]
+
+        stuck = tf.cond(tf.reduce_any(x[:, 0] < 0), hang, lambda: tf.constant(0.0))
+        with tf.control_dependencies([stuck]):
+            return {"y": tf.identity(x)}
+
+    return _save(tf.Module(), base, version, {"serving_default": serve})
+
+
 def make_image_bytes(base: Path, version: int = 1) -> Path:
     """Encoded images in (a batch of strings), two class probabilities out."""
     import tensorflow as tf

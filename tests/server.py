@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,14 +42,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class TwistdServer:
-    """One ``twistd -n inference`` subprocess on a free loopback port, logging to a file."""
+ERROR_MARKERS = (
+    "Traceback (most recent call last)",
+    "Unhandled error in Deferred",
+    "Unhandled Error",
+)
 
-    def __init__(self, args: list[str], log_dir: Path, port: int | None = None) -> None:
+
+def unexpected_errors(log: str, expected: list[str]) -> list[str]:
+    """The tracebacks and unhandled errors in a twistd log that match none of ``expected``.
+
+    Each is reported with the log line before it (what was being done) and the lines after
+    it up to the next log entry, which is what ``expected`` regular expressions match.
+    """
+    lines = log.splitlines()
+    found: list[str] = []
+    for i, line in enumerate(lines):
+        if not any(marker in line for marker in ERROR_MARKERS):
+            continue
+        end = i + 1
+        while end < len(lines) and not re.match(r"^\d{4}-\d\d-\d\dT", lines[end]):
+            end += 1
+        block = "\n".join(lines[max(0, i - 1) : end])
+        if not any(re.search(pattern, block) for pattern in expected):
+            found.append(block)
+    return found
+
+
+class TwistdServer:
+    """One ``twistd -n inference`` subprocess on a free loopback port, logging to a file.
+
+    ``stop()`` fails the test if the log holds a traceback or unhandled error that no
+    pattern of ``expected_errors`` (regular expressions) matches: a server that answered
+    every request right can still have logged a bug.
+    """
+
+    def __init__(
+        self,
+        args: list[str],
+        log_dir: Path,
+        port: int | None = None,
+        expected_errors: list[str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.args = args
         self.log_path = log_dir / f"twistd-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.expected_errors = list(expected_errors or [])
 
     @property
     def url(self) -> str:
@@ -108,14 +148,26 @@ class TwistdServer:
         return status, _json_or_text(body)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        """Stop the server (if it runs) and check its log; the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.check_log()
+        return self.process.returncode
+
+    def check_log(self) -> None:
+        errors = unexpected_errors(self.log(), self.expected_errors)
+        if errors:
+            self.expected_errors.append(".")  # report once, even if stop() is called again
+            raise AssertionError(
+                f"the server logged {len(errors)} unexpected error(s):\n\n" + "\n\n".join(errors)
+            )
 
 
 def _json_or_text(body: bytes) -> Any:

@@ -525,7 +525,7 @@ def test_cancelling_at_any_moment_never_wedges_the_queue(
     assert not errors, [formatEvent(e) for e in errors]
     assert all(len(results) == 1 for results in fired.values()), fired
     assert queue.busy_threads == 0 and queue.queued_rows == 0 and not executor.pending
-    assert queue.stalled_seconds() == 0.0
+    assert queue.idle_wait_seconds() == 0.0 and queue.longest_running() == 0.0
     for rid, (result,) in fired.items():
         if isinstance(result, Failure):
             assert result.check(CancelledError, Internal), result
@@ -590,19 +590,34 @@ def test_an_answer_that_cannot_be_assembled_fails_only_its_request() -> None:
     assert result_of(other)["y"].shape == (2, 2)
 
 
-def test_stalled_seconds_reports_a_running_batch_and_a_stuck_queue() -> None:
-    """stalled_seconds(): how long a batch has run, or rows have waited past the batch timeout
-    with a thread idle; 0 while the queue moves."""
+def test_idle_wait_seconds_reports_rows_stuck_behind_an_idle_thread() -> None:
+    """idle_wait_seconds(): 0 while the queue moves (even with a long batch running); how long rows
+    waited past the batch timeout with a thread idle, once scheduling broke."""
     queue, clock, executor, _ = make_queue(BatchingParameters(max_batch_size=8))
-    assert queue.stalled_seconds() == 0.0
+    assert queue.idle_wait_seconds() == 0.0
     queue.submit(rows_for(0, 1), 1)
+    queue.submit(rows_for(1, 1), 1)  # waits behind the running batch: not stuck
     clock.advance(30)
-    assert queue.stalled_seconds() == 30
+    assert queue.idle_wait_seconds() == 0.0 and queue.longest_running() == 30
     executor.finish_one()
-    assert queue.stalled_seconds() == 0.0
+    executor.finish_one()
     # Rows waiting with a thread idle cannot happen unless scheduling broke: simulate that.
     queue._idle_threads = 0
-    queue.submit(rows_for(1, 1), 1)
+    queue.submit(rows_for(2, 1), 1)
     queue._idle_threads = 1
     clock.advance(7)
-    assert queue.stalled_seconds() == 7
+    assert queue.idle_wait_seconds() == 7
+
+
+def test_abort_waiting_fails_queued_requests_and_leaves_running_ones() -> None:
+    """At the shutdown deadline, queued requests get the error (503) and running ones still finish."""
+    queue, clock, executor, _ = make_queue(BatchingParameters(max_batch_size=1))
+    running = queue.submit(rows_for(0, 1), 1)
+    queued = [queue.submit(rows_for(i, 1), 1) for i in (1, 2)]
+    assert queue.abort_waiting(Unavailable("stopping", retry_after=1)) == 2
+    for d in queued:
+        with pytest.raises(Unavailable):
+            result_of(d)
+    executor.finish_one()
+    assert not isinstance(result_of(running), Failure)
+    assert queue.queued_rows == 0 and queue.busy_threads == 0 and not executor.pending

@@ -331,7 +331,8 @@ def test_reregisters_after_consul_restarts(fleet: Fleet) -> None:
 
 
 def test_wedged_inference_thread_fails_liveness(fleet: Fleet) -> None:
-    """A batch running past --inference_stall_seconds turns the TTL check critical; it recovers after."""
+    """A batch running past --inference_stall_seconds turns the TTL check critical and /healthz 503;
+    both recover after."""
     agent, server = fleet.consul, fleet.servers["wedge"]
     sid = wait_passing(agent, server)
     liveness = f"service:{sid}:liveness"
@@ -346,11 +347,13 @@ def test_wedged_inference_thread_fails_liveness(fleet: Fleet) -> None:
         assert checks[liveness]["Status"] == "critical", checks.get(liveness)
         assert checks[liveness]["Output"] == "inference threads not alive"
         assert worker.is_alive()  # the 8 s call is what wedges the thread
-        assert server.get("/healthz") == (200, {"status": "alive"})
+        status, body = server.get("/healthz")
+        assert status == 503 and "inference thread is stuck" in body["error"]
         assert sid not in poll(lambda: passing_ids(agent), lambda ids: sid not in ids)
     finally:
         worker.join(DEADLINE)
     assert answer == [(200, {"predictions": X})]
+    assert server.get("/healthz") == (200, {"status": "alive"})
     assert poll(lambda: check_status(agent, liveness), lambda s: s == "passing") == "passing"
     assert sid in poll(lambda: passing_ids(agent), lambda ids: sid in ids)
 
