@@ -17,8 +17,7 @@ Everything here runs on the reactor thread: plain counters, no locks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from twisted.internet.defer import Deferred
 
 
 class RequestBudget:
@@ -80,12 +79,23 @@ class BodyHold:
         if not self._decoding:
             self.release()
 
-    @contextmanager
-    def decoding(self) -> Iterator[None]:
-        """Hold the bytes while the body is decoded, even if the client leaves; release after."""
+    def decoding(self, decode: Deferred) -> Deferred:
+        """Hold the bytes until ``decode`` (the body's decode) fires, then release them.
+
+        Returns a Deferred with ``decode``'s result to await instead of ``decode`` itself:
+        cancelling it (Klein cancels the route of a client that left) leaves the decode
+        running on its thread and its bytes counted until it ends, since they are in use.
+        """
         self._decoding = True
-        try:
-            yield
-        finally:
+
+        def ended(result: object) -> object:
             self._decoding = False
             self.release()
+            return result
+
+        decode.addBoth(ended)
+        result: Deferred = Deferred()
+        decode.chainDeferred(
+            result
+        )  # once ``result`` is cancelled, what ``decode`` fires is dropped
+        return result

@@ -46,7 +46,6 @@ from service import codec, examples
 from service.budget import BodyHold, RequestBudget
 from service.decoding import BodyDecoder
 from service.errors import (
-    Cancelled,
     InvalidArgument,
     NotFound,
     PayloadTooLarge,
@@ -209,20 +208,16 @@ class InferenceAPI:
     async def _decode_json(self, request: server.Request, decode: Callable[[bytes], T]) -> T:
         """Read the JSON body and decode it (a large one on the decoder's threads).
 
-        The body's bytes count against the request budget until decoded, and nothing keeps
-        them after: the caller holds only what ``decode`` made. A client that left while its
-        body was decoded gets no inference run for it.
+        The body's bytes count against the request budget until the decode ends, and nothing
+        keeps them after: the caller holds only what ``decode`` made.
         """
         body = read_body(request, JSON_CONTENT_TYPES)
-        gone = Abandonment()
-        request.notifyFinish().addErrback(gone.set)
+        decoding = Deferred.fromCoroutine(self.decoder.decode(body, decode))
+        del body  # the decode holds it; a route cancelled meanwhile need not
         hold: BodyHold | None = getattr(request, "body_hold", None)
-        if hold is None:  # a request type without a budget (tests' plain Site)
-            return await self.decoder.decode(body, decode)
-        with hold.decoding():
-            decoded = await self.decoder.decode(body, decode)
-        if gone.abandoned:
-            raise Cancelled("the client closed the connection")
+        if hold is not None:  # None: a request type without a budget (tests' plain Site)
+            decoding = hold.decoding(decoding)
+        decoded: T = await decoding
         return decoded
 
     async def _predict(
