@@ -12,7 +12,12 @@ decode left on the reactor stalls it for more than ~2.5 ms; the typical small pr
 KB, ~0.1 ms) would pay more for the hand-off than it takes.
 
 The pool still shares the GIL: a single long C call (orjson parsing tens of MB) holds it,
-so the reactor can wait for the longest such call, not for the whole decode.
+so the reactor can wait for the longest such call, not for the whole decode. For the same
+reason the pool has one thread: a second would add little throughput, but glibc gives each
+thread its own malloc arena, and ``malloc_trim`` does not shrink the top of a thread's arena,
+so each decode thread keeps up to ~35 MB after a 60 MB body (measured; the main thread's
+arena is trimmed). ``mallopt(M_TRIM_THRESHOLD, 1 MiB)`` would return that too, but it also
+fixes glibc's mmap threshold for the whole process, TensorFlow's tensors included.
 
 ``MemoryReturn`` gives freed memory back to the OS after large requests: the body, its parse
 and its arrays are freed when the request ends, but glibc keeps freed heap (and the decode
@@ -58,7 +63,7 @@ class BodyDecoder(Service):
         self,
         *,
         reactor: Any,
-        threads: int = 2,
+        threads: int = 1,
         off_reactor_bytes: int = OFF_REACTOR_BYTES,
         executor: Callable[..., Deferred] | None = None,
         release_memory: Callable[[], object] = memory.release_after_requests,

@@ -529,6 +529,7 @@ class InferenceSite(server.Site):
         self._requests = api.metrics.requests
         self.in_flight = in_flight or InFlight()
         self.budget = budget or RequestBudget(4 * max_body_bytes)
+        api.metrics.request_body_bytes.set_function(lambda: self.budget.held)
         self._decoder = api.decoder
         api.metrics.in_flight.set_function(lambda: self.in_flight.count)
 
