@@ -2,8 +2,8 @@
 
 Starts ``twistd -n inference`` on ``models/digits`` (``scripts/export-demo-model``) with
 batching (256-row batches, so TensorFlow's own working memory stays small and what is left
-is the request's), sends one small predict to warm it up, reads its RSS (``VmRSS`` of
-``/proc/PID/status``), then sends ``--requests`` bodies of ``--mb`` MB, one after another
+is the request's), sends a small predict and a 2 MB one to warm it up (TensorFlow's first
+full batches), reads its RSS (``VmRSS`` of ``/proc/PID/status``), then sends ``--requests`` bodies of ``--mb`` MB, one after another
 (``--concurrency`` at once), printing RSS after each and, while each is in flight, the
 slowest ``/healthz`` answer seen::
 
@@ -102,6 +102,9 @@ def main() -> None:
             url = server.url + "/v1/models/digits:predict"
             post(url, make_body(0.01))
             time.sleep(1)
+            print(f"RSS after a small predict {rss_mib(pid):.0f} MiB", flush=True)
+            post(url, make_body(2))  # TensorFlow's first full 256-row batches, the decode pool
+            time.sleep(args.settle)
             before = rss_mib(pid)
             print(f"body {len(body) / 1e6:.1f} MB; RSS before {before:.0f} MiB", flush=True)
             with ThreadPoolExecutor(args.concurrency) as pool:
