@@ -11,8 +11,9 @@ back costs ~60 us. At 256 KiB the hand-off is ~2% of the ~2.5 ms decode it moves
 decode left on the reactor stalls it for more than ~2.5 ms; the typical small predict (a few
 KB, ~0.1 ms) would pay more for the hand-off than it takes.
 
-The pool still shares the GIL: a single long C call (orjson parsing tens of MB) holds it,
-so the reactor can wait for the longest such call, not for the whole decode. For the same
+The pool still shares the GIL: a single long C call over the whole body (a ``translate``,
+numpy converting the parsed numbers) holds it, so the reactor can wait for the longest such
+call, not for the whole decode; the fast path parses numbers in ~1 MiB pieces for this. For the same
 reason the pool has one thread: a second would add little throughput, but glibc gives each
 thread its own malloc arena, and ``malloc_trim`` does not shrink the top of a thread's arena,
 so each decode thread keeps up to ~35 MB after a 60 MB body (measured; the main thread's
