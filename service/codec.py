@@ -503,13 +503,41 @@ def _scan_numeric_body(body: bytes) -> _ScannedBody | None:
     if _number_beside_bracket(array_text.translate(_NUMBER_CHARS_TO_ZEROS, _JSON_SPACE)):
         return None
     try:
-        values = orjson.loads(b"".join((b"[", array_text.translate(_BRACKETS_TO_SPACES), b"]")))
+        values = _parse_numbers(array_text.translate(_BRACKETS_TO_SPACES))
         signature_name = None if name is None else name.decode("utf-8")
     except (orjson.JSONDecodeError, UnicodeDecodeError):
         return None
     if len(values) != math.prod(shape):
         return None  # e.g. "[]", whose skeleton is also that of "[1]"
     return _ScannedBody(signature_name, head["key"] == b"instances", values, shape)
+
+
+#: The fast path parses its numbers in pieces of about this many bytes (see _parse_numbers).
+NUMBERS_PIECE_BYTES = 1 << 20
+
+
+def _parse_numbers(text: bytes) -> list[Any]:
+    """``orjson.loads(b"[" + text + b"]")`` for comma-separated numbers, in ~1 MiB pieces.
+
+    One orjson call holds the GIL for its whole length (~1 s for 60 MB), so a body decoded on
+    a thread would still stall the reactor that long; pieces hold it ~10 ms each. Pieces are
+    cut at commas, which no number contains; the whole is a valid list exactly when every
+    piece parses as a non-empty list (an empty one is a stray comma), else JSONDecodeError.
+    """
+    if len(text) <= NUMBERS_PIECE_BYTES:
+        return orjson.loads(b"".join((b"[", text, b"]")))
+    values: list[Any] = []
+    start = 0
+    while start <= len(text):
+        cut = text.find(b",", start + NUMBERS_PIECE_BYTES)
+        if cut < 0:
+            cut = len(text)
+        piece = orjson.loads(b"".join((b"[", text[start:cut], b"]")))
+        if not piece:
+            raise orjson.JSONDecodeError("an empty element", "", 0)
+        values += piece
+        start = cut + 1
+    return values
 
 
 def _skeleton(shape: tuple[int, ...]) -> bytes:

@@ -21,20 +21,22 @@ answered, so a hot swap never unloads a version under a request.
 
 Everything here runs on the reactor thread and stays cheap: parse, validate,
 queue, encode. TensorFlow runs behind ``LoadedVersion.predict``; images are decoded
-on ``ImageDecoder``'s own threads.
+on ``ImageDecoder``'s own threads, large JSON bodies on ``BodyDecoder``'s. Bodies being
+received or decoded count against one ``RequestBudget`` (``service.budget``).
 """
 
 from __future__ import annotations
 
 import io
 import re
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import attrs
 import numpy as np
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -43,6 +45,8 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from service import codec, examples
+from service.budget import BodyHold, RequestBudget
+from service.decoding import BodyDecoder
 from service.errors import (
     InvalidArgument,
     NotFound,
@@ -65,6 +69,8 @@ from service.metrics import Metrics
 from service.repository import LoadedVersion, ModelRepository
 
 log = Logger()
+
+T = TypeVar("T")
 
 JSON = b"application/json"
 # Content types a JSON body may come with: curl -d sends form-urlencoded, TF Serving ignores the type.
@@ -127,6 +133,7 @@ class InferenceAPI:
         images: ImageDecoder | None = None,
         default_model: str | None = None,
         health: Health | None = None,
+        decoder: BodyDecoder | None = None,
     ) -> None:
         self.repository = repository
         self.health = health or Health(repository, stall_seconds=60.0)
@@ -134,6 +141,8 @@ class InferenceAPI:
         self.overload_fraction = overload_fraction
         self.images = images
         self.default_model = default_model
+        # Without a pool of its own (tests), every body is decoded where it is read.
+        self.decoder = decoder or BodyDecoder(reactor=repository.clock, executor=maybeDeferred)
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -193,12 +202,28 @@ class InferenceAPI:
             )
         version = self._lookup(target)
         with version.lease():  # a swap unloads this version only after the answer
-            body = read_body(request, JSON_CONTENT_TYPES)
-            decoded = codec.decode_body(body, version.signature)
+            decoded = await self._decode_json(
+                request, lambda body: codec.decode_body(body, version.signature)
+            )
             signature = version.signature(decoded.signature_name)
             outputs = await self._predict(request, version, signature.name, decoded.inputs)
         request.setHeader(b"content-type", JSON)
         return codec.encode_predict(outputs, decoded.row_format)
+
+    async def _decode_json(self, request: server.Request, decode: Callable[[bytes], T]) -> T:
+        """Read the JSON body and decode it (a large one on the decoder's threads).
+
+        The body's bytes count against the request budget until the decode ends, and nothing
+        keeps them after: the caller holds only what ``decode`` made.
+        """
+        body = read_body(request, JSON_CONTENT_TYPES)
+        decoding = Deferred.fromCoroutine(self.decoder.decode(body, decode))
+        del body  # the decode holds it; a route cancelled meanwhile need not
+        hold: BodyHold | None = getattr(request, "body_hold", None)
+        if hold is not None:  # None: a request type without a budget (tests' plain Site)
+            decoding = hold.decoding(decoding)
+        decoded: T = await decoding
+        return decoded
 
     async def _predict(
         self,
@@ -218,8 +243,9 @@ class InferenceAPI:
         """TF Serving's Classify and Regress: the examples run as k rows of the DT_STRING input."""
         version = self._lookup(target)
         with version.lease():  # a swap unloads this version only after the answer
-            body = read_body(request, JSON_CONTENT_TYPES)
-            decoded = examples.decode_examples(body, verb)
+            decoded = await self._decode_json(
+                request, lambda body: examples.decode_examples(body, verb)
+            )
             signature = examples.signature_for(
                 version.require().signatures, decoded.signature_name, verb
             )
@@ -415,6 +441,13 @@ def read_body(
     if getattr(request, "body_too_large", False):
         limit = getattr(request, "max_body_bytes", 0)
         raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
+    hold: BodyHold | None = getattr(request, "body_hold", None)
+    if hold is not None and hold.refused:
+        raise Unavailable(
+            "the server is busy with large requests: their bodies being received or decoded "
+            f"would pass --max_inflight_request_bytes ({hold.limit} bytes); retry later",
+            retry_after=1,
+        )
     content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     wildcard = content_type.partition(b"/")[0] + b"/*"
     if content_type not in content_types and (
@@ -423,7 +456,10 @@ def read_body(
         raise UnsupportedMediaType(
             f"content type {content_type.decode(errors='replace')!r} is not accepted here; {hint}"
         )
-    return request.content.read()
+    # The bytes without a copy (BytesIO shares its buffer); the request keeps none of them.
+    content = cast(io.BytesIO, request.content)
+    request.content = io.BytesIO()
+    return content.getvalue()
 
 
 IDLE_GRACE = 1.0
@@ -437,10 +473,17 @@ class BoundedRequest(server.Request):
     large tensor request) and accept any size; this keeps up to
     ``max_body_bytes`` in memory and, past that, only flags the request so the
     route answers 413 without ever holding the excess.
+
+    The body also takes a share of the site's ``RequestBudget`` (``body_hold``): its
+    ``Content-Length`` when the headers arrive, or, chunked, what has arrived so far. A
+    refused share flags the request (the route answers 503) and its body is discarded too.
+    The share is given back when the request is answered or its client leaves, if decoding
+    did not give it back first.
     """
 
     max_body_bytes = 64 * 1024 * 1024
     body_too_large = False
+    body_hold: BodyHold | None = None
     _received = 0
 
     def process(self) -> None:
@@ -455,26 +498,47 @@ class BoundedRequest(server.Request):
         self.content = io.BytesIO()  # type: ignore[assignment]  # Twisted declares it None until here
         if length is not None and length > self.max_body_bytes:
             self.body_too_large = True
+            return
+        site: InferenceSite = cast(Any, self.channel).site
+        hold = self.body_hold = site.budget.hold()
+        self.notifyFinish().addBoth(hold.finished)
+        self.notifyFinish().addBoth(lambda _: site.body_finished(self._received))
+        if length:
+            hold.reserve(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
+        hold = self.body_hold
+        if self.body_too_large or hold is None or hold.refused:
             return
         self._received += len(data)
         if self._received > self.max_body_bytes:
             self.body_too_large = True
+            self.content = io.BytesIO()  # type: ignore[assignment]
+            hold.release()
+            return
+        if not hold.reserve(self._received):  # a chunked body past the budget
             self.content = io.BytesIO()  # type: ignore[assignment]
             return
         cast(io.BytesIO, self.content).write(data)
 
 
 class InferenceSite(server.Site):
-    """Our own Site (STYLE 8): no tracebacks to clients, bounded bodies, request metrics."""
+    """Our own Site: no tracebacks to clients, bounded bodies, request metrics.
+
+    ``budget`` bounds the request bytes received or being decoded at once (default: four
+    times ``max_body_bytes``, as ``--max_inflight_request_bytes``).
+    """
 
     displayTracebacks = False
     noisy = False  # no "Starting factory" lines
 
     def __init__(
-        self, api: InferenceAPI, *, max_body_bytes: int, in_flight: InFlight | None = None
+        self,
+        api: InferenceAPI,
+        *,
+        max_body_bytes: int,
+        in_flight: InFlight | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         # parsePOSTFormSubmission=False: Twisted would otherwise parse every POST's content type
         # with the email package (~10% of a small predict's reactor time), run parse_qs over
@@ -486,6 +550,9 @@ class InferenceSite(server.Site):
         )
         self._requests = api.metrics.requests
         self.in_flight = in_flight or InFlight()
+        self.budget = budget or RequestBudget(4 * max_body_bytes)
+        api.metrics.request_body_bytes.set_function(lambda: self.budget.held)
+        self._decoder = api.decoder
         api.metrics.in_flight.set_function(lambda: self.in_flight.count)
         self.stopping = False
         self._connections: set[Any] = set()
@@ -531,6 +598,12 @@ class InferenceSite(server.Site):
                 _close_after(request)
             if not requests:  # not persistent = False: Twisted would drop a request arriving
                 channel.setTimeout(idle_grace)
+
+    def body_finished(self, received: int) -> None:
+        """A request ended (answered, or its client left) after receiving ``received`` bytes;
+        after a large one, memory is given back (at most every few seconds)."""
+        if received >= self._decoder.off_reactor_bytes:
+            self._decoder.large_request_done()
 
     def log(self, request: Any) -> None:
         """Count each answered request (instead of an access-log line per request)."""

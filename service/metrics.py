@@ -64,6 +64,11 @@ class Metrics:
             "HTTP requests received and not yet answered",
             registry=self.registry,
         )
+        self.request_body_bytes = Gauge(
+            "kleinserve_request_body_bytes",
+            "Request body bytes being received or decoded (held in --max_inflight_request_bytes)",
+            registry=self.registry,
+        )
         self.queued_rows = Gauge(
             "kleinserve_queued_rows", "Rows waiting for a batch", labels, registry=self.registry
         )

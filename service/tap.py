@@ -67,6 +67,7 @@ class ServerConfig:
     max_load_retries: int = 5
     load_retry_interval: float = 60.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_inflight_request_bytes: int = 4 * DEFAULT_MAX_REQUEST_BYTES
     discovery: DiscoveryConfig | None = None
     overload_fraction: float = 0.8
     inference_stall_seconds: float = 60.0
@@ -179,6 +180,14 @@ class Options(usage.Options):
             DEFAULT_MAX_REQUEST_BYTES,
             "Largest request body accepted; larger ones get 413.",
             _integer("max_request_bytes"),
+        ],
+        [
+            "max_inflight_request_bytes",
+            None,
+            None,
+            "Request body bytes being received or decoded at once, over all requests; a request "
+            "that would pass it gets 503 with Retry-After (default: 4 x --max_request_bytes).",
+            _integer("max_inflight_request_bytes"),
         ],
     ]
     optParameters += [
@@ -331,6 +340,7 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
     max_bytes = opts.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
     if max_bytes <= 0:
         raise usage.UsageError("--max_request_bytes must be positive")
+    inflight_bytes = _inflight_request_bytes(opts.get("max_inflight_request_bytes"), max_bytes)
     if opts.get("model_config_file_poll_wait_seconds", 0) < 0:
         raise usage.UsageError("--model_config_file_poll_wait_seconds must be 0 or more")
     if opts.get("max_num_load_retries", 5) < 0:
@@ -375,6 +385,7 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         max_load_retries=opts.get("max_num_load_retries", 5),
         load_retry_interval=opts.get("load_retry_interval_micros", 60_000_000) / 1e6,
         max_request_bytes=max_bytes,
+        max_inflight_request_bytes=inflight_bytes,
         discovery=_discovery_config(opts, listen),
         overload_fraction=fraction,
         inference_stall_seconds=opts.get("inference_stall_seconds", 60.0),
@@ -387,6 +398,24 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         max_enqueued_image_decodes=opts.get("max_enqueued_image_decodes", 64),
         max_image_pixels=opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
     )
+
+
+def _inflight_request_bytes(flag: int | None, max_request_bytes: int) -> int:
+    """The request-body budget: the flag, or four of the largest bodies.
+
+    Decoding a JSON body takes about four times its size at its peak (the bytes, the copies
+    the fast path scans, the parsed numbers, the arrays), so four 64 MiB bodies at once can
+    add ~1 GB to the server; more would wait their turn (503 + Retry-After) rather than risk
+    the process. Smaller than one body, no body of the largest size could ever be accepted.
+    """
+    if flag is None:
+        return 4 * max_request_bytes
+    if flag < max_request_bytes:
+        raise usage.UsageError(
+            f"--max_inflight_request_bytes ({flag}) must be at least --max_request_bytes "
+            f"({max_request_bytes}), or the largest bodies allowed could never be accepted"
+        )
+    return flag
 
 
 def _discovery_config(opts: dict[str, Any], listen: str) -> DiscoveryConfig | None:
@@ -485,7 +514,7 @@ def makeService(options: Options) -> MultiService:
     2. the reloader (SIGHUP rescans the model folders and re-reads --model_config_file, which
        is also re-read every --model_config_file_poll_wait_seconds),
     3. the image decoder's thread pool (stops after the port has drained, so no upload is left
-       waiting on it),
+       waiting on it), then the body decoder's (large JSON bodies; the same),
     4. the HTTP port (on stop: close, close idle connections, wait for requests in flight,
        answer what is still queued 503 shortly before the stop deadline),
     5. the Consul registration, once models are loaded and the port listens (on stop: leave
@@ -498,6 +527,8 @@ def makeService(options: Options) -> MultiService:
     # The composition root is the one place that picks the global reactor.
     from twisted.internet import reactor
 
+    from service.budget import RequestBudget
+    from service.decoding import BodyDecoder
     from service.errors import Unavailable
     from service.health import Health
     from service.http import InferenceAPI, InferenceSite
@@ -526,6 +557,7 @@ def makeService(options: Options) -> MultiService:
         max_pixels=config.max_image_pixels,
     )
     health = Health(repository, stall_seconds=config.inference_stall_seconds)
+    decoder = BodyDecoder(reactor=reactor)  # large JSON bodies; gives memory back after them
     api = InferenceAPI(
         repository,
         metrics=metrics,
@@ -533,8 +565,13 @@ def makeService(options: Options) -> MultiService:
         images=images,
         default_model=config.default_model,
         health=health,
+        decoder=decoder,
     )
-    site = InferenceSite(api, max_body_bytes=config.max_request_bytes)
+    site = InferenceSite(
+        api,
+        max_body_bytes=config.max_request_bytes,
+        budget=RequestBudget(config.max_inflight_request_bytes),
+    )
     deadline = StopDeadline(
         reactor, drain_delay=config.drain_delay, drain_timeout=config.drain_timeout
     )
@@ -564,6 +601,7 @@ def makeService(options: Options) -> MultiService:
     reloader.started_with(config.models)
     reloader.setServiceParent(top)
     images.setServiceParent(top)
+    decoder.setServiceParent(top)
     port.setServiceParent(top)
     if config.discovery is not None:
         discovery = config.discovery

@@ -6,11 +6,13 @@ import json
 import math
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from service import codec
 from service.codec import (
     PredictRequest,
     decode_body,
@@ -776,3 +778,29 @@ def test_fast_path_reads_pretty_printed_bodies() -> None:
     assert fast is not None
     assert (fast.row_format, fast.signature_name) == (False, "s")
     assert_same_array(fast.inputs["x"], array)
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 3, 8])
+@pytest.mark.parametrize(
+    "text",
+    [b"1", b" 1 , 2.5 ,-3e2,  4 ", b"0,1,2,3,4,5,6,7,8,9,10,11,12", b"  1,2  ,  3  "],
+)
+def test_numbers_parsed_in_pieces_are_the_numbers_parsed_whole(
+    monkeypatch: pytest.MonkeyPatch, piece_bytes: int, text: bytes
+) -> None:
+    """Parsed in pieces cut at commas, valid numbers read exactly as one orjson call reads them."""
+    monkeypatch.setattr(codec, "NUMBERS_PIECE_BYTES", piece_bytes)
+    assert codec._parse_numbers(text) == orjson.loads(b"[" + text + b"]")
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 3, 8])
+@pytest.mark.parametrize("text", [b"1,2,", b"1,2,   ", b"1,,2", b",1,2", b"1, ,2", b"1,2 3"])
+def test_numbers_parsed_in_pieces_refuse_what_the_whole_refuses(
+    monkeypatch: pytest.MonkeyPatch, piece_bytes: int, text: bytes
+) -> None:
+    """A stray comma or a missing one is a JSONDecodeError in pieces too, wherever the cuts fall."""
+    monkeypatch.setattr(codec, "NUMBERS_PIECE_BYTES", piece_bytes)
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(b"[" + text + b"]")
+    with pytest.raises(orjson.JSONDecodeError):
+        codec._parse_numbers(text)

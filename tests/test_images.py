@@ -1038,7 +1038,8 @@ def test_make_service_starts_the_decoder_before_the_port(tmp_path: Path) -> None
 
     options = Options()
     options.parseOptions([f"--model_base_path={tmp_path}", "--listen=tcp:0:interface=127.0.0.1"])
+    from service.decoding import BodyDecoder
     from service.reload import ConfigReloader
 
     kinds = [type(child) for child in makeService(options)]
-    assert kinds[:4] == [Repository, ConfigReloader, ImageDecoder, HTTPPort]
+    assert kinds[:5] == [Repository, ConfigReloader, ImageDecoder, BodyDecoder, HTTPPort]
