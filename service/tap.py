@@ -75,6 +75,7 @@ class ServerConfig:
     image_decode_threads: int = 2
     max_enqueued_image_decodes: int = 64
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    request_header_timeout: float = 30.0
 
 
 def _coerce(flag: str, kind: type, what: str):
@@ -176,6 +177,13 @@ class Options(usage.Options):
             DEFAULT_MAX_REQUEST_BYTES,
             "Largest request body accepted; larger ones get 413.",
             _integer("max_request_bytes"),
+        ],
+        [
+            "request_header_timeout",
+            None,
+            30.0,
+            "Seconds a client has to send a request's headers, from its first byte; then 408.",
+            _number("request_header_timeout"),
         ],
     ]
     optParameters += [
@@ -320,6 +328,8 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
     max_bytes = opts.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
     if max_bytes <= 0:
         raise usage.UsageError("--max_request_bytes must be positive")
+    if opts.get("request_header_timeout", 30.0) <= 0:
+        raise usage.UsageError("--request_header_timeout must be positive")
     if opts.get("model_config_file_poll_wait_seconds", 0) < 0:
         raise usage.UsageError("--model_config_file_poll_wait_seconds must be 0 or more")
     if opts.get("max_num_load_retries", 5) < 0:
@@ -371,6 +381,7 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         image_decode_threads=opts.get("image_decode_threads", 2),
         max_enqueued_image_decodes=opts.get("max_enqueued_image_decodes", 64),
         max_image_pixels=opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        request_header_timeout=opts.get("request_header_timeout", 30.0),
     )
 
 
@@ -510,7 +521,12 @@ def makeService(options: Options) -> MultiService:
         images=images,
         default_model=config.default_model,
     )
-    site = InferenceSite(api, max_body_bytes=config.max_request_bytes)
+    site = InferenceSite(
+        api,
+        max_body_bytes=config.max_request_bytes,
+        request_header_timeout=config.request_header_timeout,
+        reactor=reactor,
+    )
     port = HTTPPort(serverFromString(reactor, config.listen), site, site.in_flight, reactor=reactor)
     top = OrderedServices()
     repository.setServiceParent(top)
