@@ -138,6 +138,9 @@ class InferenceAPI:
     """The Klein application; its state lives on the instance, not in module globals."""
 
     app = Klein()
+    # Werkzeug would answer "/v1/models//m" with a redirect to "/v1/models/m"; TF Serving's
+    # REST API never redirects, and a client following one would resend its body elsewhere.
+    app.url_map.merge_slashes = False
 
     def __init__(
         self,

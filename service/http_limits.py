@@ -324,7 +324,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
         timeout = self.site.request_header_timeout
         self.refuse(
             RequestTimeout(
-                f"the request headers were not complete within {timeout:g} seconds "
+                f"the request headers were not complete within {timeout:g} s "
                 "(--request_header_timeout)"
             )
         )
