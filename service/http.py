@@ -17,6 +17,9 @@ A request holds the version it was routed to (``LoadedVersion.lease``) until it 
 answered, so a hot swap never unloads a version under a request.
   GET  /metrics   Prometheus text format
 
+The HTTP limits (line and header sizes, the header timeout, body size and encoding) are
+answered by the channel, ``service.http_limits.LimitedHTTPChannel``, before a route runs.
+
 Everything here runs on the reactor thread and stays cheap: parse, validate,
 queue, encode. TensorFlow runs behind ``LoadedVersion.predict``; images are decoded
 on ``ImageDecoder``'s own threads.
@@ -501,8 +504,6 @@ class BoundedRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The body is complete: a gzip stream cut short is refused, not routed."""
-        if self._refused:
-            return
         if self._body is not None:
             try:
                 self.content = self._body.finish()  # type: ignore[assignment]
