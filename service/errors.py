@@ -2,8 +2,8 @@
 
 Raised anywhere (codec, batching, repository, routes) and turned into a
 ``{"error": "…"}`` body in one place, ``service.http``. The codes and their
-statuses follow TensorFlow Serving's REST mapping; 413 and 415 are additions
-for what TF Serving leaves to its HTTP layer. No web framework is imported here.
+statuses follow TensorFlow Serving's REST mapping; 408, 413, 414, 415 and 431 are
+additions for what TF Serving leaves to its HTTP layer. No web framework is imported here.
 """
 
 from __future__ import annotations
@@ -38,6 +38,22 @@ class PayloadTooLarge(ServingError):
 
 class UnsupportedMediaType(ServingError):
     code, status = "INVALID_ARGUMENT", 415
+
+
+class RequestTimeout(ServingError):
+    """The client did not finish sending its request headers in time."""
+
+    code, status = "DEADLINE_EXCEEDED", 408
+
+
+class URITooLong(ServingError):
+    code, status = "INVALID_ARGUMENT", 414
+
+
+class HeaderFieldsTooLarge(ServingError):
+    """A header line too long, too many headers, or all of them together too large."""
+
+    code, status = "INVALID_ARGUMENT", 431
 
 
 class FailedPrecondition(ServingError):

@@ -1,6 +1,6 @@
 """The HTTP API: TensorFlow Serving's REST API on Klein, plus health and metrics.
 
-Routes (TF Serving's, see ARCHITECTURE.md):
+Routes (TF Serving's REST API, plus uploads and operations):
   POST /v1/models/{name}[/versions/{v} | /labels/{l}]:predict
   POST /v1/models/{name}[/versions/{v} | /labels/{l}]:classify   tf.Examples (service.examples)
   POST /v1/models/{name}[/versions/{v} | /labels/{l}]:regress    tf.Examples (service.examples)
@@ -18,6 +18,9 @@ Routes (TF Serving's, see ARCHITECTURE.md):
 A request holds the version it was routed to (``LoadedVersion.lease``) until it is
 answered, so a hot swap never unloads a version under a request.
   GET  /metrics   Prometheus text format
+
+The HTTP limits (line and header sizes, the header timeout, body size and encoding) are
+answered by the channel, ``service.http_limits.LimitedHTTPChannel``, before a route runs.
 
 Everything here runs on the reactor thread and stays cheap: parse, validate,
 queue, encode. TensorFlow runs behind ``LoadedVersion.predict``; images are decoded
@@ -41,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from service import codec, examples
@@ -50,12 +53,12 @@ from service.decoding import BodyDecoder
 from service.errors import (
     InvalidArgument,
     NotFound,
-    PayloadTooLarge,
     ServingError,
     Unavailable,
     UnsupportedMediaType,
 )
 from service.health import Health
+from service.http_limits import BodyBuffer, LimitedHTTPChannel, content_coding
 from service.images import (
     Abandonment,
     ImageDecoder,
@@ -89,10 +92,13 @@ UPLOAD_HINT = (
 )
 
 _TARGET = re.compile(
-    r"^(?P<name>[^/:]+)"
+    r"(?P<name>[^/:]+)"
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<verb>:[a-z_]+|/metadata)?$"
+    r"(?P<verb>:[a-z_]+|/metadata)?"
 )
+INT64_MAX = 2**63 - 1
+# Echoed text is cut to this many characters: an error message stays short whatever was sent.
+ECHO_CHARS = 200
 
 
 @attrs.frozen
@@ -106,23 +112,48 @@ class Target:
 
 
 def parse_target(method: str, path: str) -> Target:
-    match = _TARGET.match(path)
+    """What a ``/v1/models/<path>`` URL names; anything else is an InvalidArgument (400)."""
+    match = _TARGET.fullmatch(path)
     if match is None:
-        raise InvalidArgument(f"Malformed request: {method} /v1/models/{path}")
+        raise InvalidArgument(f"Malformed request: {method} /v1/models/{_echo(path)}")
     version = match["version"]
-    if version is not None and not version.isdigit():
-        raise InvalidArgument(
-            f"Malformed request: {method} /v1/models/{path} (version must be a number)"
-        )
     return Target(
-        match["name"], int(version) if version else None, match["label"], match["verb"] or ""
+        match["name"],
+        None if version is None else parse_version(version, method, path),
+        match["label"],
+        match["verb"] or "",
     )
 
 
+def parse_version(text: str, method: str, path: str) -> int:
+    """A version number as TF Serving takes it: ASCII decimal digits, within int64.
+
+    ``str.isdigit`` and ``int`` accept far more (superscripts, other scripts' digits) and
+    ``int`` fails past 4,300 digits, so the digits are checked here, and counted before
+    ``int`` sees them.
+    """
+    significant = text.lstrip("0") or "0"
+    if not (text.isascii() and text.isdigit() and len(significant) <= len(str(INT64_MAX))) or (
+        int(significant) > INT64_MAX
+    ):
+        raise InvalidArgument(
+            f"Malformed request: {method} /v1/models/{_echo(path)}: the version must be a "
+            f"decimal number (digits 0-9) that fits in 64 bits, not {_echo(text)!r}"
+        )
+    return int(significant)
+
+
+def _echo(text: str) -> str:
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"
+
+
 class InferenceAPI:
-    """The Klein application; state lives on the instance (STYLE 3)."""
+    """The Klein application; its state lives on the instance, not in module globals."""
 
     app = Klein()
+    # Werkzeug would answer "/v1/models//m" with a redirect to "/v1/models/m"; TF Serving's
+    # REST API never redirects, and a client following one would resend its body elsewhere.
+    app.url_map.merge_slashes = False
 
     def __init__(
         self,
@@ -145,7 +176,7 @@ class InferenceAPI:
         self.decoder = decoder or BodyDecoder(reactor=repository.clock, executor=maybeDeferred)
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return UTF8URLs(self.app.resource())
 
     def _deadline(self, request: IRequest) -> float | None:
         """The client's deadline, from ``X-Request-Deadline-Ms`` (milliseconds left), as clock time."""
@@ -434,20 +465,11 @@ def _error_response(request: IRequest, error: ServingError) -> bytes:
 def read_body(
     request: IRequest, content_types: set[bytes], *, hint: str = "send JSON (application/json)"
 ) -> bytes:
-    """The request body, after checking its size and type (STYLE 11).
+    """The request body, after checking its type (its size is checked as it arrives, by
+    ``BoundedRequest``).
 
     ``content_types`` may hold a wildcard subtype, ``image/*``, accepting every ``image/…``.
     """
-    if getattr(request, "body_too_large", False):
-        limit = getattr(request, "max_body_bytes", 0)
-        raise PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes")
-    hold: BodyHold | None = getattr(request, "body_hold", None)
-    if hold is not None and hold.refused:
-        raise Unavailable(
-            "the server is busy with large requests: their bodies being received or decoded "
-            f"would pass --max_inflight_request_bytes ({hold.limit} bytes); retry later",
-            retry_after=1,
-        )
     content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     wildcard = content_type.partition(b"/")[0] + b"/*"
     if content_type not in content_types and (
@@ -466,23 +488,56 @@ IDLE_GRACE = 1.0
 """On stop, seconds an idle keep-alive connection is kept for a request already on its way."""
 
 
-class BoundedRequest(server.Request):
-    """A request whose body is held in memory up to a limit and discarded beyond it.
+class UTF8URLs(Resource):
+    """Answers a URL that is not UTF-8 once percent-decoded with a JSON 400, before Klein.
 
-    Twisted would spool bodies over 100 kB to a temporary file (a disk write per
-    large tensor request) and accept any size; this keeps up to
-    ``max_body_bytes`` in memory and, past that, only flags the request so the
-    route answers 413 without ever holding the excess.
+    Klein would answer it with a text/plain 400 (and log a traceback): Klein's router needs
+    text, and the API promises a JSON body for every error.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: IRequest) -> bytes | int:
+        segments = [*(request.prepath or []), *(request.postpath or [])]
+        for part, value in (("path", b"/".join(segments)), ("host", request.getRequestHostname())):
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = (request.path if part == "path" else value).decode("ascii", "replace")
+                request.setResponseCode(400)
+                request.setHeader(b"content-type", JSON)
+                return codec.encode_json(
+                    {
+                        "error": f"the URL {part} {_echo(shown)!r} is not UTF-8 once its %XX "
+                        "escapes are decoded; percent-encode the UTF-8 bytes of the text"
+                    }
+                )
+        return cast(int | bytes, self._inner.render(request))
+
+
+class BoundedRequest(server.Request):
+    """A request whose body is held in memory up to a limit, gzip inflated as it arrives.
+
+    Twisted would spool bodies over 100 kB to a temporary file (a disk write per large tensor
+    request) and accept any size; this keeps up to ``max_body_bytes`` in memory (after
+    inflating, for ``Content-Encoding: gzip``) and, the moment a body passes that, has the
+    channel answer 413 and close (``LimitedHTTPChannel.refuse``), never holding the excess.
+    A Content-Length over the limit is refused by the channel before any of the body is read.
 
     The body also takes a share of the site's ``RequestBudget`` (``body_hold``): its
-    ``Content-Length`` when the headers arrive, or, chunked, what has arrived so far. A
-    refused share flags the request (the route answers 503) and its body is discarded too.
-    The share is given back when the request is answered or its client leaves, if decoding
-    did not give it back first.
+    ``Content-Length`` when the headers arrive, or, chunked, what has arrived so far. A share
+    the budget cannot give is answered 503 with Retry-After by the channel at once. The share
+    is given back when the request is answered or its client leaves, if decoding did not give
+    it back first.
     """
 
     max_body_bytes = 64 * 1024 * 1024
-    body_too_large = False
+    _body: BodyBuffer | None = None
+    _refused = False
     body_hold: BodyHold | None = None
     _received = 0
 
@@ -495,50 +550,72 @@ class BoundedRequest(server.Request):
         super().process()
 
     def gotLength(self, length: int | None) -> None:
-        self.content = io.BytesIO()  # type: ignore[assignment]  # Twisted declares it None until here
-        if length is not None and length > self.max_body_bytes:
-            self.body_too_large = True
-            return
+        gzip = content_coding(self.requestHeaders) == "gzip"
+        self._body = BodyBuffer(self.max_body_bytes, gzip=gzip)
+        self.content = self._body.content  # type: ignore[assignment]  # Twisted declares it None until here
         site: InferenceSite = cast(Any, self.channel).site
         hold = self.body_hold = site.budget.hold()
         self.notifyFinish().addBoth(hold.finished)
         self.notifyFinish().addBoth(lambda _: site.body_finished(self._received))
-        if length:
-            hold.reserve(length)
+        if length and not hold.reserve(length):
+            self._refuse(_busy(hold))
 
     def handleContentChunk(self, data: bytes) -> None:
-        hold = self.body_hold
-        if self.body_too_large or hold is None or hold.refused:
+        if self._refused or self._body is None:
             return
         self._received += len(data)
-        if self._received > self.max_body_bytes:
-            self.body_too_large = True
-            self.content = io.BytesIO()  # type: ignore[assignment]
-            hold.release()
+        hold = self.body_hold
+        if hold is not None and not hold.reserve(self._received):  # a chunked body past it
+            self._refuse(_busy(hold))
             return
-        if not hold.reserve(self._received):  # a chunked body past the budget
-            self.content = io.BytesIO()  # type: ignore[assignment]
-            return
-        cast(io.BytesIO, self.content).write(data)
+        try:
+            self._body.write(data)
+        except ServingError as error:
+            self._refuse(error)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The body is complete: a gzip stream cut short is refused, not routed."""
+        if self._body is not None:
+            try:
+                self.content = self._body.finish()  # type: ignore[assignment]
+            except ServingError as error:
+                self._refuse(error)
+                return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, error: ServingError) -> None:
+        self._refused = True
+        cast(LimitedHTTPChannel, self.channel).refuse(error)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # No Server header at all (Twisted sends "TwistedWeb/<version>"): naming the
+            # software and its version only helps scanners, and TF Serving's REST API, whose
+            # clients this server stands in for, sends none either.
+            self.responseHeaders.removeHeader(b"server")
+        super().write(data)
 
 
 class InferenceSite(server.Site):
-    """Our own Site: no tracebacks to clients, bounded bodies, request metrics.
+    """Our own Site: no tracebacks to clients, HTTP limits answered (``LimitedHTTPChannel``),
+    bounded bodies, request metrics.
 
-    ``budget`` bounds the request bytes received or being decoded at once (default: four
-    times ``max_body_bytes``, as ``--max_inflight_request_bytes``).
+    HTTP/1.1 only, as before: Twisted's HTTP/2 needs the ``h2`` package, which is not installed.
     """
 
     displayTracebacks = False
     noisy = False  # no "Starting factory" lines
+    protocol = LimitedHTTPChannel  # type: ignore[assignment]
 
     def __init__(
         self,
         api: InferenceAPI,
         *,
         max_body_bytes: int,
+        request_header_timeout: float = 30.0,
         in_flight: InFlight | None = None,
         budget: RequestBudget | None = None,
+        reactor: Any = None,
     ) -> None:
         # parsePOSTFormSubmission=False: Twisted would otherwise parse every POST's content type
         # with the email package (~10% of a small predict's reactor time), run parse_qs over
@@ -547,7 +624,10 @@ class InferenceSite(server.Site):
             api.resource(),
             requestFactory=type("Request", (BoundedRequest,), {"max_body_bytes": max_body_bytes}),
             parsePOSTFormSubmission=False,
+            reactor=reactor,  # None: the global reactor (Twisted's default)
         )
+        self.max_body_bytes = max_body_bytes
+        self.request_header_timeout = request_header_timeout
         self._requests = api.metrics.requests
         self.in_flight = in_flight or InFlight()
         self.budget = budget or RequestBudget(4 * max_body_bytes)
@@ -608,6 +688,18 @@ class InferenceSite(server.Site):
     def log(self, request: Any) -> None:
         """Count each answered request (instead of an access-log line per request)."""
         self._requests.labels(route_kind(request.path), str(request.code)).inc()
+
+    def count_refusal(self, path: bytes, status: int) -> None:
+        """Count a request the channel refused (a limit) like an answered one."""
+        self._requests.labels(route_kind(path), str(status)).inc()
+
+
+def _busy(hold: BodyHold) -> Unavailable:
+    return Unavailable(
+        "the server is busy with large requests: their bodies being received or decoded "
+        f"would pass --max_inflight_request_bytes ({hold.limit} bytes); retry later",
+        retry_after=1,
+    )
 
 
 def _close_after(request: Any) -> None:

@@ -79,6 +79,7 @@ class ServerConfig:
     image_decode_threads: int = 2
     max_enqueued_image_decodes: int = 64
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    request_header_timeout: float = 30.0
 
 
 def _coerce(flag: str, kind: type, what: str):
@@ -188,6 +189,13 @@ class Options(usage.Options):
             "Request body bytes being received or decoded at once, over all requests; a request "
             "that would pass it gets 503 with Retry-After (default: 4 x --max_request_bytes).",
             _integer("max_inflight_request_bytes"),
+        ],
+        [
+            "request_header_timeout",
+            None,
+            30.0,
+            "Seconds a client has to send a request's headers, from its first byte; then 408.",
+            _number("request_header_timeout"),
         ],
     ]
     optParameters += [
@@ -341,6 +349,8 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
     if max_bytes <= 0:
         raise usage.UsageError("--max_request_bytes must be positive")
     inflight_bytes = _inflight_request_bytes(opts.get("max_inflight_request_bytes"), max_bytes)
+    if opts.get("request_header_timeout", 30.0) <= 0:
+        raise usage.UsageError("--request_header_timeout must be positive")
     if opts.get("model_config_file_poll_wait_seconds", 0) < 0:
         raise usage.UsageError("--model_config_file_poll_wait_seconds must be 0 or more")
     if opts.get("max_num_load_retries", 5) < 0:
@@ -397,6 +407,7 @@ def config_from_options(opts: dict[str, Any]) -> ServerConfig:
         image_decode_threads=opts.get("image_decode_threads", 2),
         max_enqueued_image_decodes=opts.get("max_enqueued_image_decodes", 64),
         max_image_pixels=opts.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        request_header_timeout=opts.get("request_header_timeout", 30.0),
     )
 
 
@@ -571,6 +582,8 @@ def makeService(options: Options) -> MultiService:
         api,
         max_body_bytes=config.max_request_bytes,
         budget=RequestBudget(config.max_inflight_request_bytes),
+        request_header_timeout=config.request_header_timeout,
+        reactor=reactor,
     )
     deadline = StopDeadline(
         reactor, drain_delay=config.drain_delay, drain_timeout=config.drain_timeout

@@ -35,6 +35,15 @@ def test_tf_serving_flags_build_the_config(tmp_path) -> None:
     assert config.model_config_file is None
 
 
+def test_http_limit_flags_land_in_the_config(tmp_path) -> None:
+    """--request_header_timeout (default 30 s) and --max_request_bytes land in the config."""
+    assert parse(f"--model_base_path={tmp_path}").config.request_header_timeout == 30.0
+    config = parse(
+        f"--model_base_path={tmp_path}", "--request_header_timeout=2.5", "--max_request_bytes=10"
+    ).config
+    assert (config.request_header_timeout, config.max_request_bytes) == (2.5, 10)
+
+
 def test_a_model_config_file_configures_several_models(tmp_path) -> None:
     """--model_config_file brings TF Serving's models, policies and labels, with each model's
     own batching_parameters.txt, and the poll/retry flags land in the config."""
@@ -92,6 +101,7 @@ def test_listen_takes_an_endpoint_string(tmp_path) -> None:
         (("--model_base_path={tmp}", "--rest_api_port=1", "--listen=tcp:2"), "not both"),
         (("--model_base_path={tmp}", "--model_name=a/b"), "may not contain"),
         (("--model_base_path={tmp}", "--max_request_bytes=0"), "must be positive"),
+        (("--model_base_path={tmp}", "--request_header_timeout=0"), "timeout must be positive"),
         (("--model_base_path={tmp}", "--rest_api_port=http"), "rest_api_port"),
     ],
 )

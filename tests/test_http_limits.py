@@ -1,0 +1,467 @@
+"""HTTP limits and URL parsing without sockets: the channel on a StringTransport and a Clock.
+
+``LimitedHTTPChannel`` is driven byte by byte as a connection would drive it, through the
+real ``InferenceSite`` (routes on the numpy test model of ``tests.test_http``); the only
+stand-in is the transport, which records what is written and how the connection is closed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from urllib.parse import quote
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from service.errors import InvalidArgument, PayloadTooLarge, UnsupportedMediaType
+from service.http import INT64_MAX, InferenceSite, Target, parse_target
+from service.http_limits import BodyBuffer, LimitedHTTPChannel, content_coding, head_error
+from tests.test_http import call, make_api
+
+PREDICT = b'{"instances": [[1, 2], [3, 4]]}'
+PREDICTED = {"predictions": [[2.0, 4.0], [6.0, 8.0]]}
+
+
+# -- parse_target --------------------------------------------------------------------------------
+
+
+@given(st.text())
+def test_any_path_parses_to_a_target_or_invalid_argument(path: str) -> None:
+    """parse_target never raises anything but InvalidArgument, whatever text the path holds."""
+    try:
+        assert isinstance(parse_target("GET", path), Target)
+    except InvalidArgument as e:
+        assert len(e.message) < 700  # the path is echoed, shortened
+
+
+@given(
+    st.integers(min_value=0, max_value=INT64_MAX), st.sampled_from(["", ":predict", "/metadata"])
+)
+def test_versions_round_trip(version: int, verb: str) -> None:
+    """Every int64 version written in decimal parses back to itself, with its verb."""
+    assert parse_target("POST", f"m/versions/{version}{verb}") == Target("m", version, None, verb)
+
+
+@pytest.mark.parametrize(
+    "version",
+    [
+        "\u00b2",  # superscript two: str.isdigit() accepts it, int() does not
+        "\u0661",  # Arabic-Indic one: int() reads it as 1
+        "\uff11",  # fullwidth one
+        "9" * 4301,  # past Python's int digit limit
+        str(INT64_MAX + 1),
+        "-1",
+        "+1",
+        "1_000",
+        "0x1",
+        " 1",
+    ],
+)
+def test_a_version_must_be_ascii_digits_within_int64(version: str) -> None:
+    """A version that is not ASCII digits fitting int64 is an InvalidArgument saying so."""
+    with pytest.raises(InvalidArgument, match="decimal number .* fits in 64 bits"):
+        parse_target("GET", f"m/versions/{version}:predict")
+
+
+def test_leading_zeros_and_the_largest_version() -> None:
+    """Leading zeros are read as TF Serving's int64 parse reads them; INT64_MAX is a version."""
+    assert parse_target("GET", "m/versions/007").version == 7
+    assert parse_target("GET", f"m/versions/{'0' * 30}{INT64_MAX}").version == INT64_MAX
+
+
+BAD_PATHS = [
+    ("/v1/models/m/versions/%C2%B2", 400, "64 bits"),
+    ("/v1/models/m/versions/%D9%A1", 400, "64 bits"),
+    ("/v1/models/m/versions/" + "9" * 4301, 400, "64 bits"),
+    ("/v1/models/m/versions/9223372036854775808", 400, "64 bits"),
+    ("/v1/models/%FF", 400, "not UTF-8"),
+    ("/v1/models/m/labels/%FF", 400, "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "says"),
+    [("GET", path, status, says) for path, status, says in BAD_PATHS]
+    + [("POST", path + ":predict", status, says) for path, status, says in BAD_PATHS]
+    + [
+        ("GET", "/v1/models/nosuch%00", 404, "nosuch"),
+        ("POST", "/v1/models/nosuch%00:predict", 404, "nosuch"),
+        ("GET", "/v1/models/m/versions/9223372036854775807", 404, "9223372036854775807"),
+        ("POST", "/v1/models/m/versions/9223372036854775807:predict", 404, "9223372036854775807"),
+        ("GET", "/v1/models//m", 404, "Not Found"),  # no redirect to /v1/models/m
+        ("POST", "/v1//models/m:predict", 404, "Not Found"),
+    ],
+)
+def test_bad_paths_answer_json(method: str, path: str, status: int, says: str) -> None:
+    """Bad versions and non-UTF-8 paths are JSON 400s, unknown names JSON 404s, on GET and POST."""
+    _, treq, _ = make_api()
+    response, doc = call(treq, method, path, PREDICT if method == "POST" else None)
+    assert response.code == status
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert says in doc["error"]
+
+
+@given(st.sampled_from(["GET", "POST"]), st.binary(max_size=40), st.booleans())
+def test_every_model_path_answers_json_never_5xx(method: str, raw: bytes, as_version: bool) -> None:
+    """Any bytes, percent-encoded, under /v1/models/ (or as a version) answer a JSON 4xx or 200."""
+    _, treq, _ = make_api()
+    path = "/v1/models/" + ("m/versions/" if as_version else "") + quote(raw, safe="/:")
+    response, doc = call(treq, method, path, PREDICT if method == "POST" else None)
+    assert response.code < 500
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert isinstance(doc, dict)
+
+
+# -- bodies: size, gzip --------------------------------------------------------------------------
+
+
+def test_identity_body_is_kept_up_to_the_limit() -> None:
+    """An uncompressed body is kept whole up to the limit, and one byte more is a 413."""
+    body = BodyBuffer(10)
+    body.write(b"12345")
+    body.write(b"67890")
+    assert body.finish().read() == b"1234567890"
+    with pytest.raises(PayloadTooLarge, match="limit of 10 bytes"):
+        body.write(b"x")
+
+
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=1, max_value=200), max_size=30))
+def test_gzip_is_inflated_however_it_is_split(data: bytes, cuts: list[int]) -> None:
+    """A gzip body fed in any pieces inflates to exactly what was compressed."""
+    compressed = gzip.compress(data)
+    body = BodyBuffer(max(len(data), len(compressed)), gzip=True)
+    start = 0
+    for cut in cuts:
+        body.write(compressed[start : start + cut])
+        start += cut
+    body.write(compressed[start:])
+    assert body.finish().read() == data
+
+
+def test_gzip_members_follow_each_other() -> None:
+    """Concatenated gzip members (as `cat a.gz b.gz`) inflate to both contents in order."""
+    body = BodyBuffer(100, gzip=True)
+    body.write(gzip.compress(b"first ") + gzip.compress(b"second"))
+    assert body.finish().read() == b"first second"
+
+
+def test_a_gzip_bomb_is_refused_without_holding_more_than_the_limit() -> None:
+    """100 MB of zeros in 100 kB of gzip: 413 once the inflated size passes the limit, and the
+    buffer never holds more than the limit."""
+    bomb = gzip.compress(bytes(100_000_000), compresslevel=9)
+    body = BodyBuffer(1_000_000, gzip=True)
+    with pytest.raises(PayloadTooLarge, match=r"inflated .* limit of 1000000 bytes"):
+        for start in range(0, len(bomb), 4096):
+            body.write(bomb[start : start + 4096])
+    assert body.size <= 1_000_000
+    assert len(body.content.getvalue()) <= 1_000_000
+
+
+def test_compressed_bytes_are_bounded_too() -> None:
+    """Compressed input past the limit is a 413 even if it inflates to little (empty members)."""
+    empty = gzip.compress(b"")
+    body = BodyBuffer(len(empty) * 3, gzip=True)
+    with pytest.raises(PayloadTooLarge):
+        for _ in range(4):
+            body.write(empty)
+
+
+def test_corrupt_and_truncated_gzip_are_400() -> None:
+    """Bytes that are not gzip, and a gzip stream cut short, are InvalidArgument (400)."""
+    with pytest.raises(InvalidArgument, match="not valid gzip"):
+        BodyBuffer(100, gzip=True).write(b"this is not gzip")
+    body = BodyBuffer(1000, gzip=True)
+    body.write(gzip.compress(b"x" * 500)[:-12])
+    with pytest.raises(InvalidArgument, match="ends before its gzip stream"):
+        body.finish()
+
+
+@pytest.mark.parametrize(
+    ("values", "coding"),
+    [
+        ([], "identity"),
+        ([b"identity"], "identity"),
+        ([b"gzip"], "gzip"),
+        ([b" GZip "], "gzip"),
+        ([b"x-gzip"], "gzip"),
+        ([b"identity, gzip"], "gzip"),
+        ([b"br"], None),
+        ([b"deflate"], None),
+        ([b"gzip, gzip"], None),
+        ([b"gzip", b"br"], None),
+    ],
+)
+def test_content_coding(values: list[bytes], coding: str | None) -> None:
+    """gzip (or x-gzip) and identity are accepted, alone; anything else is not."""
+    headers = Headers({b"content-encoding": values} if values else {})
+    assert content_coding(headers) == coding
+
+
+def test_head_errors() -> None:
+    """Content-Length over the limit is a 413 naming both sizes; br a 415 naming br and the
+    accepted encodings; a body within the limit and gzip pass."""
+    too_large = head_error(Headers(), 2000, 1000)
+    assert isinstance(too_large, PayloadTooLarge)
+    assert "2000" in too_large.message and "1000" in too_large.message
+    br = head_error(Headers({b"content-encoding": [b"br"]}), 10, 1000)
+    assert isinstance(br, UnsupportedMediaType)
+    assert "'br'" in br.message and "gzip" in br.message and "identity" in br.message
+    assert head_error(Headers({b"content-encoding": [b"gzip"]}), 1000, 1000) is None
+    assert head_error(Headers(), None, 1000) is None  # chunked: checked as it arrives
+
+
+# -- the channel ----------------------------------------------------------------------------------
+
+
+class TCPTransport(StringTransport):
+    """A StringTransport that, like a TCP socket, can close its sending side alone."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class Connection:
+    """One client connection to an InferenceSite: bytes in, the answer's parts out."""
+
+    def __init__(self, *, max_body_bytes: int = 1000, timeout: float = 30.0) -> None:
+        self.clock = Clock()
+        api, _, _ = make_api()
+        self.metrics = api.metrics
+        site = InferenceSite(
+            api, max_body_bytes=max_body_bytes, request_header_timeout=timeout, reactor=self.clock
+        )
+        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        assert isinstance(self.channel, LimitedHTTPChannel)
+        self.transport = TCPTransport()
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def answer(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Status, headers (lower-cased names) and body of the first response written."""
+        head, _, rest = self.transport.value().partition(b"\r\n\r\n")
+        status_line, *header_lines = head.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in header_lines)
+        headers = {name.lower(): value for name, value in headers.items()}
+        if headers.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while True:
+                size, _, rest = rest.partition(b"\r\n")
+                if int(size, 16) == 0:
+                    break
+                body, rest = body + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
+        else:
+            body = rest[: int(headers[b"content-length"])]
+        return int(status_line.split(b" ")[1]), headers, body
+
+    def refused(self) -> tuple[int, str]:
+        """The refusal's status and error message, checking it is JSON and ends the connection."""
+        status, headers, body = self.answer()
+        assert headers[b"content-type"] == b"application/json"
+        assert headers[b"connection"] == b"close"
+        assert self.transport.write_closed
+        return status, json.loads(body)["error"]
+
+
+def request(path: bytes = b"/v1/models/m:predict", body: bytes = PREDICT, *headers: bytes) -> bytes:
+    head = [b"POST " + path + b" HTTP/1.1", b"Host: example", *headers]
+    if not any(h.lower().startswith(b"transfer-encoding") for h in headers):
+        head.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def test_a_request_is_answered_without_a_server_header() -> None:
+    """A predict over the channel answers 200 with its predictions and no Server header."""
+    connection = Connection()
+    connection.send(request())
+    status, headers, body = connection.answer()
+    assert (status, json.loads(body)) == (200, PREDICTED)
+    assert b"server" not in headers
+    assert not connection.transport.disconnecting
+
+
+def test_a_gzip_body_is_inflated_and_answered() -> None:
+    """A gzip predict body (Content-Encoding: gzip) is answered as the plain one."""
+    connection = Connection()
+    connection.send(
+        request(b"/v1/models/m:predict", gzip.compress(PREDICT), b"Content-Encoding: gzip")
+    )
+    status, _, body = connection.answer()
+    assert (status, json.loads(body)) == (200, PREDICTED)
+
+
+def test_a_long_request_line_is_414() -> None:
+    """A request line past 16 KiB is answered 414 naming the limit, before its end arrives."""
+    connection = Connection()
+    connection.send(b"GET /" + b"a" * LimitedHTTPChannel.MAX_LENGTH)
+    status, error = connection.refused()
+    assert status == 414 and "request line" in error and "16384" in error
+
+
+def test_a_long_header_line_is_431() -> None:
+    """A header line past 16 KiB is answered 431 naming the limit."""
+    connection = Connection()
+    connection.send(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n")
+    status, error = connection.refused()
+    assert status == 431 and "header line" in error and "16384" in error
+
+
+def test_too_many_headers_is_431() -> None:
+    """More than 100 headers is answered 431 naming the limit."""
+    connection = Connection()
+    many = b"".join(b"X-%d: 1\r\n" % i for i in range(101))
+    connection.send(b"GET /healthz HTTP/1.1\r\n" + many + b"\r\n")
+    status, error = connection.refused()
+    assert status == 431 and "more than the limit of 100 headers" in error
+
+
+def test_headers_too_large_together_are_431() -> None:
+    """Headers within the per-line limit but past 64 KiB together are answered 431."""
+    connection = Connection()
+    connection.send(
+        b"GET /healthz HTTP/1.1\r\n"
+        + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 8000) for i in range(9))
+    )
+    status, error = connection.refused()
+    assert status == 431 and "together" in error and "65536" in error
+
+
+def test_content_length_over_the_limit_is_413_without_100_continue() -> None:
+    """Content-Length past --max_request_bytes with Expect: 100-continue: 413 at the end of
+    the headers, and no 100 Continue."""
+    connection = Connection(max_body_bytes=1000)
+    connection.send(
+        b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    assert b"100 Continue" not in connection.transport.value()
+    status, error = connection.refused()
+    assert status == 413 and "1001" in error and "1000" in error
+
+
+def test_a_body_within_the_limit_still_gets_100_continue() -> None:
+    """Expect: 100-continue with an acceptable Content-Length is still answered 100 Continue."""
+    connection = Connection(max_body_bytes=1000)
+    connection.send(
+        b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    assert connection.transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_a_chunked_body_past_the_limit_is_413_at_once() -> None:
+    """A chunked body is answered 413 as soon as it passes the limit, before it ends."""
+    connection = Connection(max_body_bytes=1000)
+    connection.send(request(b"/v1/models/m:predict", b"", b"Transfer-Encoding: chunked"))
+    connection.send(b"3e8\r\n" + b" " * 1000 + b"\r\n")
+    assert connection.transport.value() == b""
+    connection.send(b"1\r\n \r\n")
+    status, error = connection.refused()
+    assert status == 413 and "1000" in error
+
+
+def test_a_gzip_bomb_is_413_over_the_channel() -> None:
+    """A small gzip body inflating past the limit is answered 413 naming the inflated size."""
+    connection = Connection(max_body_bytes=10_000)
+    bomb = gzip.compress(b" " * 1_000_000)
+    assert len(bomb) < 10_000
+    connection.send(request(b"/v1/models/m:predict", bomb, b"Content-Encoding: gzip"))
+    status, error = connection.refused()
+    assert status == 413 and "inflated" in error
+
+
+def test_other_encodings_are_415() -> None:
+    """Content-Encoding: br is answered 415 naming br and gzip and identity."""
+    connection = Connection()
+    connection.send(request(b"/v1/models/m:predict", b"xx", b"Content-Encoding: br"))
+    status, error = connection.refused()
+    assert status == 415 and "'br'" in error and "gzip" in error and "identity" in error
+
+
+def test_truncated_gzip_is_400() -> None:
+    """A gzip body that ends before its gzip stream is answered 400, not routed."""
+    connection = Connection()
+    cut = gzip.compress(PREDICT)[:-10]
+    connection.send(request(b"/v1/models/m:predict", cut, b"Content-Encoding: gzip"))
+    status, error = connection.refused()
+    assert status == 400 and "gzip" in error
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"GET /v1/models/\xff:predict HTTP/1.1\r\n\r\n", "request line"),
+        (b"GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", "Content-Length"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunked"),
+    ],
+)
+def test_malformed_http_is_a_json_400(data: bytes, says: str) -> None:
+    """What Twisted refuses as malformed (raw 0xFF in the path, a bad Content-Length or chunk)
+    is a JSON 400 saying where, not a bare 400."""
+    connection = Connection()
+    connection.send(data)
+    status, error = connection.refused()
+    assert status == 400 and says in error
+
+
+def test_headers_trickled_past_the_timeout_are_408() -> None:
+    """Headers sent a byte a second are answered 408 once --request_header_timeout passes."""
+    connection = Connection(timeout=30.0)
+    connection.send(b"GET /healthz HTTP/1.1\r\n")
+    for _ in range(29):
+        connection.clock.advance(1)
+        connection.send(b"X")
+    assert connection.transport.value() == b""
+    connection.clock.advance(1)
+    status, error = connection.refused()
+    assert status == 408 and "30 s" in error and "--request_header_timeout" in error
+
+
+def test_idle_keep_alive_connections_keep_the_idle_timeout() -> None:
+    """An answered keep-alive connection gets no 408 while idle; Twisted's idle timeout (60 s)
+    closes it silently."""
+    connection = Connection(timeout=30.0)
+    connection.send(request())
+    answered = connection.transport.value()
+    connection.clock.advance(59)
+    assert connection.transport.value() == answered and not connection.transport.disconnecting
+    connection.clock.advance(1)
+    assert connection.transport.value() == answered and connection.transport.disconnecting
+
+
+def test_a_refused_connection_drains_then_closes() -> None:
+    """After a refusal what the client still sends is dropped, and the connection is aborted
+    after linger_seconds; a client closing first cancels every timer."""
+    connection = Connection(max_body_bytes=10)
+    connection.send(request())
+    written = connection.transport.value()
+    connection.send(request())  # dropped: no second answer
+    assert connection.transport.value() == written
+    connection.clock.advance(LimitedHTTPChannel.linger_seconds)
+    assert connection.transport.disconnected
+
+    other = Connection(max_body_bytes=10)
+    other.send(request())
+    other.channel.connectionLost(Failure(ConnectionDone()))
+    assert other.clock.getDelayedCalls() == []
+
+
+def test_refusals_are_counted_in_the_metrics() -> None:
+    """A refused predict counts as a predict request with the refusal's status."""
+    connection = Connection(max_body_bytes=10)
+    connection.send(request())
+    sample = connection.metrics.registry.get_sample_value(
+        "kleinserve_requests_total", {"route": "predict", "code": "413"}
+    )
+    assert sample == 1.0
