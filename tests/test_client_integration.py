@@ -175,6 +175,11 @@ class Load:
         workers = [Deferred.fromCoroutine(self._worker()) for _ in range(self.concurrency)]
         return defer.gatherResults(workers)
 
+    def stop(self) -> None:
+        """Start no more calls; each worker ends after its call in flight (reactor thread)."""
+        self._budget = 0
+        self._stop_at = None
+
     def _more(self) -> bool:
         if self._budget is not None:
             self._budget -= 1
@@ -210,9 +215,11 @@ def predict_200s(server: TwistdServer) -> float:
 
 
 def test_blocking_client_predicts_through_consul(fleet: Fleet) -> None:
-    """InferenceClient finds the servers in Consul and answers with float32 numpy arrays."""
+    """InferenceClient finds the servers in Consul and answers with float32 numpy arrays;
+    its options (attempt_timeout) reach the async core."""
     fleet.settle()
-    with InferenceClient(consul=fleet.consul.http_addr, timeout=30) as client:
+    with InferenceClient(consul=fleet.consul.http_addr, timeout=30, attempt_timeout=12) as client:
+        assert client.async_client.attempt_timeout == 12
         y = client.predict("linear", [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
         assert y.dtype == np.float32
         np.testing.assert_array_equal(y, np.array([[9.5, 11.5], [1.5, 1.5]], np.float32))
@@ -374,6 +381,67 @@ def test_sigkill_of_a_server_mid_load_fails_no_call(fleet: Fleet) -> None:
 def test_sigterm_of_a_server_mid_load_fails_no_call(fleet: Fleet) -> None:
     """SIGTERM one of three servers under load (it leaves Consul, drains, exits): no failures."""
     failover(fleet, signal.SIGTERM)
+
+
+def test_sigstop_of_a_server_mid_load_fails_no_call(fleet: Fleet) -> None:
+    """SIGSTOP one of three servers under load (connections open, no answers), SIGCONT
+    seconds later: no call fails, since hung attempts are cancelled at the attempt timeout
+    and retried elsewhere; once ejected, the server gets only probes, one at a time, until
+    one succeeds after SIGCONT."""
+    servers = fleet.settle()
+    recorder = Recorder()
+    client = make_client(fleet, recorder, attempt_timeout=2.0)
+    victim = servers[0]
+    assert victim.process is not None
+
+    def to_victim() -> list[Attempt]:
+        return [a for a in list(recorder.attempts) if a.backend.port == victim.port]
+
+    load = Load(client, concurrency=16)
+    running = load.run(calls=1_000_000)  # an upper bound; stopped below
+    try:
+        poll("calls flowing", lambda: load.ok >= 200)
+        victim.process.send_signal(signal.SIGSTOP)
+        try:
+            poll("an attempt timing out", lambda: any(a.outcome == "timeout" for a in to_victim()))
+            time.sleep(4.0)  # paused well past the first ejection: probes time out too
+        finally:
+            victim.process.send_signal(signal.SIGCONT)
+        resumed_at = time.time()
+        poll(
+            "the resumed server answering ordinary calls",
+            lambda: any(
+                a.outcome == "ok" and not a.probe and a.sent_at > resumed_at for a in to_victim()
+            ),
+        )
+    finally:
+        in_reactor(load.stop)
+        running.wait(180)
+        stats = client.stats
+        in_reactor(client.close)
+    assert load.failures == [], f"{len(load.failures)} failed calls, first: {load.failures[0]}"
+    attempts = to_victim()
+    first_timeout = min(a.finished_at for a in attempts if a.outcome == "timeout")
+    probes = [a for a in attempts if a.probe]
+    recovered_at = min(a.finished_at for a in probes if a.outcome == "ok")
+    ordinary = [a for a in attempts if not a.probe and a.sent_at > first_timeout]
+    print(
+        f"\nSIGSTOP: {load.ok} calls ok, 0 failed; {stats.timeouts} attempts timed out, "
+        f"{stats.retries} retries; the paused server got "
+        f"{sum(1 for a in attempts if a.sent_at <= first_timeout)} attempts before its first "
+        f"timeout, then {len(probes)} probes ({[a.outcome for a in probes]}), recovered "
+        f"{recovered_at - resumed_at:+.1f} s after SIGCONT"
+    )
+    # One probe at a time: no other attempt to the server is in flight while a probe is.
+    for p in probes:
+        assert all(
+            a is p or a.finished_at <= p.sent_at or a.sent_at >= p.finished_at for a in attempts
+        ), p
+    # Failed probes double the ejection (1, 2, 4 s …) and each waits the 2 s attempt
+    # timeout, so a pause of under a minute costs a handful of probes.
+    assert 1 <= len(probes) <= 8, [(a.sent_at - first_timeout, a.outcome) for a in probes]
+    # Between its first timeout and a successful probe, it gets nothing but probes.
+    assert all(a.sent_at >= recovered_at for a in ordinary)
 
 
 def test_consul_restart_mid_load_fails_no_call(fleet: Fleet) -> None:
