@@ -156,10 +156,17 @@ def make_client(fleet: Fleet, recorder: Recorder | None = None, **options: Any) 
 class Load:
     """Calls predict from ``concurrency`` workers on the reactor thread until stopped."""
 
-    def __init__(self, client: AsyncInferenceClient, concurrency: int, check: bool = True) -> None:
+    def __init__(
+        self,
+        client: AsyncInferenceClient,
+        concurrency: int,
+        check: bool = True,
+        timeout: float = 15.0,
+    ) -> None:
         self.client = client
         self.concurrency = concurrency
         self.check = check
+        self.timeout = timeout
         self.ok = 0
         self.failures: list[BaseException] = []
         self._budget: int | None = None
@@ -189,7 +196,7 @@ class Load:
     async def _worker(self) -> None:
         while self._more():
             try:
-                y = await self.client.predict("linear", X, timeout=15)
+                y = await self.client.predict("linear", X, timeout=self.timeout)
             except InferenceError as e:
                 self.failures.append(e)
                 continue
@@ -383,28 +390,48 @@ def test_sigterm_of_a_server_mid_load_fails_no_call(fleet: Fleet) -> None:
     failover(fleet, signal.SIGTERM)
 
 
-def test_sigstop_of_a_server_mid_load_fails_no_call(fleet: Fleet) -> None:
+@pytest.mark.parametrize("discovery", ["consul", "static"])
+def test_sigstop_of_a_server_mid_load_fails_no_call(fleet: Fleet, discovery: str) -> None:
     """SIGSTOP one of three servers under load (connections open, no answers), SIGCONT
     seconds later: no call fails, since hung attempts are cancelled at the attempt timeout
     and retried elsewhere; once ejected, the server gets only probes, one at a time, until
-    one succeeds after SIGCONT."""
+    one succeeds after SIGCONT. (Through Consul, with the default attempt timeout -- a third
+    of the 6 s call timeout -- its failing check may also drop the server for a while; with
+    a static list and attempt_timeout=2 only the client keeps calls away, and a probe is
+    seen to time out before SIGCONT.)"""
     servers = fleet.settle()
     recorder = Recorder()
-    client = make_client(fleet, recorder, attempt_timeout=2.0)
+    if discovery == "consul":
+        client = make_client(fleet, recorder)
+    else:
+        client = in_reactor(
+            lambda: AsyncInferenceClient(
+                backends=[("127.0.0.1", s.port) for s in servers],
+                reactor=reactor(),
+                on_attempt=recorder,
+                attempt_timeout=2.0,
+            )
+        )
     victim = servers[0]
     assert victim.process is not None
 
     def to_victim() -> list[Attempt]:
         return [a for a in list(recorder.attempts) if a.backend.port == victim.port]
 
-    load = Load(client, concurrency=16)
+    load = Load(client, concurrency=16, timeout=6.0 if discovery == "consul" else 15.0)
     running = load.run(calls=1_000_000)  # an upper bound; stopped below
     try:
         poll("calls flowing", lambda: load.ok >= 200)
         victim.process.send_signal(signal.SIGSTOP)
         try:
             poll("an attempt timing out", lambda: any(a.outcome == "timeout" for a in to_victim()))
-            time.sleep(4.0)  # paused well past the first ejection: probes time out too
+            if discovery == "static":
+                poll(
+                    "a probe timing out",
+                    lambda: any(a.probe and a.outcome == "timeout" for a in to_victim()),
+                )
+            else:
+                time.sleep(4.0)  # paused well past the first ejection
         finally:
             victim.process.send_signal(signal.SIGCONT)
         resumed_at = time.time()
@@ -426,7 +453,7 @@ def test_sigstop_of_a_server_mid_load_fails_no_call(fleet: Fleet) -> None:
     recovered_at = min(a.finished_at for a in probes if a.outcome == "ok")
     ordinary = [a for a in attempts if not a.probe and a.sent_at > first_timeout]
     print(
-        f"\nSIGSTOP: {load.ok} calls ok, 0 failed; {stats.timeouts} attempts timed out, "
+        f"\nSIGSTOP ({discovery}): {load.ok} calls ok, 0 failed; {stats.timeouts} attempts timed out, "
         f"{stats.retries} retries; the paused server got "
         f"{sum(1 for a in attempts if a.sent_at <= first_timeout)} attempts before its first "
         f"timeout, then {len(probes)} probes ({[a.outcome for a in probes]}), recovered "
