@@ -84,9 +84,12 @@ class AsyncInferenceClient:
     Give ``consul`` (an address, ``host:port`` or ``http[s]://host:port``; default
     ``$CONSUL_HTTP_ADDR`` or ``127.0.0.1:8500``) to find the servers of ``service`` in
     Consul, or ``backends=[(host, port), …]`` for a fixed list. ``timeout`` is the default
-    deadline of one call in seconds, retries included. ``balancer`` is ``"p2c"`` (fewest
-    requests in flight of two random backends) or ``"round_robin"``. ``on_attempt`` hears
-    about every attempt (an ``Attempt``), on the reactor thread.
+    deadline of one call in seconds, retries included. ``attempt_timeout`` is how long one
+    attempt waits for an answer before it is cancelled and retried on another server
+    (default ``None``: the call's timeout divided by ``max_attempts``; the last attempt
+    always gets the rest of the deadline; see ``client.dispatch``). ``balancer`` is
+    ``"p2c"`` (fewest requests in flight of two random backends) or ``"round_robin"``.
+    ``on_attempt`` hears about every attempt (an ``Attempt``), on the reactor thread.
 
     Without ``reactor`` the global reactor is used; it must be running for calls to make
     progress. ``close()`` stops the Consul watches and closes pooled connections.
@@ -160,6 +163,11 @@ class AsyncInferenceClient:
     @property
     def balancer(self) -> Balancer:
         return self._dispatcher.balancer
+
+    @property
+    def attempt_timeout(self) -> float | None:
+        """Seconds one attempt waits, or None for a share of each call's timeout."""
+        return self._dispatcher.attempt_timeout
 
     def _deadline(self, timeout: float | None) -> Deadline:
         return Deadline.after(self._clock, self.timeout if timeout is None else timeout)

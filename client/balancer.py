@@ -9,11 +9,16 @@ requests longer, so it is chosen less.
 Outlier ejection (Envoy's outlier detection, simplified): a connection error, a timeout
 or a 5xx ejects the backend for ``EjectionPolicy.period`` -- 1 s, doubling with each
 ejection that follows without a success, capped at 30 s. When the period ends the backend
-is *probing*: it takes one attempt at a time until one succeeds, which ends the episode;
-a failure ejects it again, for longer. Outcomes of attempts begun before an ejection
-neither extend it nor end it (a burst of requests lost with one dead server is one
-failure, and an old success says nothing about now). Ejection is advice, never a wall:
-when every candidate is ejected, the least recently ejected one is used anyway.
+is *probing*: it is offered one attempt (a probe) only when nothing at all is in flight to
+it -- neither an earlier probe nor an attempt begun before the ejection, which a hung
+server holds until its attempt timeout -- so from its ejection until a probe succeeds it
+sees at most one attempt at a time, never a share of the traffic, while the other
+backends take the rest. A successful probe ends the episode; a failed one ejects it
+again, for longer. Outcomes of attempts begun before an ejection neither extend it nor
+end it (a burst of requests lost with one dead server is one failure, and an old success
+says nothing about now). Ejection is advice, never a wall: only when no candidate is
+usable (every one ejected or busy with its probe) is the least recently ejected one used
+anyway, since a call sent to a server that may have recovered beats a call refused.
 
 Time comes from the injected clock, randomness from the injected ``random.Random``.
 """
@@ -74,12 +79,15 @@ class _State:
     ejected_at: float = 0.0
     ejected_until: float = 0.0
     ejected_seq: int = -1  # attempts numbered at or below this began before the last ejection
-    probing: bool = False
 
 
 @frozen
 class Ticket:
-    """One attempt on one backend, from ``Balancer.begin`` to ``Balancer.end``."""
+    """One attempt on one backend, from ``Balancer.begin`` to ``Balancer.end``.
+
+    ``probe`` is True for an attempt begun while the backend was ejected or probing (a
+    probe, or an attempt sent there because no backend was usable).
+    """
 
     key: Key
     seq: int
@@ -130,9 +138,10 @@ class Balancer:
         return state is not None and now(self._clock) < state.ejected_until
 
     def _usable(self, state: _State, at: float) -> bool:
-        if at < state.ejected_until:
-            return False
-        return not (state.ejections and state.probing)  # probing: one attempt at a time
+        """Not ejected; and while probing, only when nothing is in flight to it (one probe)."""
+        if not state.ejections:
+            return True
+        return at >= state.ejected_until and state.in_flight == 0
 
     def pick(self, backends: Sequence[Backend], exclude: Collection[Key] = ()) -> Backend:
         """The backend for the next attempt, preferring ones not in ``exclude`` (already tried)."""
@@ -144,7 +153,8 @@ class Balancer:
             usable = [b for b in group if self._usable(self._state(backend_key(b)), at)]
             if usable:
                 return self._choose(usable)
-        # Everything is ejected (or probing): never refuse, use the least recently ejected.
+        # Nothing usable (every backend ejected or busy with its probe): never refuse a
+        # call, use the least recently ejected backend.
         return min(fresh, key=lambda b: (self._state(backend_key(b)).ejected_at, b.sort_key()))
 
     def _choose(self, usable: Sequence[Backend]) -> Backend:
@@ -165,18 +175,13 @@ class Balancer:
         key = backend_key(backend)
         state = self._state(key)
         self._seq += 1
-        probe = bool(state.ejections) and now(self._clock) >= state.ejected_until
-        if probe:
-            state.probing = True
         state.in_flight += 1
-        return Ticket(key, self._seq, probe)
+        return Ticket(key, self._seq, probe=bool(state.ejections))
 
     def end(self, ticket: Ticket, healthy: bool | None) -> None:
         """The attempt finished: ``healthy`` True (any answer but 5xx), False (eject), None (no verdict)."""
         state = self._state(ticket.key)
         state.in_flight -= 1
-        if ticket.probe:
-            state.probing = False
         if healthy is None or ticket.seq <= state.ejected_seq:
             return  # begun before the last ejection: says nothing about the backend now
         at = now(self._clock)

@@ -47,6 +47,10 @@ def read_image(image: ImageSource) -> Image:
 class InferenceClient:
     """Blocking inference calls; takes the same arguments as ``AsyncInferenceClient``.
 
+    ``timeout`` is each call's deadline, retries included; ``attempt_timeout`` how long
+    one attempt waits before it is cancelled and retried on another server (default: a
+    share of the call's timeout, see ``client.dispatch``).
+
     >>> with InferenceClient(consul="127.0.0.1:8500") as client:
     ...     probabilities = client.predict("digits", images)
     """
@@ -57,6 +61,7 @@ class InferenceClient:
         service: str = "inference",
         *,
         timeout: float = 30.0,
+        attempt_timeout: float | None = None,
         **options: Any,
     ) -> None:
         crochet.setup()  # idempotent: the first client of the process starts the reactor thread
@@ -65,7 +70,9 @@ class InferenceClient:
 
         @crochet.wait_for(timeout=30.0)
         def make() -> AsyncInferenceClient:
-            return AsyncInferenceClient(consul, service, timeout=timeout, **options)
+            return AsyncInferenceClient(
+                consul, service, timeout=timeout, attempt_timeout=attempt_timeout, **options
+            )
 
         self._client: AsyncInferenceClient = make()
 

@@ -41,7 +41,7 @@ from client.report import (
 from client.transport import HTTPRequest, TreqTransport, describe
 from discovery.consul import ConsulAddress
 
-__all__ = ["build_parser", "main", "parse_backend"]
+__all__ = ["build_parser", "main", "make_client", "parse_backend"]
 
 
 def parse_backend(text: str) -> tuple[str, int]:
@@ -98,6 +98,14 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         type=_seconds,
         default=default(30.0),
         help="seconds per call, retries included (default 30)",
+    )
+    parser.add_argument(
+        "--attempt-timeout",
+        type=_seconds,
+        default=default(None),
+        metavar="SECONDS",
+        help="seconds one attempt waits for an answer before it is cancelled and retried on "
+        "another server (default: the --timeout divided by the 3 attempts a call may make)",
     )
 
 
@@ -280,17 +288,22 @@ async def _classify(reactor: Any, client: AsyncInferenceClient, args: argparse.N
     return 1 if problems or any(not r.ok for r in done) else 0
 
 
-async def run(reactor: Any, args: argparse.Namespace) -> int:
-    """Run one parsed command on ``reactor``; the exit status."""
-    concurrency = getattr(args, "concurrency", 8)
-    client = AsyncInferenceClient(
+def make_client(reactor: Any, args: argparse.Namespace) -> AsyncInferenceClient:
+    """The client the parsed global options describe."""
+    return AsyncInferenceClient(
         None if args.backend else args.consul,
         args.service,
         backends=args.backend,
         reactor=reactor,
         timeout=args.timeout,
-        connections_per_backend=concurrency,
+        attempt_timeout=args.attempt_timeout,
+        connections_per_backend=getattr(args, "concurrency", 8),
     )
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> int:
+    """Run one parsed command on ``reactor``; the exit status."""
+    client = make_client(reactor, args)
     try:
         if args.command == "backends":
             return await _backends(reactor, client, args)

@@ -6,20 +6,33 @@ overloaded fleet:
 - Retried, on a different backend when there is one, after a jittered backoff: a request
   that was never sent (refused, unreachable), a 502/503/504 (overloaded, not ready,
   draining), and -- for idempotent calls, which every inference call is -- a request whose
-  connection died before the answer (a server SIGKILLed mid-request).
+  connection died before the answer (a server SIGKILLed mid-request) or that got no
+  answer within its attempt timeout (a hung or SIGSTOPped server, below).
 - Never retried: 4xx (the request is wrong; ``InvalidRequest``), 500 (the model failed on
   this input; it would fail again), a call whose deadline has passed.
 - Every retry spends a token of the shared ``RetryBudget``, and a call makes at most
   ``max_attempts`` attempts.
-- The deadline covers the whole call, retries and backoff included. Each attempt tells the
-  server what is left of it in ``X-Request-Deadline-Ms``.
+- The deadline covers the whole call, retries and backoff included.
+- Each attempt except the call's last possible one (``max_attempts``) waits at most its
+  *attempt timeout*: ``attempt_timeout`` seconds when given, else the call's timeout
+  divided by ``max_attempts`` (10 s of the default 30 s with 3 attempts); never past the
+  call's deadline. An attempt with no answer by then -- a hung or paused server keeps the
+  connection open and says nothing -- is cancelled (request and connection abandoned),
+  ejects its backend and is retried elsewhere, as above. Why a share of the timeout rather
+  than a fixed value: patience has to scale with what the caller allows (a 1 s call
+  cannot wait 5 s on one server; a long batch call need not give up on a busy one after
+  5 s), and one ``max_attempts``-th leaves room for every attempt the call may make, so a
+  call that meets a hung server still has most of its time for healthy ones. The last
+  attempt waits for the rest of the deadline: there is no retry left to make time for,
+  and cutting it short would only turn a slow answer into a failure.
+- Each attempt tells the server how long the client will wait for it in
+  ``X-Request-Deadline-Ms``, so that the server does not start work nobody waits for.
 
 Connection errors, timeouts and 5xx also tell the ``Balancer`` to eject the backend.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -74,7 +87,9 @@ class Attempt:
     """What an ``on_attempt`` observer hears after each attempt, on the reactor thread.
 
     ``outcome`` is ``"ok"`` (2xx), ``"status"`` (another HTTP status, see ``status``),
-    ``"not sent"``, ``"connection lost"``, ``"timeout"`` or ``"cancelled"``.
+    ``"not sent"``, ``"connection lost"``, ``"timeout"`` (no answer within the attempt's
+    limit; the request was cancelled) or ``"cancelled"`` (the caller gave up). ``probe`` is
+    True when the backend was ejected or probing as the attempt began (see ``Balancer``).
     """
 
     model: str
@@ -84,6 +99,7 @@ class Attempt:
     finished_at: float
     outcome: str
     status: int | None = None
+    probe: bool = False
 
 
 @define
@@ -94,6 +110,7 @@ class DispatchStats:
     attempts: int = 0
     retries: int = 0
     budget_refusals: int = 0
+    timeouts: int = 0  # attempts cancelled at their attempt timeout or the call's deadline
 
 
 @frozen
@@ -175,6 +192,8 @@ class Dispatcher:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if attempt_timeout is not None and not attempt_timeout > 0:
+            raise ValueError(f"attempt_timeout must be > 0 seconds, got {attempt_timeout!r}")
         self.sources = sources
         self.balancer = balancer
         self.budget = budget
@@ -184,7 +203,7 @@ class Dispatcher:
         self._rng = rng
         self._max_attempts = max_attempts
         self._backoff = backoff or Backoff(initial=0.02, maximum=1.0, factor=2.0, jitter=0.5)
-        self._attempt_timeout = attempt_timeout
+        self.attempt_timeout = attempt_timeout
         self._on_attempt = on_attempt
         self._known: dict[str, Backends] = {}
 
@@ -292,12 +311,20 @@ class Dispatcher:
             return "not retried: the retry budget is spent (too many failures overall)"
         return None
 
+    def attempt_limit(self, number: int, deadline: Deadline) -> float:
+        """How long attempt ``number`` of a call may wait for its answer (module docstring)."""
+        remaining = deadline.remaining(self._clock)
+        if number >= self._max_attempts:
+            return remaining
+        if self.attempt_timeout is not None:
+            return min(remaining, self.attempt_timeout)
+        return min(remaining, deadline.timeout / self._max_attempts)
+
     async def _attempt(
         self, model: str, backend: Backend, number: int, request: HTTPRequest, deadline: Deadline
     ) -> _Result:
-        remaining = deadline.remaining(self._clock)
-        limit = min(remaining, self._attempt_timeout or math.inf)
-        headers = {**request.headers, DEADLINE_HEADER: str(max(1, int(remaining * 1000)))}
+        limit = self.attempt_limit(number, deadline)
+        headers = {**request.headers, DEADLINE_HEADER: str(max(1, int(limit * 1000)))}
         sending = self._transport.send(
             backend.address, backend.port, attrs.evolve(request, headers=headers)
         )
@@ -317,6 +344,7 @@ class Dispatcher:
             response = await sending
         except Exception as e:
             if expired:
+                self.stats.timeouts += 1
                 result = _Result(backend, "timeout", f"no answer within {limit:.3g} s")
             elif _cancelled(e):
                 raise CancelledError() from e
@@ -334,7 +362,7 @@ class Dispatcher:
                 timer.cancel()
             healthy = None if result is None else self._healthy(result)
             self.balancer.end(ticket, healthy)
-            self._report(model, backend, number, sent_at, result)
+            self._report(model, backend, number, sent_at, result, ticket.probe)
         assert result is not None  # every other way out of the try raised
         return result
 
@@ -345,7 +373,13 @@ class Dispatcher:
         return False
 
     def _report(
-        self, model: str, backend: Backend, number: int, sent_at: float, result: _Result | None
+        self,
+        model: str,
+        backend: Backend,
+        number: int,
+        sent_at: float,
+        result: _Result | None,
+        probe: bool,
     ) -> None:
         if self._on_attempt is None:
             return
@@ -358,6 +392,7 @@ class Dispatcher:
             now(self._clock),
             result.outcome if result else "cancelled",
             status,
+            probe,
         )
         try:
             self._on_attempt(attempt)

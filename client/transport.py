@@ -1,7 +1,7 @@
 """The HTTP seam: one request to one backend, as data in and data out.
 
 ``HTTPTransport`` is what the dispatcher sends through. ``TreqTransport`` is the real one:
-a ``treq`` client over a persistent connection pool of its own (STYLE 8), sized for the
+a ``treq`` client over a persistent connection pool of its own, sized for the
 client's concurrency so that concurrent calls to one server reuse connections instead of
 opening and closing one each. Unit tests put a fake or a ``StubTreq`` behind this seam.
 

@@ -156,10 +156,17 @@ def make_client(fleet: Fleet, recorder: Recorder | None = None, **options: Any) 
 class Load:
     """Calls predict from ``concurrency`` workers on the reactor thread until stopped."""
 
-    def __init__(self, client: AsyncInferenceClient, concurrency: int, check: bool = True) -> None:
+    def __init__(
+        self,
+        client: AsyncInferenceClient,
+        concurrency: int,
+        check: bool = True,
+        timeout: float = 15.0,
+    ) -> None:
         self.client = client
         self.concurrency = concurrency
         self.check = check
+        self.timeout = timeout
         self.ok = 0
         self.failures: list[BaseException] = []
         self._budget: int | None = None
@@ -175,6 +182,11 @@ class Load:
         workers = [Deferred.fromCoroutine(self._worker()) for _ in range(self.concurrency)]
         return defer.gatherResults(workers)
 
+    def stop(self) -> None:
+        """Start no more calls; each worker ends after its call in flight (reactor thread)."""
+        self._budget = 0
+        self._stop_at = None
+
     def _more(self) -> bool:
         if self._budget is not None:
             self._budget -= 1
@@ -184,7 +196,7 @@ class Load:
     async def _worker(self) -> None:
         while self._more():
             try:
-                y = await self.client.predict("linear", X, timeout=15)
+                y = await self.client.predict("linear", X, timeout=self.timeout)
             except InferenceError as e:
                 self.failures.append(e)
                 continue
@@ -210,9 +222,11 @@ def predict_200s(server: TwistdServer) -> float:
 
 
 def test_blocking_client_predicts_through_consul(fleet: Fleet) -> None:
-    """InferenceClient finds the servers in Consul and answers with float32 numpy arrays."""
+    """InferenceClient finds the servers in Consul and answers with float32 numpy arrays;
+    its options (attempt_timeout) reach the async core."""
     fleet.settle()
-    with InferenceClient(consul=fleet.consul.http_addr, timeout=30) as client:
+    with InferenceClient(consul=fleet.consul.http_addr, timeout=30, attempt_timeout=12) as client:
+        assert client.async_client.attempt_timeout == 12
         y = client.predict("linear", [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
         assert y.dtype == np.float32
         np.testing.assert_array_equal(y, np.array([[9.5, 11.5], [1.5, 1.5]], np.float32))
@@ -374,6 +388,87 @@ def test_sigkill_of_a_server_mid_load_fails_no_call(fleet: Fleet) -> None:
 def test_sigterm_of_a_server_mid_load_fails_no_call(fleet: Fleet) -> None:
     """SIGTERM one of three servers under load (it leaves Consul, drains, exits): no failures."""
     failover(fleet, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("discovery", ["consul", "static"])
+def test_sigstop_of_a_server_mid_load_fails_no_call(fleet: Fleet, discovery: str) -> None:
+    """SIGSTOP one of three servers under load (connections open, no answers), SIGCONT
+    seconds later: no call fails, since hung attempts are cancelled at the attempt timeout
+    and retried elsewhere; once ejected, the server gets only probes, one at a time, until
+    one succeeds after SIGCONT. (Through Consul, with the default attempt timeout -- a third
+    of the 6 s call timeout -- its failing check may also drop the server for a while; with
+    a static list and attempt_timeout=2 only the client keeps calls away, and a probe is
+    seen to time out before SIGCONT.)"""
+    servers = fleet.settle()
+    recorder = Recorder()
+    if discovery == "consul":
+        client = make_client(fleet, recorder)
+    else:
+        client = in_reactor(
+            lambda: AsyncInferenceClient(
+                backends=[("127.0.0.1", s.port) for s in servers],
+                reactor=reactor(),
+                on_attempt=recorder,
+                attempt_timeout=2.0,
+            )
+        )
+    victim = servers[0]
+    assert victim.process is not None
+
+    def to_victim() -> list[Attempt]:
+        return [a for a in list(recorder.attempts) if a.backend.port == victim.port]
+
+    load = Load(client, concurrency=16, timeout=6.0 if discovery == "consul" else 15.0)
+    running = load.run(calls=1_000_000)  # an upper bound; stopped below
+    try:
+        poll("calls flowing", lambda: load.ok >= 200)
+        victim.process.send_signal(signal.SIGSTOP)
+        try:
+            poll("an attempt timing out", lambda: any(a.outcome == "timeout" for a in to_victim()))
+            if discovery == "static":
+                poll(
+                    "a probe timing out",
+                    lambda: any(a.probe and a.outcome == "timeout" for a in to_victim()),
+                )
+            else:
+                time.sleep(4.0)  # paused well past the first ejection
+        finally:
+            victim.process.send_signal(signal.SIGCONT)
+        resumed_at = time.time()
+        poll(
+            "the resumed server answering ordinary calls",
+            lambda: any(
+                a.outcome == "ok" and not a.probe and a.sent_at > resumed_at for a in to_victim()
+            ),
+        )
+    finally:
+        in_reactor(load.stop)
+        running.wait(180)
+        stats = client.stats
+        in_reactor(client.close)
+    assert load.failures == [], f"{len(load.failures)} failed calls, first: {load.failures[0]}"
+    attempts = to_victim()
+    first_timeout = min(a.finished_at for a in attempts if a.outcome == "timeout")
+    probes = [a for a in attempts if a.probe]
+    recovered_at = min(a.finished_at for a in probes if a.outcome == "ok")
+    ordinary = [a for a in attempts if not a.probe and a.sent_at > first_timeout]
+    print(
+        f"\nSIGSTOP ({discovery}): {load.ok} calls ok, 0 failed; {stats.timeouts} attempts timed out, "
+        f"{stats.retries} retries; the paused server got "
+        f"{sum(1 for a in attempts if a.sent_at <= first_timeout)} attempts before its first "
+        f"timeout, then {len(probes)} probes ({[a.outcome for a in probes]}), recovered "
+        f"{recovered_at - resumed_at:+.1f} s after SIGCONT"
+    )
+    # One probe at a time: no other attempt to the server is in flight while a probe is.
+    for p in probes:
+        assert all(
+            a is p or a.finished_at <= p.sent_at or a.sent_at >= p.finished_at for a in attempts
+        ), p
+    # Failed probes double the ejection (1, 2, 4 s …) and each waits the 2 s attempt
+    # timeout, so a pause of under a minute costs a handful of probes.
+    assert 1 <= len(probes) <= 8, [(a.sent_at - first_timeout, a.outcome) for a in probes]
+    # Between its first timeout and a successful probe, it gets nothing but probes.
+    assert all(a.sent_at >= recovered_at for a in ordinary)
 
 
 def test_consul_restart_mid_load_fails_no_call(fleet: Fleet) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from treq.testing import StubTreq
@@ -245,6 +245,68 @@ def test_ejected_backend_is_skipped_then_probed_one_attempt_at_a_time() -> None:
     assert balancer.pick((A, B)) == A
 
 
+def test_an_ejected_backend_is_probed_only_once_nothing_is_in_flight_to_it() -> None:
+    """A backend still holding attempts begun before its ejection (a hung server) gets no
+    probe when its period ends, until they end; then one probe, marked as such."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(1))
+    old = [balancer.begin(A) for _ in range(3)]
+    balancer.end(old[0], healthy=False)
+    clock.advance(1.0)
+    assert not balancer.is_ejected(A)
+    for _ in range(5):
+        balancer.begin(B)  # B busy: P2C would pick A every time it could
+    assert {balancer.pick((A, B)) for _ in range(20)} == {B}
+    balancer.end(old[1], healthy=False)
+    assert {balancer.pick((A, B)) for _ in range(20)} == {B}
+    balancer.end(old[2], healthy=None)
+    assert balancer.pick((A, B)) == A
+    probe = balancer.begin(A)
+    assert probe.probe and {balancer.pick((A, B)) for _ in range(20)} == {B}
+
+
+D = Backend("inference-4", "127.0.0.1", 8504)
+probing_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.floats(0, 5)),
+        st.tuples(st.just("begin"), st.none()),
+        st.tuples(
+            st.just("end"), st.tuples(st.integers(0, 100), st.sampled_from([True, False, None]))
+        ),
+    ),
+    max_size=100,
+)
+
+
+@given(probing_ops, st.sampled_from(Strategy))
+@example(  # A ejected with an attempt still in flight; its period over, a probe must wait
+    [("begin", None)] * 4 + [("end", (0, False)), ("advance", 1.0)] + [("begin", None)] * 3,
+    Strategy.ROUND_ROBIN,
+)
+def test_a_probing_backend_never_has_two_attempts_in_flight(
+    operations: list[tuple[str, Any]], strategy: Strategy
+) -> None:
+    """Whatever the outcomes, while another backend is usable (D never fails), an attempt
+    begun on an ejected or probing backend is the only attempt in flight to it."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(5), strategy=strategy)
+    fleet = (A, B, D)
+    open_tickets: list[tuple[Backend, Any]] = []
+    for op, value in operations:
+        if op == "advance":
+            clock.advance(value)
+        elif op == "begin":
+            backend = balancer.pick(fleet)
+            open_tickets.append((backend, balancer.begin(backend)))
+        elif open_tickets:
+            index, healthy = value
+            backend, ticket = open_tickets.pop(index % len(open_tickets))
+            balancer.end(ticket, True if backend == D else healthy)
+        for b in (A, B):
+            mine = [t for x, t in open_tickets if x == b]
+            assert len(mine) == 1 or not any(t.probe for t in mine), mine
+
+
 def test_outcomes_of_attempts_begun_before_an_ejection_change_nothing() -> None:
     """A burst of failures from one outage ejects once; an old success does not end it."""
     clock = task.Clock()
@@ -444,15 +506,133 @@ def test_deadline_covers_the_whole_call_and_cancels_the_attempt() -> None:
     assert raised.value.timeout == 2.0 and transport.cancelled == 1
 
 
-def test_remaining_deadline_is_sent_in_a_header() -> None:
-    """Each attempt carries X-Request-Deadline-Ms: what is left of the call's timeout."""
+def test_a_hung_attempt_is_cancelled_at_the_attempt_timeout_and_retried_elsewhere() -> None:
+    """A backend that never answers: its attempt is cancelled at the attempt timeout, the
+    backend ejected, and the call succeeds on another backend."""
+    clock = task.Clock()
+    attempts: list[Attempt] = []
+    transport = FakeTransport(lambda where, r: transport.hang() if where == KEY[A] else OK)
+    d = dispatcher(
+        clock,
+        transport,
+        (A, B),
+        strategy=Strategy.ROUND_ROBIN,
+        attempts=attempts,
+        attempt_timeout=0.5,
+    )
+    pending = call(d, clock, timeout=10.0)
+    clock.advance(0.49)
+    assert transport.cancelled == 0 and not pending.called
+    clock.advance(0.01)
+    assert transport.cancelled == 1 and d.balancer.is_ejected(A)
+    assert result_of(clock, pending) == OK
+    assert [(a.backend, a.outcome) for a in attempts] == [(A, "timeout"), (B, "ok")]
+    assert (d.stats.timeouts, d.stats.retries) == (1, 1)
+
+
+def test_the_attempt_timeout_never_extends_the_calls_deadline() -> None:
+    """An attempt timeout longer than the call's: the attempt ends at the call's deadline."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: transport.hang())
+    d = dispatcher(clock, transport, attempt_timeout=5.0)
+    pending = call(d, clock, timeout=2.0)
+    clock.advance(1.99)
+    assert not pending.called and transport.cancelled == 0
+    clock.advance(0.02)
+    with pytest.raises(DeadlineExceeded) as raised:
+        result_of(clock, pending)
+    assert (raised.value.attempts, transport.cancelled) == (1, 1)
+    assert transport.sent[0][1].headers[DEADLINE_HEADER.lower()] == "2000"
+
+
+def test_by_default_attempts_share_the_timeout_and_the_last_gets_the_rest() -> None:
+    """Without attempt_timeout each attempt waits timeout / max_attempts, except the last,
+    which waits until the call's deadline: then DeadlineExceeded, every request cancelled."""
+    clock = task.Clock()
+    attempts: list[Attempt] = []
+    transport = FakeTransport(lambda where, r: transport.hang())
+    d = dispatcher(clock, transport, attempts=attempts, max_attempts=3)
+    with pytest.raises(DeadlineExceeded) as raised:
+        result_of(clock, call(d, clock, timeout=3.0))
+    waited = [a.finished_at - a.sent_at for a in attempts]
+    assert waited[:2] == [pytest.approx(1.0, abs=0.01)] * 2
+    assert attempts[2].finished_at == pytest.approx(3.0, abs=0.01) and waited[2] < 1.0
+    assert [a.outcome for a in attempts] == ["timeout"] * 3
+    assert raised.value.attempts == 3 and transport.cancelled == 3
+    assert len({a.backend for a in attempts}) == 3
+
+
+def test_retries_after_timeouts_spend_the_retry_budget() -> None:
+    """Each retry of a timed-out attempt takes a token; with none left the call fails."""
+    clock = task.Clock()
+    answers = iter([None, OK, None, OK])  # None: hang
+
+    def answer(where: tuple[str, int], request: HTTPRequest) -> Any:
+        return next(answers) or transport.hang()
+
+    transport = FakeTransport(answer)
+    budget = RetryBudget(clock, ratio=0, cap=1, min_per_second=0, initial=1)
+    d = dispatcher(clock, transport, budget=budget, attempt_timeout=0.5)
+    assert result_of(clock, call(d, clock)) == OK
+    assert (d.stats.retries, budget.tokens) == (1, 0)
+    with pytest.raises(ServerError, match="retry budget is spent") as raised:
+        result_of(clock, call(d, clock))
+    assert raised.value.attempts == 1 and "no answer within 0.5 s" in str(raised.value)
+    assert (d.stats.timeouts, d.stats.retries, d.stats.budget_refusals) == (2, 1, 1)
+    assert len(transport.sent) == 3
+
+
+def test_a_hung_backend_is_ejected_then_probed_by_one_call_at_a_time() -> None:
+    """A call every 0.1 s while A hangs: every call succeeds; after A's first timeout only
+    probes reach it, one at a time (the first once the attempts still hanging there have
+    timed out too), each failed one ejecting it for twice as long; once A answers, a probe
+    succeeds and A takes ordinary calls again."""
+    clock = task.Clock()
+    attempts: list[Attempt] = []
+    hung = {KEY[A]}
+
+    def answer(where: tuple[str, int], request: HTTPRequest) -> Any:
+        if where in hung:
+            return transport.hang()
+        return task.deferLater(clock, 1.0, lambda: OK)  # slow: P2C keeps choosing A
+
+    transport = FakeTransport(answer)
+    # 1.5 s: attempts sent to A just before its first timeout outlast the 1 s ejection
+    d = dispatcher(clock, transport, (A, B), attempts=attempts, attempt_timeout=1.5)
+    calls = []
+    for n in range(450):
+        if n == 200:
+            hung.clear()  # A answers again from 20 s on
+        calls.append(call(d, clock, timeout=10.0))
+        clock.advance(0.1)
+    clock.advance(10.0)
+    assert all(result_of(clock, c) == OK for c in calls)
+
+    to_a = [a for a in attempts if a.backend == A]
+    first_failure = min(a.finished_at for a in to_a if a.outcome == "timeout")
+    probes = [a for a in to_a if a.probe]
+    assert [p.outcome for p in probes] == ["timeout"] * 3 + ["ok"]
+    assert len([a for a in to_a if not a.probe and a.finished_at > first_failure]) > 1
+    for p in probes:  # nothing else in flight to A while a probe is
+        others = [a for a in to_a if a is not p]
+        assert all(a.finished_at <= p.sent_at or a.sent_at >= p.finished_at for a in others)
+    for n, (p, q) in enumerate(zip(probes, probes[1:], strict=False)):
+        assert q.sent_at - p.finished_at >= 2**n * 2 - 1e-6  # ejected 2, 4, 8, 16 s
+    ordinary = [a for a in to_a if not a.probe and a.sent_at > first_failure]
+    assert ordinary and all(a.sent_at >= probes[-1].finished_at for a in ordinary)
+    assert all(a.outcome == "ok" for a in ordinary)
+
+
+def test_each_attempts_limit_is_sent_in_a_header() -> None:
+    """X-Request-Deadline-Ms says how long the client waits for that attempt: its share of
+    the timeout, and for the last attempt what is left of the call's timeout."""
     clock = task.Clock()
     answers = iter([json_response(503, {"error": "busy"}), OK])
     transport = FakeTransport(lambda where, r: next(answers))
-    d = dispatcher(clock, transport)
+    d = dispatcher(clock, transport, max_attempts=2)
     result_of(clock, call(d, clock, timeout=2.0))
     first, second = (int(r.headers[DEADLINE_HEADER.lower()]) for _, r in transport.sent)
-    assert first == 2000 and 1000 < second < 2000
+    assert first == 1000 and 1000 < second < 2000
 
 
 def test_cancelling_a_call_cancels_its_attempt_without_ejecting() -> None:
@@ -731,7 +911,8 @@ def settle(stub: StubTreq, d: Deferred[Any]) -> Any:
 
 
 def test_predict_over_treq_returns_float32_and_reads_metadata_once() -> None:
-    """predict sends columnar float32 JSON with the deadline header; the answer is float32."""
+    """predict sends columnar float32 JSON with the attempt's deadline header (a third of the
+    call's timeout); the answer is float32."""
     client, server, stub = stub_client()
     x = np.array([[1, 1, 1], [0, 0, 0]], np.float64)
     for _ in range(2):
@@ -745,7 +926,7 @@ def test_predict_over_treq_returns_float32_and_reads_metadata_once() -> None:
     )
     method, _, headers, body = server.requests[-1]
     assert method == "POST" and headers["content-type"] == "application/json"
-    assert headers["x-request-deadline-ms"] == "5000"
+    assert headers["x-request-deadline-ms"] == "1666"
     assert body == b'{"inputs":[[1.0,1.0,1.0],[0.0,0.0,0.0]]}'
 
 
@@ -814,6 +995,22 @@ def test_cli_parses_global_options_before_or_after_the_command() -> None:
     assert cli.parse_backend("[::1]:8501") == ("::1", 8501)
     with pytest.raises(SystemExit):
         parser.parse_args(["--backend", "nohost", "status", "m"])
+
+
+def test_cli_attempt_timeout_reaches_the_client() -> None:
+    """--attempt-timeout (either side of the command) is the client's; left out, None (a
+    share of each call's timeout); zero is refused by the parser and by the client."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["status", "linear", "--backend", "h:1", "--attempt-timeout", "2.5"])
+    assert cli.make_client(task.Clock(), args).attempt_timeout == 2.5
+    args = parser.parse_args(["--attempt-timeout", "4", "--backend", "h:1", "status", "linear"])
+    assert cli.make_client(task.Clock(), args).attempt_timeout == 4.0
+    args = parser.parse_args(["--backend", "h:1", "status", "linear"])
+    assert cli.make_client(task.Clock(), args).attempt_timeout is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--attempt-timeout", "0", "status", "linear"])
+    with pytest.raises(ValueError, match="attempt_timeout"):
+        AsyncInferenceClient(backends=[("h", 1)], reactor=task.Clock(), attempt_timeout=0)
 
 
 def test_collect_images_expands_folders_and_reports_missing_paths(tmp_path: Path) -> None:
