@@ -95,7 +95,8 @@ class Threads(Protocol):
 
 
 class PoolThreads:
-    """``Threads`` on a ThreadPool of its own (STYLE 5), started on creation."""
+    """``Threads`` on a ThreadPool of its own (blocking work never runs on the reactor thread),
+    started on creation."""
 
     def __init__(self, reactor: Any, size: int, name: str) -> None:
         self._reactor = reactor
