@@ -78,3 +78,7 @@ class Unavailable(ServingError):
 
 class Internal(ServingError):
     code, status = "INTERNAL", 500
+
+
+class PermissionDenied(ServingError):
+    code, status = "PERMISSION_DENIED", 403

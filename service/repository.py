@@ -24,6 +24,17 @@ How the set of versions changes (TF Serving's availability-preserving policy):
 * A failed load is retried with backoff up to ``max_load_retries`` times; the
   error is in the status meanwhile, and after the last attempt the version is
   END with its error until its folder changes.
+
+Faults of the model store show in the status and are logged once when they appear
+and once when they clear, never every poll:
+
+* a version unloaded because its folder is gone from the base path is END with a
+  NOT_FOUND error naming the folder;
+* a numeric entry that is not a readable version folder (a broken symlink, a file,
+  permission denied) is listed with its error (END if nothing was loaded from it; a
+  version loaded from it before keeps serving), and the scan goes on with the others;
+* a base path that cannot be scanned (missing, a file, unreadable) is the error of
+  every version without one of its own, and of a 404 when the model has no version.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound, Servin
 from service.lifecycle import InFlight
 from service.metrics import Metrics
 from service.model_config import ModelConfig
-from service.model_folders import VersionFolder, ready_versions, scan_model
+from service.model_folders import ModelScan, VersionFolder, os_fault, ready_versions, scan_model
 from service.servable import Servable
 from service.signature import Signature
 
@@ -84,7 +95,8 @@ class Threads(Protocol):
 
 
 class PoolThreads:
-    """``Threads`` on a ThreadPool of its own (STYLE 5), started on creation."""
+    """``Threads`` on a ThreadPool of its own (blocking work never runs on the reactor thread),
+    started on creation."""
 
     def __init__(self, reactor: Any, size: int, name: str) -> None:
         self._reactor = reactor
@@ -106,6 +118,7 @@ class LoadedVersion:
     version: int
     state: str = LOADING
     error: str = ""
+    error_code: str = "UNKNOWN"  # TF Serving's code for ``error``, when there is one
     servable: Servable | None = None
     queues: dict[str, BatchingQueue] = attrs.Factory(dict)
     threads: Threads | None = None
@@ -154,13 +167,22 @@ class LoadedVersion:
         finally:
             self.holders.finished()
 
-    def status(self) -> dict[str, Any]:
-        error_code = "UNKNOWN" if self.error else "OK"
-        return {
-            "version": str(self.version),
-            "state": self.state,
-            "status": {"error_code": error_code, "error_message": self.error},
-        }
+    def status(self, fault: ServingError | None = None) -> dict[str, Any]:
+        """TF Serving's ModelVersionStatus; ``fault``: a model store fault to show instead of
+        this version's own error (or its OK)."""
+        if fault is not None:
+            return version_status(self.version, self.state, fault.code, fault.message)
+        return version_status(
+            self.version, self.state, self.error_code if self.error else "OK", self.error
+        )
+
+
+def version_status(version: int, state: str, error_code: str, message: str) -> dict[str, Any]:
+    return {
+        "version": str(version),
+        "state": state,
+        "status": {"error_code": error_code, "error_message": message},
+    }
 
 
 def batch_rows(signature: Signature, inputs: Mapping[str, np.ndarray]) -> int | None:
@@ -195,6 +217,7 @@ class ModelRepository(Service):
         load_retry_interval: float = 60.0,
         make_threads: Callable[[int, str], Threads] | None = None,
         scan: Callable[..., Deferred] | None = None,
+        scan_folders: Callable[[Path], ModelScan] = scan_model,
         release_memory: Callable[[], object] = RELEASE_MEMORY,
         freeze: Callable[[], object] = memory.freeze_startup_objects,
     ) -> None:
@@ -213,11 +236,14 @@ class ModelRepository(Service):
         self._scan_pool: ThreadPool | None = None
         self._own_scan_pool = scan is None  # else injected (tests scan inline)
         self._scan = scan or self._scan_in_pool  # (f, *args) -> Deferred, off the reactor
+        self._scan_folders = scan_folders
         self._release_memory = release_memory
         self._freeze = freeze
         self._scans: dict[str, dict[int, VersionFolder]] = {}  # the last scan of each model
         self._ready: dict[str, dict[int, VersionFolder]] = {}  # folders that may be loaded
-        self._scan_errors: dict[str, str] = {}
+        self._scan_errors: dict[str, ServingError] = {}  # base paths the last scan could not read
+        self._faults: dict[str, dict[int, ServingError]] = {}  # unreadable version entries
+        self._gone: dict[str, set[int]] = {}  # versions unloaded because their folder went
         self._label_targets: dict[str, dict[str, int]] = {}  # label -> version last served
         self._required = set(self.configs)  # models /readyz waits for (see ready)
         self._started = False  # ready once: later loads (hot swaps) never make it unready
@@ -255,10 +281,7 @@ class ModelRepository(Service):
         if version is not None:
             found = versions.get(version)
             if found is None:
-                raise NotFound(
-                    f"Servable not found for request: Specific({name}, {version}): "
-                    f"model {name!r} has no version {version}"
-                )
+                raise self._no_version(name, version)
             found.require()
             if found.state != AVAILABLE:
                 raise Unavailable(
@@ -268,10 +291,12 @@ class ModelRepository(Service):
             return found
         available = [v for v in versions.values() if v.state == AVAILABLE]
         if not available:
-            states = (
-                ", ".join(f"{v.version}: {v.state}" for v in versions.values()) or "none found yet"
+            states = ", ".join(f"{v.version}: {v.state}" for v in versions.values())
+            problem = self._store_problem(name)
+            raise Unavailable(
+                f"model {name!r} has no AVAILABLE version ({states or problem or 'none found yet'})",
+                retry_after=1,
             )
-            raise Unavailable(f"model {name!r} has no AVAILABLE version ({states})", retry_after=1)
         return max(available, key=lambda v: v.version)
 
     def _by_label(
@@ -311,19 +336,55 @@ class ModelRepository(Service):
     def status(
         self, name: str, version: int | None = None, label: str | None = None
     ) -> list[dict[str, Any]]:
+        """TF Serving's model_version_status, highest version first, with the model store's
+        faults: an unreadable version entry is listed (END unless loaded before), and a base
+        path that cannot be scanned is the error of each version without one of its own."""
         if label is not None:
             version = self.lookup(name, label=label).version
+        entries = self._status_entries(name)
         if version is not None:
-            found = self.versions.get(name, {}).get(version)
-            if found is None:
-                raise NotFound(
-                    f"Servable not found for request: Specific({name}, {version}): "
-                    f"model {name!r} has no version {version}"
-                )
-            return [found.status()]
+            if version not in entries:
+                raise self._no_version(name, version)
+            return [entries[version]]
         if name not in self.versions:
             raise NotFound(f"Could not find any versions of model {name}")
-        return [v.status() for _, v in sorted(self.versions[name].items(), reverse=True)]
+        if not entries:
+            problem = self._store_problem(name)
+            raise NotFound(
+                f"Could not find any versions of model {name}" + (f": {problem}" if problem else "")
+            )
+        return [entries[number] for number in sorted(entries, reverse=True)]
+
+    def _status_entries(self, name: str) -> dict[int, dict[str, Any]]:
+        faults = self._faults.get(name, {})
+        scan_error = self._scan_errors.get(name)
+        entries = {}
+        for number, v in self.versions.get(name, {}).items():
+            entries[number] = v.status(faults.get(number) or (None if v.error else scan_error))
+        for number, fault in faults.items():
+            if number not in entries:
+                entries[number] = version_status(number, END, fault.code, fault.message)
+        return entries
+
+    def _store_problem(self, name: str) -> str | None:
+        """Why a model has no version at all, if its store says why."""
+        config = self.configs.get(name)
+        if name in self._scan_errors:
+            return self._scan_errors[name].message
+        if config is None or name not in self._scans:
+            return None  # not scanned yet
+        if not self._scans[name]:
+            return f"{config.base_path} has no numeric version folder"
+        return f"no version folder in {config.base_path} is complete and settled yet"
+
+    def _no_version(self, name: str, version: int) -> NotFound:
+        why = f"model {name!r} has no version {version}"
+        fault = self._faults.get(name, {}).get(version)
+        if fault is not None:
+            why += f" ({fault.message})"
+        elif name in self._scan_errors:
+            why += f" ({self._scan_errors[name].message})"
+        return NotFound(f"Servable not found for request: Specific({name}, {version}): {why}")
 
     @property
     def ready(self) -> bool:
@@ -458,7 +519,7 @@ class ModelRepository(Service):
             config = self.configs.get(name)
             if config is None:
                 continue
-            d = self._scan(scan_model, config.base_path)
+            d = self._scan(self._scan_folders, config.base_path)
             d.addCallbacks(
                 partial(self._scanned, name, config.base_path),
                 partial(self._scan_failed, name, config.base_path),
@@ -471,32 +532,117 @@ class ModelRepository(Service):
 
     def _scan_failed(self, name: str, base_path: Path, failure: Any) -> None:
         failure.trap(ServingError, OSError)
-        message = str(failure.value)
-        if self._scan_errors.get(name) != message:  # log a lasting problem once, not every poll
-            log.error("model {name}: {error}", name=name, error=message)
-            self._scan_errors[name] = message
+        config = self.configs.get(name)
+        if config is None or config.base_path != base_path:
+            return  # removed or moved while we scanned
+        error = failure.value
+        if not isinstance(error, ServingError):
+            error = os_fault(error, f"model base path {base_path}")
+        old = self._scan_errors.get(name)
+        if old is None or old.message != error.message:  # log a lasting problem once
+            log.error("model {name}: {error}", name=name, error=error.message)
+        self._scan_errors[name] = error
         # The folders that were there stay aspired: an unreadable base path (a network file
         # system hiccup) must not unload what serves.
 
-    def _scanned(self, name: str, base_path: Path, found: dict[int, VersionFolder]) -> None:
+    def _scanned(self, name: str, base_path: Path, scan: ModelScan) -> None:
         config = self.configs.get(name)
         if config is None or config.base_path != base_path or not self.running:
             return  # removed or moved while we scanned
-        if self._scan_errors.pop(name, None) is not None:
-            log.info("model {name}: {path} readable again", name=name, path=base_path)
-        if not found and name not in self._scans:
+        old = self._scan_errors.pop(name, None)
+        if old is not None:
+            log.info(
+                "model {name}: {path} can be scanned again (it was: {error})",
+                name=name,
+                path=base_path,
+                error=old.message,
+            )
+        found = scan.folders
+        if not found and not scan.faults and name not in self._scans:
             log.error(
                 "model {name}: no numeric version folder in {path}", name=name, path=base_path
             )
-        ready = ready_versions(found, self._scans.get(name), self._ready.get(name, {}))
+        self._note_faults(name, base_path, scan)
+        self._note_returned(name, base_path, found)
+        ready = ready_versions(
+            found, self._scans.get(name), self._ready.get(name, {}), unreadable=scan.faults
+        )
         self._scans[name] = found
         self._ready[name] = ready
         self._reconcile(name)
+
+    def _note_faults(self, name: str, base_path: Path, scan: ModelScan) -> None:
+        """Log each unreadable version entry once when it appears, and once when it clears."""
+        before = self._faults.get(name, {})
+        for number, fault in sorted(scan.faults.items()):
+            if number not in before or before[number].message != fault.message:
+                log.error(
+                    "model {name} version {v}: {error} (the other versions are scanned as usual)",
+                    name=name,
+                    v=number,
+                    error=fault.message,
+                )
+        for number in sorted(set(before) - set(scan.faults)):
+            now = "is readable again" if number in scan.folders else "was removed"
+            log.info(
+                "model {name} version {v}: {path} {now} (it was: {error})",
+                name=name,
+                v=number,
+                path=base_path / str(number),
+                now=now,
+                error=before[number].message,
+            )
+        self._faults[name] = dict(scan.faults)
+
+    def _note_returned(self, name: str, base_path: Path, found: dict[int, VersionFolder]) -> None:
+        """A version folder that had gone is back: log it once, and clear its NOT_FOUND error
+        (so that, like any version unloaded before, it loads again if the policy wants it)."""
+        gone = self._gone.get(name, set())
+        for number in sorted(gone & set(found)):
+            gone.discard(number)
+            log.info(
+                "model {name} version {v}: {path} is back",
+                name=name,
+                v=number,
+                path=found[number].path,
+            )
+            version = self.versions.get(name, {}).get(number)
+            if version is not None and version.error_code == NotFound.code:
+                version.error, version.error_code = "", "UNKNOWN"
+
+    def _note_gone(self, version: LoadedVersion, doing: str) -> None:
+        """If ``version`` is no longer wanted because its folder is gone from its model's last
+        scan (not left out by the policy, not merely unreadable), say so in its status and log
+        it once."""
+        name, number = version.name, version.version
+        config, found = self.configs.get(name), self._scans.get(name)
+        if (
+            config is None
+            or found is None
+            or number in found
+            or number in self._faults.get(name, {})
+        ):
+            return
+        folder = config.base_path / str(number)
+        version.error = (
+            f"version folder {folder} is gone from the model base path {config.base_path}"
+        )
+        version.error_code = NotFound.code
+        self._gone.setdefault(name, set()).add(number)
+        log.warn(
+            "model {name} version {v}: {error}; {doing}",
+            name=name,
+            v=number,
+            error=version.error,
+            doing=doing,
+        )
 
     def _forget_scans(self, name: str) -> None:
         self._scans.pop(name, None)
         self._ready.pop(name, None)
         self._scan_errors.pop(name, None)
+        self._faults.pop(name, None)
+        self._gone.pop(name, None)
 
     # -- reconciling what is loaded with what is aspired ----------------------------------------
 
@@ -536,6 +682,7 @@ class ModelRepository(Service):
             if version.retry is not None:  # a failed load waiting to retry: no longer wanted
                 version.retry.cancel()
                 version.retry, version.state = None, END
+                self._note_gone(version, "its load is not retried")
             elif version.state == AVAILABLE and (config is None or serving or not aspired):
                 for label, target in (config.labels if config is not None else {}).items():
                     if target == number:
@@ -548,6 +695,7 @@ class ModelRepository(Service):
                             v=number,
                             policy=config.policy.describe() if config is not None else "",
                         )
+                self._note_gone(version, "unloading it")
                 self._start_unload(version)
         if config is None and all(v.state == END for v in versions.values()):
             self.versions.pop(name, None)
@@ -628,6 +776,7 @@ class ModelRepository(Service):
 
     def _load_failed(self, config: ModelConfig, version: LoadedVersion, error: Exception) -> None:
         version.attempts += 1
+        version.error_code = "UNKNOWN"
         reason = f"{type(error).__name__}: {error}"
         total = self._max_retries + 1
         if version.attempts < total and self.running:
@@ -654,6 +803,7 @@ class ModelRepository(Service):
         folder = self._ready.get(version.name, {}).get(version.version)
         if folder is None or version.name not in self.configs:
             version.state = END
+            self._note_gone(version, "its load is not retried")
             self._reconcile(version.name)
             return
         self._start_load(version.name, folder)
