@@ -23,7 +23,8 @@ Sections (``--only``), each a measurement of its own:
     soak       kleinserve, batching on, digits, concurrency 64 for --soak seconds: RSS every
                5 s, and its growth
 
-Load comes from ``hey`` on 127.0.0.1 only. Every number is printed as it is measured, and the
+Load comes from ``wrk`` (one thread, C connections) on 127.0.0.1 only; wrk ends each run
+with requests in flight, so a server that mishandles clients leaving shows as a failed point. Every number is printed as it is measured, and the
 ratios that matter are printed at the end as "measured X = a / b". Nothing here asserts a
 timing: a benchmark is not a test.
 """
@@ -36,6 +37,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -61,15 +63,15 @@ from bench_procs import (  # noqa: E402
     batch_counters,
     batch_stats,
     free_port,
-    hey_command,
     memory_of,
-    parse_hey,
-    run_hey,
+    parse_wrk,
+    run_wrk,
     start,
     stop_all,
+    wrk_command,
 )
 
-SECTIONS = ("inprocess", "engine", "http", "empty", "flask", "soak")
+SECTIONS = ("inprocess", "engine", "http", "empty", "flask", "soak", "memory")
 SCRIPTS = REPO / "scripts"
 CACHE = REPO / ".cache" / "bench"
 HEAVY_CONCURRENCY = 64  # the flask comparison, the soak and the engine's submitters
@@ -88,7 +90,7 @@ class Plan:
     duration: float  # seconds per measured point
     inprocess_seconds: float  # per batch size
     engine_warmup: float
-    warmup_requests: int
+    warmup_seconds: float
     soak_seconds: float
     soak_interval: float
     inprocess_sizes: tuple[int, ...]
@@ -142,6 +144,7 @@ class Bench:
             "http": [],
             "flask": {},
             "soak": {},
+            "memory": {},
             "failures": [],
         }
         self._models: dict[str, Path] = {}
@@ -236,7 +239,7 @@ class Bench:
 
     def warm_up(self, proc: Proc, url: str, body: Path) -> None:
         concurrency = min(max(self.plan.concurrencies), HEAVY_CONCURRENCY)
-        result = run_hey(url, body, concurrency, requests=self.plan.warmup_requests)
+        result = run_wrk(url, body, concurrency, self.plan.warmup_seconds)
         self.say(
             f"  warmed up {proc.name}: {result.ok} requests at c={concurrency}"
             + (f", {result.errors} errors" if result.errors else "")
@@ -245,10 +248,10 @@ class Bench:
     def measure(
         self, proc: Proc, url: str, body: Path, concurrency: int, seconds: float
     ) -> dict[str, Any]:
-        """One point: hey for ``seconds`` at ``concurrency``, then memory and batch counters."""
+        """One point: wrk for ``seconds`` at ``concurrency``, then memory and batch counters."""
         before = batch_counters(proc.url)
         t0 = time.monotonic()
-        result = run_hey(url, body, concurrency, seconds=seconds)
+        result = run_wrk(url, body, concurrency, seconds)
         wall = time.monotonic() - t0
         memory = memory_of(proc.pid)
         row: dict[str, Any] = {
@@ -282,6 +285,7 @@ class Bench:
             "empty": self.empty,
             "flask": self.flask,
             "soak": self.soak,
+            "memory": self.memory,
         }
         for name in self.plan.sections:
             self.say(f"== {name}")
@@ -457,10 +461,10 @@ class Bench:
             url = f"{proc.url}/v1/models/{model}:predict"
             self.check_predict(proc, model, body)
             self.warm_up(proc, url, body)
-            command = hey_command(url, body, concurrency, seconds=plan.soak_seconds)
+            command = wrk_command(url, body, concurrency, plan.soak_seconds)
             samples: list[dict[str, float]] = []
             t0 = time.monotonic()
-            with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as hey:
+            with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as load:
                 try:
                     for _ in range(int(plan.soak_seconds / plan.soak_interval) + 2):
                         rss = memory_of(proc.pid).rss_mb
@@ -468,16 +472,16 @@ class Bench:
                             {"t": round(time.monotonic() - t0, 1), "rss_mb": round(rss, 1)}
                         )
                         self.say(f"  soak t={samples[-1]['t']:5.1f} s: RSS {rss:.1f} MB")
-                        if hey.poll() is not None:
+                        if load.poll() is not None:
                             break
                         deadline = time.monotonic() + plan.soak_interval
-                        while hey.poll() is None and time.monotonic() < deadline:
+                        while load.poll() is None and time.monotonic() < deadline:
                             time.sleep(0.1)
-                    output, _ = hey.communicate(timeout=plan.soak_seconds + 120)
+                    output, _ = load.communicate(timeout=plan.soak_seconds + 120)
                 finally:
-                    if hey.poll() is None:
-                        hey.kill()
-            result = parse_hey(output)
+                    if load.poll() is None:
+                        load.kill()
+            result = parse_wrk(output)
             end = memory_of(proc.pid)
             if time.monotonic() - t0 > samples[-1]["t"] + 1:  # else the last sample is the end
                 samples.append(
@@ -505,6 +509,37 @@ class Bench:
             )
         finally:
             proc.stop()
+
+    def memory(self) -> None:
+        """RSS of a server before and after 20 predicts of 60 MB bodies (scripts/request_memory.py)."""
+        requests, megabytes = (4, 60.0) if self.plan.quick else (20, 60.0)
+        command = [
+            str(VENV_BIN / "python"),
+            str(REPO / "scripts" / "request_memory.py"),
+            f"--requests={requests}",
+            f"--mb={megabytes:g}",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+        for line in done.stdout.splitlines():
+            self.say(f"  {line}")
+        last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+        match = re.match(
+            r"RSS before (\d+) MiB, after \d+ x [\d.]+ MB (\d+) MiB, [\d.]+ s later (\d+) MiB", last
+        )
+        if done.returncode != 0 or match is None:
+            raise BenchError(
+                f"request_memory.py failed ({done.returncode}):\n{done.stderr[-2000:]}"
+            )
+        before, after, settled = (int(x) for x in match.groups())
+        self.results["memory"] = {
+            "requests": requests,
+            "body_mb": megabytes,
+            "rss_before_mib": before,
+            "rss_after_mib": after,
+            "rss_settled_mib": settled,
+            "ratio_after": round(after / before, 3),
+            "ratio_settled": round(settled / before, 3),
+        }
 
 
 def _memory_fields(memory: Any) -> dict[str, Any]:
@@ -564,8 +599,8 @@ def machine_facts(plan: Plan) -> dict[str, Any]:
                 memory_gb = int(line.split()[1]) / 1024 / 1024
     except OSError:
         pass
-    hey = subprocess.run(
-        ["dpkg-query", "-W", "-f", "${Version}", "hey"], capture_output=True, text=True, check=False
+    wrk = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", "wrk"], capture_output=True, text=True, check=False
     ).stdout.strip()
     return {
         "command": plan.command,
@@ -578,10 +613,10 @@ def machine_facts(plan: Plan) -> dict[str, Any]:
         "tensorflow": version("tensorflow-cpu", "tensorflow"),
         "twisted": version("twisted"),
         "klein": version("klein"),
-        "hey": hey or "?",
+        "wrk": wrk or "?",
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "duration": plan.duration,
-        "warmup_requests": plan.warmup_requests,
+        "warmup_seconds": plan.warmup_seconds,
         "duration_factors": {
             m: 1 if plan.quick else bench_models.MODELS[m].duration_factor for m in plan.models
         },
@@ -672,7 +707,7 @@ def parse_args(argv: list[str] | None) -> Plan:
         duration=duration,
         inprocess_seconds=1.0 if quick else max(1.0, duration / 2),
         engine_warmup=1.0 if quick else 3.0,
-        warmup_requests=50 if quick else 300,
+        warmup_seconds=1 if quick else 3,
         soak_seconds=soak,
         soak_interval=5.0,
         inprocess_sizes=(1, 8, 32, 64),

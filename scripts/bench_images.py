@@ -1,8 +1,8 @@
 """Image uploads to MobileNetV2: images/s over HTTP vs the in-process decode + model limit.
 
 Run as ``.venv/bin/python scripts/bench_images.py [--duration 20]`` after ``scripts/bench``
-has installed hey and exported the model once (it reuses ``.cache/bench/models/mobilenet``).
-Writes ``docs/benchmarks-images.md``. One 224×224 JPEG is sent with ``hey`` as the raw body
+has installed wrk and exported the model once (it reuses ``.cache/bench/models/mobilenet``).
+Writes ``docs/benchmarks-images.md``. One 224×224 JPEG is sent with ``wrk`` as the raw body
 (``Content-Type: image/jpeg``) to ``:classify_image`` at concurrency 8 and 64; the limit is
 this process decoding the same JPEG with Pillow and calling the model, at batch 1 and 8.
 Traffic goes to 127.0.0.1 only. Nothing here asserts a timing.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import ensure_model  # noqa: E402
-from bench_procs import LOOPBACK, free_port, parse_hey, start, stop_all  # noqa: E402
+from bench_procs import LOOPBACK, free_port, run_wrk, start, stop_all  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
@@ -107,16 +106,9 @@ def main() -> int:
     try:
         server.wait_ready()
         url = f"{server.url}/v1/models/mobilenet:classify_image"
-        hey = ["hey", "-m", "POST", "-T", "image/jpeg", "-D", str(jpeg_path)]
-        subprocess.run(
-            [*hey, "-n", "64", "-c", "8", url], capture_output=True, check=False, timeout=300
-        )
+        run_wrk(url, jpeg_path, 8, 3, content_type="image/jpeg")  # warm-up
         for concurrency in (8, 64):
-            done = subprocess.run(
-                [*hey, "-z", f"{round(args.duration)}s", "-c", str(concurrency), url],
-                capture_output=True, text=True, check=False, timeout=args.duration + 300,
-            )  # fmt: skip
-            result = parse_hey(done.stdout)
+            result = run_wrk(url, jpeg_path, concurrency, args.duration, content_type="image/jpeg")
             results[concurrency] = result
             print(
                 f"  upload c={concurrency}: {result.rps:.1f} images/s, p50 {result.p50_ms} ms, "
@@ -137,7 +129,10 @@ def main() -> int:
         "",
         "| what | images/s | p50 ms | p99 ms | errors |",
         "|---|---|---|---|---|",
-        *(f"| in-process, one thread: decode then model, batch {b} | {r:.1f} | | | |" for b, r in limits.items()),
+        *(
+            f"| in-process, one thread: decode then model, batch {b} | {r:.1f} | | | |"
+            for b, r in limits.items()
+        ),
         *(
             f"| upload over HTTP, concurrency {c} | {r.rps:.1f} | {r.p50_ms} | {r.p99_ms} | {r.errors} |"
             for c, r in results.items()

@@ -1,4 +1,4 @@
-"""Processes for ``scripts/bench``: servers on free loopback ports, their memory, and ``hey``.
+"""Processes for ``scripts/bench``: servers on free loopback ports, their memory, and ``wrk``.
 
 Every process the bench starts is a ``Proc``: started in a session of its own (so a server
 and its workers, gunicorn's say, are one process group), logged to a file, and stopped by
@@ -11,6 +11,7 @@ app and gunicorn, needs the whole process tree for memory, and must not fail on 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -213,20 +214,24 @@ def memory_of(pid: int) -> Memory:
     return Memory(rss / 1024, hwm / 1024, pss / 1024, len(pids))
 
 
-# -- hey -------------------------------------------------------------------------------------
+# -- wrk -------------------------------------------------------------------------------------
+#
+# wrk ends every run with the requests of its last moment still in flight and closes their
+# connections, as any load generator stopped by a clock does: a server that cannot take a
+# client leaving mid-request shows it here as a later point with no answers (a failed point).
 
 
 @dataclass
-class HeyResult:
-    """One ``hey`` run: successful requests per second, latency of the successful ones, errors."""
+class LoadResult:
+    """One wrk run: successful requests per second, latency, errors."""
 
     seconds: float
-    ok: int  # 200 responses
-    rps: float  # 200 responses per second
+    ok: int  # 2xx responses
+    rps: float  # 2xx responses per second
     p50_ms: float | None
     p99_ms: float | None
-    errors: int  # non-200 responses plus requests that got no response
-    statuses: dict[int, int]
+    errors: int  # non-2xx responses plus socket errors (connect, read, write, timeout)
+    statuses: dict[str, int]  # "2xx" and "non-2xx" counts (wrk does not split by status)
     error_messages: dict[str, int]
 
     def as_dict(self) -> dict[str, object]:
@@ -237,7 +242,7 @@ class HeyResult:
             "ok": self.ok,
             "errors": self.errors,
             "seconds": round(self.seconds, 2),
-            "statuses": {str(k): v for k, v in self.statuses.items()},
+            "statuses": dict(self.statuses),
             "error_messages": dict(list(self.error_messages.items())[:5]),
         }
 
@@ -246,87 +251,97 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
-_TOTAL = re.compile(r"^\s*Total:\s+([\d.]+) secs", re.M)
-_SLOWEST = re.compile(r"^\s*Slowest:\s+([\d.]+) secs", re.M)
-_PERCENTILE = re.compile(r"^\s*(\d+)% in ([\d.]+) secs", re.M)
-_STATUS = re.compile(r"^\s*\[(\d+)\]\s+(\d+) responses", re.M)
-_ERROR = re.compile(r"^\s*\[(\d+)\]\s+(.+)$", re.M)
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_DONE = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),", re.M)
+_PERCENTILE = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 
 
-def parse_hey(text: str) -> HeyResult:
-    """Read hey's summary: Total, the latency distribution, status codes and errors."""
-    total = _TOTAL.search(text)
-    if total is None:
-        raise BenchError(f"hey printed no summary:\n{text[-2000:]}")
-    seconds = float(total.group(1))
-    percentiles = {int(p): float(s) * 1000 for p, s in _PERCENTILE.findall(text)}
-    slowest = _SLOWEST.search(text)
-    if 99 not in percentiles and 50 in percentiles and slowest is not None:
-        # hey prints no 99% line for fewer than 100 answers; the p99 of those is the slowest.
-        percentiles[99] = float(slowest.group(1)) * 1000
-    statuses = {int(code): int(n) for code, n in _STATUS.findall(text)}
+def parse_wrk(text: str) -> LoadResult:
+    """Read wrk's summary (run with ``--latency``): requests, duration, percentiles, errors."""
+    done = _DONE.search(text)
+    if done is None:
+        raise BenchError(f"wrk printed no summary:\n{text[-2000:]}")
+    seconds = float(done.group(2)) * _UNITS[done.group(3)] / 1000
+    total = int(done.group(1))
+    percentiles = {int(p): float(v) * _UNITS[u] for p, v, u in _PERCENTILE.findall(text)}
+    non_2xx = int(m.group(1)) if (m := _NON_2XX.search(text)) else 0
     error_messages: dict[str, int] = {}
-    if "Error distribution:" in text:
-        tail = text.split("Error distribution:", 1)[1]
-        error_messages = {message.strip(): int(n) for n, message in _ERROR.findall(tail)}
-    ok = statuses.get(200, 0)
-    errors = sum(n for code, n in statuses.items() if code != 200) + sum(error_messages.values())
-    return HeyResult(
+    if socket_errors := _SOCKET.search(text):
+        kinds = ("connect", "read", "write", "timeout")
+        for kind, n in zip(kinds, socket_errors.groups(), strict=True):
+            if int(n):
+                error_messages[f"socket {kind} errors"] = int(n)
+    ok = total - non_2xx
+    return LoadResult(
         seconds=seconds,
         ok=ok,
         rps=ok / seconds if seconds > 0 else 0.0,
         p50_ms=percentiles.get(50),
         p99_ms=percentiles.get(99),
-        errors=errors,
-        statuses=statuses,
+        errors=non_2xx + sum(error_messages.values()),
+        statuses={"2xx": ok, "non-2xx": non_2xx},
         error_messages=error_messages,
     )
 
 
-def hey_command(
+def _post_script(body: Path, content_type: str) -> Path:
+    """A wrk Lua script that POSTs ``body`` (written next to it, once per body and type)."""
+    script = body.with_name(f"{body.name}.{content_type.replace('/', '-')}.lua")
+    script.write_text(
+        f"local f = assert(io.open({json.dumps(str(body))}, 'rb'))\n"
+        "wrk.body = f:read('*a')\n"
+        "f:close()\n"
+        "wrk.method = 'POST'\n"
+        f"wrk.headers['Content-Type'] = {json.dumps(content_type)}\n"
+    )
+    return script
+
+
+def wrk_command(
     url: str,
     body: Path,
     concurrency: int,
+    seconds: float,
     *,
-    seconds: float | None = None,
-    requests: int | None = None,
+    content_type: str = "application/json",
 ) -> list[str]:
-    """``hey -z Ns`` (a timed run) or ``hey -n N`` (a counted one), POSTing ``body`` as JSON."""
-    if seconds is not None:
-        amount = ["-z", f"{max(1, round(seconds))}s"]
-    else:
-        # hey gives each worker n // c requests: round up so all of them are sent.
-        amount = ["-n", str(-(-max(requests or 0, concurrency) // concurrency) * concurrency)]
+    """``wrk`` for ``seconds`` with ``concurrency`` connections on one thread, POSTing ``body``."""
     return [
-        "hey",
-        *amount,
-        "-c",
-        str(concurrency),
-        "-m",
-        "POST",
-        "-T",
-        "application/json",
-        "-D",
-        str(body),
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout=30s",
+        "--latency",
+        "-s",
+        str(_post_script(body, content_type)),
         url,
     ]
 
 
-def run_hey(
+def run_wrk(
     url: str,
     body: Path,
     concurrency: int,
+    seconds: float,
     *,
-    seconds: float | None = None,
-    requests: int | None = None,
-) -> HeyResult:
-    """Run hey to the end and parse its summary (bounded: hey's own -z/-n, plus a timeout)."""
-    command = hey_command(url, body, concurrency, seconds=seconds, requests=requests)
-    limit = (seconds or 0) + 120 + (requests or 0) * 0.5
-    done = subprocess.run(command, capture_output=True, text=True, timeout=limit, check=False)
+    content_type: str = "application/json",
+) -> LoadResult:
+    """Run wrk to the end and parse its summary; a run with no answer at all is a failure."""
+    command = wrk_command(url, body, concurrency, seconds, content_type=content_type)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=seconds + 120, check=False
+    )
     if done.returncode != 0:
-        raise BenchError(f"hey failed ({done.returncode}): {done.stderr[-2000:]}")
-    return parse_hey(done.stdout)
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr[-2000:]}")
+    result = parse_wrk(done.stdout)
+    if result.ok == 0:
+        raise BenchError(
+            f"no successful answer in {seconds:g} s (a wedged server?):\n{done.stdout}"
+        )
+    return result
 
 
 # -- /metrics --------------------------------------------------------------------------------

@@ -152,6 +152,14 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             samples[0]["rss_mb"],
             "MB",
         )
+    big = results.get("memory", {})
+    if big:
+        add(
+            f"{big['requests']} requests of {big['body_mb']:g} MB: RSS after / RSS before",
+            big["rss_after_mib"],
+            big["rss_before_mib"],
+            "MiB",
+        )
     return out
 
 
@@ -331,7 +339,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- machine: {meta['nproc']} cores ({meta['cpu']}), {meta['memory_gb']} GB;"
         f" load average {meta['loadavg_start'][0]} at the start, {meta.get('loadavg_end', ['?'])[0]} at the end",
         f"- software: Python {meta['python']}, TensorFlow {meta['tensorflow']}, Twisted {meta['twisted']},"
-        f" Klein {meta['klein']}, hey {meta['hey']}",
+        f" Klein {meta['klein']}, "
+        + (f"wrk {meta['wrk']}" if "wrk" in meta else f"hey {meta.get('hey', '?')}"),
         f"- request bodies: {body_text}",
         f"- {meta['duration']:g} s per point; concurrency {', '.join(map(str, meta['concurrencies']))}",
         "",
@@ -365,6 +374,28 @@ def markdown(results: dict[str, Any]) -> str:
     ):
         if table:
             parts += [f"## {title}", "", table, ""]
+    big = results.get("memory", {})
+    if big:
+        parts += [
+            f"## Memory across large requests: {big['requests']} predicts of {big['body_mb']:g} MB",
+            "",
+            f"RSS {big['rss_before_mib']} MiB before, {big['rss_after_mib']} MiB after the last "
+            f"({big['ratio_after']:.2f}x), {big['rss_settled_mib']} MiB a few seconds later "
+            f"({big['ratio_settled']:.2f}x). `scripts/request_memory.py` sends them one at a time "
+            "to the digits model with batching on.",
+            "",
+        ]
+    big = results.get("memory", {})
+    if big:
+        parts += [
+            f"## Memory across large requests: {big['requests']} predicts of {big['body_mb']:g} MB",
+            "",
+            f"RSS {big['rss_before_mib']} MiB before, {big['rss_after_mib']} MiB after the last "
+            f"({big['ratio_after']:.2f}x), {big['rss_settled_mib']} MiB a few seconds later "
+            f"({big['ratio_settled']:.2f}x). `scripts/request_memory.py` sends them one at a time "
+            "to the digits model with batching on.",
+            "",
+        ]
     soak = results.get("soak", {})
     if soak.get("samples"):
         parts += [
@@ -382,7 +413,9 @@ def method(results: dict[str, Any]) -> list[str]:
     threads = meta.get("threads", [1])
     params = meta.get("batching_parameters", {}).get(str(threads[0]), "")
     lines = [
-        f"- **Load**: `hey -z {meta['duration']:g}s -c C -m POST -T application/json -D BODY URL`"
+        f"- **Load**: `wrk -t1 -cC -d{meta['duration']:g}s --latency -s post.lua URL` (post.lua"
+        " POSTs BODY as application/json; wrk ends each run with requests in flight and closes"
+        " their connections, so a server that wedges on clients leaving fails the next point)"
         + "".join(
             f" ({factor * meta['duration']:g} s for {_title(model)}, whose batches take seconds)"
             for model, factor in meta.get("duration_factors", {}).items()
@@ -390,9 +423,9 @@ def method(results: dict[str, Any]) -> list[str]:
         )
         + ", on the same machine and cores as the server (as any local client would be), to"
         " 127.0.0.1 only."
-        " requests/s counts 200 answers only; *errors* are other statuses plus requests that got no"
-        " answer. p50/p99 are hey's latency distribution. Each server is ready when `GET /readyz`"
-        f" answers 200, then gets {meta.get('warmup_requests', 300)} warm-up requests.",
+        " requests/s counts 2xx answers only; *errors* are other statuses plus socket errors."
+        " p50/p99 are wrk's latency distribution. Each server is ready when `GET /readyz`"
+        f" answers 200, then gets {meta.get('warmup_seconds', 3):g} s of warm-up load.",
         '- **Bodies**: TF Serving\'s row format, `{"instances": [image]}`, one image of random floats in'
         " [0, 1) written to 4 decimals.",
         "- **Servers**: `twistd -n inference --model_name=M --model_base_path=.cache/bench/models/M"
@@ -428,7 +461,7 @@ def method(results: dict[str, Any]) -> list[str]:
         "- **Empty route**: `scripts/bench_empty_app.py`, a Klein app on a Site set up as"
         " kleinserve's (bodies in memory, no form parsing, no access log) that reads the body and"
         " answers `{}`: the most requests/s the HTTP"
-        " stack gives for that body on this machine, through the same hey.",
+        " stack gives for that body on this machine, through the same wrk.",
         "- **Flask**: `scripts/bench_flask_app.py` under `gunicorn -w 4` (sync workers, each loading"
         " TensorFlow and the model at import) vs one kleinserve process with batching on. RSS sums"
         " every process of each server (gunicorn's master included) and so counts shared library"

@@ -65,13 +65,20 @@ def run_examples(server: TwistdServer, checks: Checks) -> None:
     print(_short(body))
     answer = json.loads(body) if code == 200 else {}
     probabilities = answer.get("predictions", [[0] * 10])[0]
-    checks.expect(code == 200 and int(np.argmax(probabilities)) == 7, "the demo model reads samples/seven.png as 7")
+    checks.expect(
+        code == 200 and int(np.argmax(probabilities)) == 7,
+        "the demo model reads samples/seven.png as 7",
+    )
 
     print("\n== every sample digit, one request each")
     right = 0
     for digit, name in enumerate(DIGITS):
-        request = sample_request(samples / f"{name}.png", Path("/tmp") / f"kleinserve-demo-{name}.json")
-        status, answer = server.post_json("/v1/models/digits:predict", json.loads(request.read_text()))
+        request = sample_request(
+            samples / f"{name}.png", Path("/tmp") / f"kleinserve-demo-{name}.json"
+        )
+        status, answer = server.post_json(
+            "/v1/models/digits:predict", json.loads(request.read_text())
+        )
         label = int(np.argmax(answer["predictions"][0])) if status == 200 else None
         right += label == digit
         print(f"  {name}.png → {label}")
@@ -87,7 +94,11 @@ def run_examples(server: TwistdServer, checks: Checks) -> None:
         f"{url}/v1/models/digits:classify_image",
     )  # fmt: skip
     print(body)
-    labels = [r["predictions"][0]["label"] for r in json.loads(body).get("results", [])] if code == 200 else []
+    labels = (
+        [r["predictions"][0]["label"] for r in json.loads(body).get("results", [])]
+        if code == 200
+        else []
+    )
     checks.expect(labels == ["3", "9"], "two files in one request, answered in order")
     code, body = curl("-F", "data=@README.md", f"{url}/")
     print(body)
@@ -99,7 +110,9 @@ def run_examples(server: TwistdServer, checks: Checks) -> None:
     checks.expect(code == 200 and '"AVAILABLE"' in body, "status says version 1 is AVAILABLE")
     code, body = curl(f"{url}/v1/models/digits/metadata")
     print(_short(body, 400))
-    checks.expect(code == 200 and '"serving_default"' in body, "metadata shows the serving_default signature")
+    checks.expect(
+        code == 200 and '"serving_default"' in body, "metadata shows the serving_default signature"
+    )
 
     print("\n== bad input gets a clear 4xx, and the server keeps serving")
     code, body = curl("-d", '{"instances": [[1, 2]', f"{url}/v1/models/digits:predict")
@@ -143,7 +156,9 @@ def show_lifecycle(
     for worker in workers:
         worker.start()
     time.sleep(0.5)
-    print(f"$ cp -r {base.relative_to(REPO)}/1 {base.relative_to(REPO)}/2      # (4 threads keep calling :predict)")
+    print(
+        f"$ cp -r {base.relative_to(REPO)}/1 {base.relative_to(REPO)}/2      # (4 threads keep calling :predict)"
+    )
     copied = time.monotonic()
     shutil.copytree(base / "1", base / "2")
     seen: list[str] = []
@@ -151,7 +166,9 @@ def show_lifecycle(
     states = ""
     while time.monotonic() < deadline:
         status = server.get("/v1/models/digits")[1]
-        states = ", ".join(f"{v['version']}: {v['state']}" for v in status.get("model_version_status", []))
+        states = ", ".join(
+            f"{v['version']}: {v['state']}" for v in status.get("model_version_status", [])
+        )
         if not seen or seen[-1] != states:
             seen.append(states)
             print(f"  {time.monotonic() - copied:5.2f} s  {states}")
@@ -164,8 +181,12 @@ def show_lifecycle(
         worker.join()
     failed = sum(code != 200 for code in codes)
     print(f"  {len(codes)} requests during the swap, {failed} failed")
-    checks.expect(states == "2: AVAILABLE, 1: END", "version 2 took over and version 1 was unloaded")
-    checks.expect(failed == 0 and len(codes) > 0, f"no request failed during the swap ({len(codes)} sent)")
+    checks.expect(
+        states == "2: AVAILABLE, 1: END", "version 2 took over and version 1 was unloaded"
+    )
+    checks.expect(
+        failed == 0 and len(codes) > 0, f"no request failed during the swap ({len(codes)} sent)"
+    )
 
     print("\n== version labels: edit the config file and send SIGHUP")
     write_model_config(config, base, "\n           version_labels { key: 'stable' value: 2 }")
@@ -181,9 +202,13 @@ def show_lifecycle(
     code, body = curl(f"{server.url}/v1/models/digits/labels/stable/metadata")
     print(_short(body, 120))
     checks.expect(code == 200 and '"version":"2"' in body, "/labels/stable answers from version 2")
-    code, body = curl("-d", "@samples/seven.json", f"{server.url}/v1/models/digits/labels/beta:predict")
+    code, body = curl(
+        "-d", "@samples/seven.json", f"{server.url}/v1/models/digits/labels/beta:predict"
+    )
     print(body)
-    checks.expect(code == 400 and "Unrecognized servable version label" in body, "an unknown label → 400")
+    checks.expect(
+        code == 400 and "Unrecognized servable version label" in body, "an unknown label → 400"
+    )
     tags: list[str] = []
     for _ in range(50):
         services = consul.get("/v1/catalog/service/inference")[2]
@@ -192,7 +217,9 @@ def show_lifecycle(
             break
         time.sleep(0.1)
     print(f"  Consul tags now: {', '.join(tags)}")
-    checks.expect("model:digits:2" in tags and "model:digits:1" not in tags, "Consul tags name version 2 only")
+    checks.expect(
+        "model:digits:2" in tags and "model:digits:1" not in tags, "Consul tags name version 2 only"
+    )
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -203,7 +230,11 @@ def show_discovery(consul: ConsulAgent, servers: list[TwistdServer], checks: Che
     print("\n== discovery: every server registered itself in Consul")
     env = {"CONSUL_HTTP_ADDR": consul.http_addr, "PATH": str(CONSUL_BINARY.parent)}
     print(f"$ CONSUL_HTTP_ADDR={consul.http_addr} consul catalog services -tags")
-    print(subprocess.run(["consul", "catalog", "services", "-tags"], env=env, capture_output=True, text=True).stdout)
+    print(
+        subprocess.run(
+            ["consul", "catalog", "services", "-tags"], env=env, capture_output=True, text=True
+        ).stdout
+    )
     deadline = time.monotonic() + 30
     passing: list = []
     while time.monotonic() < deadline:
@@ -211,12 +242,16 @@ def show_discovery(consul: ConsulAgent, servers: list[TwistdServer], checks: Che
         if len(passing) == len(servers):
             break
         time.sleep(0.5)
-    print(f"$ curl {consul.http_addr}/v1/health/service/inference?passing   (one entry per healthy server)")
+    print(
+        f"$ curl {consul.http_addr}/v1/health/service/inference?passing   (one entry per healthy server)"
+    )
     for entry in passing:
         service = entry["Service"]
         states = ", ".join(f"{c['Name'] or c['CheckID']}: {c['Status']}" for c in entry["Checks"])
         print(f"  {service['ID']:32} {service['Address']}:{service['Port']}  {states}")
-    checks.expect(len(passing) == len(servers), f"{len(passing)}/{len(servers)} servers passing in Consul")
+    checks.expect(
+        len(passing) == len(servers), f"{len(passing)}/{len(servers)} servers passing in Consul"
+    )
 
 
 def show_client(consul: ConsulAgent, servers: list[TwistdServer], checks: Checks) -> None:
@@ -224,23 +259,37 @@ def show_client(consul: ConsulAgent, servers: list[TwistdServer], checks: Checks
 
     print("\n== the client library: servers from Consul, called directly (no proxy)")
     print(f">>> c = InferenceClient(consul={consul.http_addr!r})")
-    print(">>> c.predict('digits', images)   # the ten sample digits, one array of shape (10, 28, 28, 1)")
+    print(
+        ">>> c.predict('digits', images)   # the ten sample digits, one array of shape (10, 28, 28, 1)"
+    )
     images = np.stack(
-        [np.asarray(Image.open(REPO / "samples" / f"{name}.png").convert("L"), np.float32)[:, :, None] / 255
-         for name in DIGITS]
+        [
+            np.asarray(Image.open(REPO / "samples" / f"{name}.png").convert("L"), np.float32)[
+                :, :, None
+            ]
+            / 255
+            for name in DIGITS
+        ]
     )
     with InferenceClient(consul=consul.http_addr) as c:
         probabilities = c.predict("digits", images)
         labels = probabilities.argmax(axis=1).tolist()
-        print(f"{type(probabilities).__name__} {probabilities.dtype} {probabilities.shape}; argmax → {labels}")
+        print(
+            f"{type(probabilities).__name__} {probabilities.dtype} {probabilities.shape}; argmax → {labels}"
+        )
         right = sum(label == digit for digit, label in enumerate(labels))
-        checks.expect(probabilities.dtype == np.float32 and right >= 8, f"client: float32 answers, {right}/10 right")
+        checks.expect(
+            probabilities.dtype == np.float32 and right >= 8,
+            f"client: float32 answers, {right}/10 right",
+        )
         before = [_served(s) for s in servers]
         for _ in range(30):
             c.predict("digits", images[:1])
         spread = [_served(s) - b for s, b in zip(servers, before, strict=True)]
         print(f"30 more calls, served per server (from each server's /metrics): {spread}")
-        checks.expect(sum(1 for n in spread if n > 0) >= 2, "the calls were spread over several servers")
+        checks.expect(
+            sum(1 for n in spread if n > 0) >= 2, "the calls were spread over several servers"
+        )
 
     env = {**os.environ, "CONSUL_HTTP_ADDR": consul.http_addr}
     for args in (
@@ -249,8 +298,13 @@ def show_client(consul: ConsulAgent, servers: list[TwistdServer], checks: Checks
         ["classify", "--model", "digits", "--top-k", "1", "samples/"],
     ):
         print(f"\n$ inference-client {shlex.join(args)}")
-        done = subprocess.run([str(REPO / ".venv" / "bin" / "inference-client"), *args], env=env,
-                              capture_output=True, text=True, cwd=REPO)
+        done = subprocess.run(
+            [str(REPO / ".venv" / "bin" / "inference-client"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         print(_short(done.stdout.strip() or done.stderr.strip(), 900))
         checks.expect(done.returncode == 0, f"inference-client {args[0]} exits 0")
 
@@ -259,16 +313,26 @@ def _served(server: TwistdServer) -> int:
     """Predict requests this server answered with 200, from its own /metrics."""
     _, text = server.get("/metrics")
     for line in str(text).splitlines():
-        if line.startswith("kleinserve_requests_total{") and 'route="predict"' in line and 'code="200"' in line:
+        if (
+            line.startswith("kleinserve_requests_total{")
+            and 'route="predict"' in line
+            and 'code="200"' in line
+        ):
             return int(float(line.rsplit(" ", 1)[1]))
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="run the examples, check the answers, exit 0/1")
-    parser.add_argument("--port", type=int, default=0, help="first server's REST port (default: 8501 if free)")
-    parser.add_argument("--servers", type=int, default=3, help="how many servers to start (default 3)")
+    parser.add_argument(
+        "--check", action="store_true", help="run the examples, check the answers, exit 0/1"
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="first server's REST port (default: 8501 if free)"
+    )
+    parser.add_argument(
+        "--servers", type=int, default=3, help="how many servers to start (default 3)"
+    )
     args = parser.parse_args()
 
     logs = REPO / ".cache" / "demo"
@@ -295,8 +359,10 @@ def main() -> int:
             "--drain_delay=1",
         ]
         servers.append(TwistdServer(flags, logs, port=port))
-        print(f"== starting: twistd -n inference {' '.join(flags[:3])} --consul={consul.http_addr} "
-              f"--rest_api_port={port}")
+        print(
+            f"== starting: twistd -n inference {' '.join(flags[:3])} --consul={consul.http_addr} "
+            f"--rest_api_port={port}"
+        )
     print(config.read_text().rstrip())
     started = time.monotonic()
     for server in servers:
@@ -305,13 +371,17 @@ def main() -> int:
     try:
         for server in servers:
             server.wait_ready()
-        print(f"   {len(servers)} servers ready in {time.monotonic() - started:.1f} s; logs in {logs.relative_to(REPO)}")
+        print(
+            f"   {len(servers)} servers ready in {time.monotonic() - started:.1f} s; logs in {logs.relative_to(REPO)}"
+        )
         run_examples(servers[0], checks)
         show_discovery(consul, servers, checks)
         show_client(consul, servers, checks)
         show_lifecycle(servers, config, base, consul, checks)
         if args.check:
-            print(f"\n{'all checks passed' if not checks.failures else 'FAILED: ' + '; '.join(checks.failures)}")
+            print(
+                f"\n{'all checks passed' if not checks.failures else 'FAILED: ' + '; '.join(checks.failures)}"
+            )
             return 1 if checks.failures else 0
         print(f"""
 == serving until Ctrl-C. Try:
@@ -329,7 +399,10 @@ def main() -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(s.process is not None and s.process.poll() is None for s in servers):
             time.sleep(0.5)
-        print("a server stopped:", *(s.log()[-2000:] for s in servers if s.process and s.process.poll() is not None))
+        print(
+            "a server stopped:",
+            *(s.log()[-2000:] for s in servers if s.process and s.process.poll() is not None),
+        )
         return 1
     except KeyboardInterrupt:
         return 0
