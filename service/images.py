@@ -609,7 +609,8 @@ class Abandonment:
 
 
 class ImageDecoder(Service):
-    """A bounded pool of decode threads, started and stopped with the server (STYLE 5).
+    """A bounded pool of decode threads, started and stopped with the server (blocking work
+    runs on a pool the server owns, never on the reactor thread or the reactor's default pool).
 
     At most ``max_enqueued`` images are queued or decoding at once; a request that would
     exceed it is refused at once with 503 + Retry-After (and one with more images than that,
