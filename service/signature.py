@@ -1,6 +1,6 @@
 """What a model signature looks like to the rest of the server: names, dtypes, shapes.
 
-Built from TensorFlow objects in ``service.servable``; everything else (codec,
+Built from TensorFlow objects in ``service.servables``; everything else (codec,
 batching, HTTP) reads these plain frozen objects and never imports TensorFlow.
 """
 
