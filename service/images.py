@@ -609,7 +609,8 @@ class Abandonment:
 
 
 class ImageDecoder(Service):
-    """A bounded pool of decode threads, started and stopped with the server (STYLE 5).
+    """A bounded pool of decode threads, started and stopped with the server (decoding
+    blocks, so it runs on a pool this service owns, never on the reactor thread).
 
     At most ``max_enqueued`` images are queued or decoding at once; a request that would
     exceed it is refused at once with 503 + Retry-After (and one with more images than that,
