@@ -28,7 +28,7 @@ may be left out (TF Serving refuses a model with neither ``model_platform`` nor
 the working directory (TF Serving wants absolute paths unless it is given
 ``--model_config_list_root_dir``).
 
-This module imports no TensorFlow: ``service.tap`` reads the file at option time.
+This module imports no TensorFlow: ``service.options`` reads the file at option time.
 """
 
 from __future__ import annotations
