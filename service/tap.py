@@ -148,9 +148,7 @@ def _reloader(parts: _Parts, config: ServerConfig, reactor: Any) -> IService:
     return reloader
 
 
-def _registration(
-    parts: _Parts, discovery: DiscoveryConfig, port: Any, reactor: Any
-) -> IService:
+def _registration(parts: _Parts, discovery: DiscoveryConfig, port: Any, reactor: Any) -> IService:
     """The Consul registration, started once the models are ready and the port listens."""
     from service.lifecycle import AfterReady
     from service.registration import registration_factory
