@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import secrets
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +39,8 @@ from client.sources import ConsulSources, Sources, StaticSources
 from client.transport import HTTPRequest, HTTPResponse, HTTPTransport, TreqTransport
 from discovery.backends import Backend
 from discovery.consul import ConsulAddress
+from wire.consul_tags import served_models
+from wire.paths import model_path
 
 __all__ = ["AsyncInferenceClient", "BackendInfo", "Image"]
 
@@ -57,25 +58,6 @@ class BackendInfo:
     backend: Backend
     models: tuple[str, ...]  # "name:version" as the server registered them
     load: BackendLoad
-
-
-def models_of(backend: Backend) -> tuple[str, ...]:
-    """``name:version`` pairs from the registration's ``models`` meta, else its tags."""
-    listed = backend.meta.get("models", "")
-    if listed:
-        return tuple(m for m in listed.split(",") if m)
-    return tuple(
-        t[len("model:") :] for t in backend.tags if t.startswith("model:") and t.count(":") == 2
-    )
-
-
-def model_path(model: str, version: int | None, verb: str = "") -> str:
-    if not model or "/" in model or ":" in model:
-        raise ValueError(f"{model!r} is not a model name (non-empty, without '/' or ':')")
-    path = f"/v1/models/{urllib.parse.quote(model, safe='')}"
-    if version is not None:
-        path += f"/versions/{int(version)}"
-    return path + verb
 
 
 class AsyncInferenceClient:
@@ -314,7 +296,8 @@ class AsyncInferenceClient:
         source = self._sources.for_model(model) if model else self._sources.for_service()
         await self._dispatcher.ready(source, deadline)
         return [
-            BackendInfo(b, models_of(b), self._dispatcher.balancer.load(b)) for b in source.current
+            BackendInfo(b, served_models(b.meta, b.tags), self._dispatcher.balancer.load(b))
+            for b in source.current
         ]
 
     # --- metadata, read once per model and version ---------------------------------------------

@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 
 from client.signature import SignatureSpec, TensorSpec
+from wire.http import error_text
 
 __all__ = [
     "Classification",
@@ -61,8 +62,9 @@ def error_message(body: bytes) -> str:
         doc = loads(body)
     except (ValueError, UnicodeDecodeError):
         doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-        return doc["error"]
+    message = error_text(doc)
+    if message is not None:
+        return message
     text = body.decode("utf-8", "replace").strip()
     return text if len(text) <= 300 else text[:297] + "..."
 

@@ -50,18 +50,19 @@ from client.balancer import Balancer, Key, backend_key
 from client.budget import RetryBudget
 from client.codec import error_message
 from client.errors import DeadlineExceeded, InvalidRequest, NoBackendAvailable, ServerError
-from client.sources import Sources, model_tag
+from client.sources import Sources
 from client.transport import FailureKind, HTTPRequest, HTTPResponse, HTTPTransport, describe
 from client.transport import failure_kind as kind_of
 from discovery.backends import Backend, Backends
 from discovery.backoff import Backoff, now, sleep
 from discovery.watch import BackendSource
+from wire.consul_tags import model_tag
+from wire.http import DEADLINE_HEADER
 
-__all__ = ["DEADLINE_HEADER", "Attempt", "Deadline", "DispatchStats", "Dispatcher", "within"]
+__all__ = ["Attempt", "Deadline", "DispatchStats", "Dispatcher", "within"]
 
 T = TypeVar("T")
 
-DEADLINE_HEADER = "X-Request-Deadline-Ms"
 RETRIED_STATUSES = frozenset({502, 503, 504})
 
 

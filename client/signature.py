@@ -3,7 +3,7 @@
 The client reads TF Serving's metadata JSON (``metadata.signature_def.signature_def``,
 each tensor with a ``DT_*`` dtype and a ``tensor_shape``) so that inputs are sent and
 outputs come back with the dtypes the model declares: float32 stays float32. The dtype
-table is the server's own (``service.signature``, plain data: no TensorFlow behind it).
+table is the server's own (``wire.dtypes``, shared by both sides).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 from attrs import field, frozen
 
-from service.signature import DTYPES
+from wire.dtypes import DEFAULT_SIGNATURE, NUMPY_NAMES
 
 __all__ = ["DEFAULT_SIGNATURE", "DTYPES", "ModelMetadata", "SignatureSpec", "TensorSpec"]
 
-DEFAULT_SIGNATURE = "serving_default"
-
+#: ``DT_*`` name -> the numpy dtype the client sends and returns tensors of that type in.
+DTYPES: Mapping[str, np.dtype] = MappingProxyType(
+    {name: np.dtype(numpy_name) for name, numpy_name in NUMPY_NAMES.items()}
+)
 
 
 def _frozen(value: Mapping[str, Any]) -> Mapping[str, Any]:

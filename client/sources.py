@@ -18,13 +18,9 @@ from twisted.internet.defer import Deferred
 
 from discovery.consul import ConsulAddress, ConsulClient, TreqTransport
 from discovery.watch import BackendSource, HealthWatch, StaticBackends
+from wire.consul_tags import model_tag
 
-__all__ = ["ConsulSources", "Sources", "StaticSources", "model_tag"]
-
-
-def model_tag(model: str, version: int | None = None) -> str:
-    """The Consul tag a server carries for a model (and for each AVAILABLE version)."""
-    return f"model:{model}" if version is None else f"model:{model}:{version}"
+__all__ = ["ConsulSources", "Sources", "StaticSources"]
 
 
 class Sources(Protocol):

@@ -1,7 +1,7 @@
 """An asynchronous client for the few Consul agent HTTP API calls kleinserve makes.
 
-It is split three ways (build, send, parse, so that building and parsing are pure and
-tested as data): pure ``build_*`` functions turn arguments into a
+It is split three ways, so that all but the sending is pure and tested without a network:
+pure ``build_*`` functions turn arguments into a
 ``ConsulRequest``; a ``Transport`` sends it and hands back a ``ConsulResponse``; pure
 ``parse_*`` functions turn that into a typed result -- ``(index, data)`` for blocking
 queries -- or raise ``ConsulError`` (the agent answered, with a status and a body).

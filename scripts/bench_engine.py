@@ -113,7 +113,8 @@ def engine(
 
     from service.batching import BatchingParameters, BatchingQueue
     from service.batching_config import load_batching_parameters
-    from service.servable import DEFAULT_SIGNATURE, Servable
+    from service.servables.registry import load_servable
+    from wire.dtypes import DEFAULT_SIGNATURE
 
     reactor: Any = _reactor  # the module-level reactor, typed as what it provides
 
@@ -133,7 +134,7 @@ def engine(
         return deferToThreadPool(reactor, pool, f, *args)
 
     async def load() -> tuple[BatchingQueue, Any]:
-        servable = await executor(Servable.load, "bench", 1, base / "1")
+        servable = await executor(load_servable, "bench", 1, base / "1")
         await executor(servable.warm_up, params.allowed_batch_sizes)
         signature = servable.signature(DEFAULT_SIGNATURE)
         queue = BatchingQueue(

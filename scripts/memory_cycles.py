@@ -1,7 +1,7 @@
 """Does unloading a model version give its memory back? Load, run and unload it N times.
 
 Each cycle does what the server does for one version: start a thread pool of the version's
-own, load the version on it (``Servable.load``), warm it up (batch sizes 1 and 8) and run it
+own, load the version on it (``load_servable``), warm it up (batch sizes 1 and 8) and run it
 a few times there, stop the pool; then unload: ``close()``, drop the servable, release memory.
 After every cycle it prints the process's RSS (``VmRSS`` of ``/proc/self/status``), how many
 functions TensorFlow's eager context holds, how many loaded versions are still alive (by
@@ -53,7 +53,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from twisted.python.failure import Failure  # noqa: E402
 from twisted.python.threadpool import ThreadPool  # noqa: E402
 
-from service.servable import Servable  # noqa: E402 (imports TensorFlow)
+from service.servables import Servable  # noqa: E402
+from service.servables.registry import load_servable  # noqa: E402 (imports TensorFlow)
 
 RUNS = 5
 
@@ -109,7 +110,7 @@ def load_version(path: Path, number: int, threads: int, rng: np.random.Generator
     pool = ThreadPool(threads, threads, f"inference-cycles-{number}")
     pool.start()
     try:
-        servable = on_pool(pool, Servable.load, "cycles", number, path)
+        servable = on_pool(pool, load_servable, "cycles", number, path)
         on_pool(pool, exercise, servable, rng)
     finally:
         pool.stop()  # joins its threads, as LoadedVersion's pool is stopped on unload

@@ -1,7 +1,8 @@
 """The one error type of the server, carrying its HTTP status.
 
 Raised anywhere (codec, batching, repository, routes) and turned into a
-``{"error": "…"}`` body in one place, ``service.http``. The codes and their
+``{"error": "…"}`` body (``wire.http``) by the routes (``service.http``), or by the HTTP
+channel (``service.http_limits``) for what it refuses before a route runs. The codes and their
 statuses follow TensorFlow Serving's REST mapping; 408, 413, 414, 415 and 431 are
 additions for what TF Serving leaves to its HTTP layer. No web framework is imported here.
 """

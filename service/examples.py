@@ -56,8 +56,8 @@ from tensorflow.core.example import example_pb2
 
 from service import codec
 from service.errors import InvalidArgument
-from service.servable import DEFAULT_SIGNATURE
 from service.signature import DTYPES, Signature
+from wire.dtypes import DEFAULT_SIGNATURE
 
 CLASSIFY, REGRESS = "classify", "regress"
 METHOD_NAMES = {CLASSIFY: "tensorflow/serving/classify", REGRESS: "tensorflow/serving/regress"}

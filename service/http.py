@@ -31,7 +31,6 @@ received or decoded count against one ``RequestBudget`` (``service.budget``).
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -70,6 +69,8 @@ from service.images import (
 from service.lifecycle import InFlight
 from service.metrics import Metrics
 from service.repository import LoadedVersion, ModelRepository
+from wire.paths import INT64_MAX
+from wire.paths import TARGET as _TARGET
 
 log = Logger()
 
@@ -91,12 +92,6 @@ UPLOAD_HINT = (
     "its image content type (curl -H 'Content-Type: image/jpeg' --data-binary @picture.jpg)"
 )
 
-_TARGET = re.compile(
-    r"(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<verb>:[a-z_]+|/metadata)?"
-)
-INT64_MAX = 2**63 - 1
 # Echoed text is cut to this many characters: an error message stays short whatever was sent.
 ECHO_CHARS = 200
 

@@ -59,6 +59,7 @@ from service.errors import (
     UnsupportedMediaType,
     URITooLong,
 )
+from wire.http import error_body
 
 JSON = b"application/json"
 # RFC 9110's reason phrases (Twisted's table lacks 431).
@@ -183,7 +184,7 @@ class LimitsSite(Protocol):
 def refusal_response(error: ServingError) -> bytes:
     """A whole HTTP/1.1 response for a refused request: JSON error, ``Connection: close``
     (and ``Retry-After`` when the error says when to try again)."""
-    body = codec.encode_json({"error": error.message})
+    body = codec.encode_json(error_body(error.message))
     head = [
         b"HTTP/1.1 %d %s" % (error.status, REASONS.get(error.status, b"Error")),
         b"Content-Type: " + JSON,

@@ -609,8 +609,8 @@ class Abandonment:
 
 
 class ImageDecoder(Service):
-    """A bounded pool of decode threads, started and stopped with the server (blocking work
-    runs on a pool the server owns, never on the reactor thread or the reactor's default pool).
+    """A bounded pool of decode threads, started and stopped with the server (decoding
+    blocks, so it runs on a pool this service owns, never on the reactor thread).
 
     At most ``max_enqueued`` images are queued or decoding at once; a request that would
     exceed it is refused at once with 503 + Retry-After (and one with more images than that,

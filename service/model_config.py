@@ -28,7 +28,7 @@ may be left out (TF Serving refuses a model with neither ``model_platform`` nor
 the working directory (TF Serving wants absolute paths unless it is given
 ``--model_config_list_root_dir``).
 
-This module imports no TensorFlow: ``service.tap`` reads the file at option time.
+This module imports no TensorFlow: ``service.options`` reads the file at option time.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from tensorflow_serving.config.file_system_storage_path_source_pb2 import (
 )
 
 from service.batching import BatchingParameters
+from wire.paths import is_name
 
 POLICY_KINDS = ("latest", "all", "specific")
 
@@ -198,7 +199,7 @@ def _model_config(
 ) -> ModelConfig:
     if not model.name:
         raise ModelConfigError(f"{where}: name is required")
-    if not _addressable(model.name):
+    if not is_name(model.name):
         raise ModelConfigError(f"{where}: name {model.name!r} must not contain '/' or ':'")
     if not model.base_path:
         raise ModelConfigError(f"{where}: base_path is required")
@@ -211,7 +212,7 @@ def _model_config(
     policy = _version_policy(model.model_version_policy, where)
     labels = dict(model.version_labels)
     for label, version in sorted(labels.items()):
-        if not _addressable(label):
+        if not is_name(label):
             raise ModelConfigError(
                 f"{where}: version_labels: label {label!r} must be non-empty, without '/' or ':'"
             )
@@ -228,16 +229,6 @@ def _model_config(
     return ModelConfig(
         name=model.name, base_path=Path(model.base_path), policy=policy, labels=labels
     )
-
-
-def _addressable(name: str) -> bool:
-    """A model name or label that TF Serving's REST paths can carry.
-
-    TF Serving checks neither (it keys maps by them); its REST handler matches both with
-    ``[^/:]+`` (http_rest_api_handler.cc), so that is the rule here: no stricter, so that
-    every label TF Serving can serve over REST works unchanged.
-    """
-    return bool(name) and "/" not in name and ":" not in name
 
 
 def _check_platform(

@@ -5,9 +5,9 @@ still being copied in (``cp -r export/3 /models/digits/3``) must not be loaded
 half-written, so a scan records a fingerprint of every file in each version
 folder (path, size, modification time) and a folder counts as *ready* when:
 
-* it looks complete: ``saved_model.pb`` (or ``.pbtxt``) with, if it has a
-  ``variables/`` folder, the ``variables.index`` that ``tf.saved_model.save``
-  writes; or a TF1 frozen graph file (``service.frozen_graph``); and
+* it looks complete (``service.servables.registry.folder_complete``): ``saved_model.pb``
+  (or ``.pbtxt``) with, if it has a ``variables/`` folder, the ``variables.index`` that
+  ``tf.saved_model.save`` writes; or a TF1 frozen graph file; and
 * its fingerprint has not changed since the previous scan (a copy in progress
   changes sizes and times between two scans), except at the very first scan of
   a model, when folders are taken as they are: the server is starting, not
@@ -35,9 +35,7 @@ from pathlib import Path
 import attrs
 
 from service.errors import FailedPrecondition, NotFound, PermissionDenied, ServingError
-
-SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
-FROZEN_GRAPH_FILES = ("output_graph.pb", "frozen_graph.pb")  # as service.frozen_graph.GRAPH_FILES
+from service.servables.registry import folder_complete
 
 
 @attrs.frozen
@@ -76,7 +74,7 @@ def read_version_folder(path: Path) -> VersionFolder:
         raise
     if not stat.S_ISDIR(st.st_mode):
         raise FailedPrecondition(f"version folder {path} is not a folder")
-    return VersionFolder(int(path.name), path, _fingerprint(path), _complete(path))
+    return VersionFolder(int(path.name), path, _fingerprint(path), folder_complete(path))
 
 
 def scan_model(
@@ -190,10 +188,3 @@ def _walk_error(error: OSError) -> None:
     """os.walk skips what it cannot list; a folder we cannot read is a fault, not empty."""
     if not isinstance(error, FileNotFoundError):  # removed while we walked: it is changing
         raise error
-
-
-def _complete(path: Path) -> bool:
-    if any((path / name).is_file() for name in SAVED_MODEL_FILES):
-        variables = path / "variables"
-        return not variables.is_dir() or (variables / "variables.index").is_file()
-    return any((path / name).is_file() for name in FROZEN_GRAPH_FILES)

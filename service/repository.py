@@ -64,7 +64,8 @@ from service.lifecycle import InFlight
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.model_folders import ModelScan, VersionFolder, os_fault, ready_versions, scan_model
-from service.servable import Servable
+from service.servables import Servable
+from service.servables.registry import load_servable
 from service.signature import Signature
 
 __all__ = [
@@ -95,8 +96,8 @@ class Threads(Protocol):
 
 
 class PoolThreads:
-    """``Threads`` on a ThreadPool of its own (blocking work never runs on the reactor thread),
-    started on creation."""
+    """``Threads`` on a ThreadPool of its own (blocking work runs on a pool the service owns,
+    never on the reactor thread), started on creation."""
 
     def __init__(self, reactor: Any, size: int, name: str) -> None:
         self._reactor = reactor
@@ -211,7 +212,7 @@ class ModelRepository(Service):
         *,
         reactor: Any,
         metrics: Metrics | None = None,
-        load: Callable[[str, int, Path], Servable] = Servable.load,
+        load: Callable[[str, int, Path], Servable] = load_servable,
         file_system_poll_wait: float = 1.0,
         max_load_retries: int = 5,
         load_retry_interval: float = 60.0,

@@ -1,33 +1,24 @@
 """What a model signature looks like to the rest of the server: names, dtypes, shapes.
 
-Built from TensorFlow objects in ``service.servable``; everything else (codec,
+Built from TensorFlow objects in ``service.servables``; everything else (codec,
 batching, HTTP) reads these plain frozen objects and never imports TensorFlow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import attrs
 import numpy as np
 
-#: TensorFlow's DataType enum names (as TF Serving's metadata writes them) and the
-#: numpy dtype a tensor of that type is held in. Strings are numpy object arrays of bytes.
-DTYPES: Mapping[str, np.dtype] = {
-    "DT_FLOAT": np.dtype(np.float32),
-    "DT_DOUBLE": np.dtype(np.float64),
-    "DT_HALF": np.dtype(np.float16),
-    "DT_INT8": np.dtype(np.int8),
-    "DT_INT16": np.dtype(np.int16),
-    "DT_INT32": np.dtype(np.int32),
-    "DT_INT64": np.dtype(np.int64),
-    "DT_UINT8": np.dtype(np.uint8),
-    "DT_UINT16": np.dtype(np.uint16),
-    "DT_UINT32": np.dtype(np.uint32),
-    "DT_UINT64": np.dtype(np.uint64),
-    "DT_BOOL": np.dtype(np.bool_),
-    "DT_STRING": np.dtype(object),
-}
+from wire.dtypes import NUMPY_NAMES
+
+#: TensorFlow's DataType enum names (as TF Serving's metadata writes them) and the numpy
+#: dtype a tensor of that type is held in (``wire.dtypes``, the table the client reads too).
+DTYPES: Mapping[str, np.dtype] = MappingProxyType(
+    {name: np.dtype(numpy_name) for name, numpy_name in NUMPY_NAMES.items()}
+)
 
 Shape = tuple[int | None, ...] | None
 """A static shape: ``None`` for an unknown rank, ``None`` entries for unknown dimensions."""

@@ -73,7 +73,7 @@ predict                              tensorflow/serving/predict  z float32 [None
 
 ``tf.saved_model.save`` writes every method_name as ``tensorflow/serving/predict``; the maker
 rewrites ``saved_model.pb`` (the ``saved_model_pb2`` proto) to give the classify and regress
-signatures TF Serving's method names, which ``Servable.load`` reads into
+signatures TF Serving's method names, which ``load_servable`` reads into
 ``Signature.method_name``.
 
 ``make_slow`` cannot sleep: ``tf.py_function`` is not saved in a SavedModel. It spins in a

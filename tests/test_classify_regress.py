@@ -31,7 +31,7 @@ from service.errors import InvalidArgument
 from service.http import InferenceAPI, parse_target, route_kind
 from service.metrics import Metrics
 from service.repository import AVAILABLE, LoadedVersion, ModelConfig, ModelRepository
-from service.servable import Servable
+from service.servables.registry import load_servable
 from service.signature import Signature, TensorInfo
 from tests import models
 from tests.deferreds import result_of
@@ -589,8 +589,8 @@ def tf_examples() -> list[bytes]:
 
 
 def test_example_classifier_carries_tf_serving_method_names(tmp_path: Path) -> None:
-    """The rewritten saved_model.pb loads; Servable.load reads its method names and string input."""
-    servable = Servable.load("ex", 1, models.make_example_classifier(tmp_path))
+    """The rewritten saved_model.pb loads; load_servable reads its method names and string input."""
+    servable = load_servable("ex", 1, models.make_example_classifier(tmp_path))
     try:
         assert {k: s.method_name for k, s in servable.signatures.items()} == models.EXAMPLE_METHODS
         assert servable.signature_defs["regress"]["method_name"] == REGRESS

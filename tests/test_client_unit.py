@@ -33,12 +33,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from client import cli
-from client.async_client import AsyncInferenceClient, models_of
+from client.async_client import AsyncInferenceClient
 from client.balancer import Balancer, EjectionPolicy, Strategy
 from client.blocking import read_image
 from client.budget import RetryBudget
 from client.codec import Classification, decode_classifications, decode_outputs, encode_inputs
-from client.dispatch import DEADLINE_HEADER, Attempt, Deadline, Dispatcher
+from client.dispatch import Attempt, Deadline, Dispatcher
 from client.errors import DeadlineExceeded, InvalidRequest, NoBackendAvailable, ServerError
 from client.multipart import Part, encode_multipart
 from client.progress import Progress, render
@@ -48,6 +48,7 @@ from client.sources import ConsulSources, StaticSources
 from client.transport import HTTPRequest, HTTPResponse, TreqTransport
 from discovery.backends import Backend, Backends, snapshot
 from discovery.consul import ConsulAddress
+from wire.http import DEADLINE_HEADER
 
 A, B, C = (Backend(f"inference-{n}", "127.0.0.1", 8500 + n) for n in (1, 2, 3))
 ABC = (A, B, C)
@@ -964,12 +965,6 @@ def test_static_backends_and_their_listing() -> None:
     assert StaticSources([("h", 1)]).describe() == "the static backends h:1"
     with pytest.raises(ValueError):
         AsyncInferenceClient("127.0.0.1:8500", backends=[("h", 1)], reactor=task.Clock())
-
-
-def test_models_of_reads_the_registration_meta_or_tags() -> None:
-    """A backend's models come from its "models" meta, else its model:<name>:<v> tags."""
-    assert models_of(Backend("i", "h", 1, meta={"models": "a:1,b:2"})) == ("a:1", "b:2")
-    assert models_of(Backend("i", "h", 1, tags=("model:a", "model:a:3", "api:x"))) == ("a:3",)
 
 
 # --- the blocking face and the command line's pure parts --------------------------------------------

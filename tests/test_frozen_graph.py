@@ -23,12 +23,12 @@ from twisted.internet.task import Clock
 
 from service.batching import BatchingParameters, BatchingQueue
 from service.errors import FailedPrecondition, InvalidArgument
-from service.frozen_graph import FrozenGraphServable
 from service.http import InferenceAPI, InferenceSite
 from service.images import ImageDecoder
 from service.metrics import Metrics
 from service.repository import AVAILABLE, LoadedVersion, ModelConfig, ModelRepository
-from service.servable import Servable
+from service.servables.frozen_graph import FrozenGraphServable
+from service.servables.registry import load_servable
 from tests import models
 
 
@@ -66,20 +66,20 @@ def scalar_bytes(data: bytes) -> np.ndarray:
 
 
 def test_servable_load_dispatches_on_the_graph_file(graphs, tmp_path: Path) -> None:
-    """Servable.load gives a FrozenGraphServable for output_graph.pb or frozen_graph.pb."""
-    assert isinstance(Servable.load("flowers", 1, graphs["jpeg"]), FrozenGraphServable)
+    """load_servable gives a FrozenGraphServable for output_graph.pb or frozen_graph.pb."""
+    assert isinstance(load_servable("flowers", 1, graphs["jpeg"]), FrozenGraphServable)
     renamed = tmp_path / "1"
     shutil.copytree(graphs["float"], renamed)
     (renamed / "output_graph.pb").rename(renamed / "frozen_graph.pb")
-    assert isinstance(Servable.load("floats", 1, renamed), FrozenGraphServable)
+    assert isinstance(load_servable("floats", 1, renamed), FrozenGraphServable)
     (tmp_path / "2").mkdir()
     with pytest.raises(FailedPrecondition, match="saved_model.pb.*output_graph.pb"):
-        Servable.load("none", 2, tmp_path / "2")
+        load_servable("none", 2, tmp_path / "2")
 
 
 def test_retraining_defaults_build_the_signature(graphs) -> None:
     """DecodeJpeg/contents:0 is input "image", final_result:0 output "scores", with their dtypes and shapes."""
-    jpeg_model = Servable.load("flowers", 1, graphs["jpeg"])
+    jpeg_model = load_servable("flowers", 1, graphs["jpeg"])
     sig = jpeg_model.signature(None)
     assert (sig.inputs["image"].dtype, sig.inputs["image"].shape) == ("DT_STRING", ())
     assert sig.inputs["image"].tensor_name == "DecodeJpeg/contents:0"
@@ -88,7 +88,7 @@ def test_retraining_defaults_build_the_signature(graphs) -> None:
         "final_result:0",
     )
     assert not sig.batchable  # a scalar string: the queue runs each request alone
-    float_model = Servable.load("floats", 1, graphs["float"])
+    float_model = load_servable("floats", 1, graphs["float"])
     sig = float_model.signature("serving_default")
     assert sig.inputs["image"].shape == (None, 8, 8, 3) and sig.batchable
     assert sig.inputs["image"].tensor_name == "input:0"
@@ -96,7 +96,7 @@ def test_retraining_defaults_build_the_signature(graphs) -> None:
 
 def test_metadata_is_tf_serving_signature_def_json(graphs) -> None:
     """signature_defs is the SignatureDef as TF Serving's metadata JSON: names, dtypes, dims."""
-    defs = Servable.load("floats", 1, graphs["float"]).signature_defs
+    defs = load_servable("floats", 1, graphs["float"]).signature_defs
     assert defs == {
         "serving_default": {
             "inputs": {
@@ -122,21 +122,21 @@ def test_metadata_is_tf_serving_signature_def_json(graphs) -> None:
 
 def test_labels_from_output_labels_then_labels_txt_then_the_base_folder(graphs, tmp_path) -> None:
     """output_labels.txt in the version folder, else labels.txt, else the base folder's."""
-    assert Servable.load("flowers", 1, graphs["jpeg"]).labels == models.FLOWER_LABELS
+    assert load_servable("flowers", 1, graphs["jpeg"]).labels == models.FLOWER_LABELS
     version = tmp_path / "1"
     shutil.copytree(graphs["jpeg"], version)
     (version / "output_labels.txt").unlink()
-    assert Servable.load("flowers", 1, version).labels is None
+    assert load_servable("flowers", 1, version).labels is None
     (tmp_path / "output_labels.txt").write_text("a\nb\nc\n")
-    assert Servable.load("flowers", 1, version).labels == ("a", "b", "c")
+    assert load_servable("flowers", 1, version).labels == ("a", "b", "c")
     (version / "labels.txt").write_text("x\ny\nz\n")
-    assert Servable.load("flowers", 1, version).labels == ("x", "y", "z")
+    assert load_servable("flowers", 1, version).labels == ("x", "y", "z")
 
 
 def test_run_answers_what_a_session_answers(graphs) -> None:
     """run() feeds and fetches the named tensors: the same numbers as a Session in the test."""
     data = jpeg((200, 30, 40))
-    served = Servable.load("flowers", 1, graphs["jpeg"]).run(
+    served = load_servable("flowers", 1, graphs["jpeg"]).run(
         "serving_default", {"image": scalar_bytes(data)}
     )
     expected = session_run(
@@ -145,7 +145,7 @@ def test_run_answers_what_a_session_answers(graphs) -> None:
     np.testing.assert_array_equal(served["scores"], expected)
     assert int(expected.argmax()) == 0  # red: daisy
     pixels = np.random.default_rng(3).random((5, 8, 8, 3), dtype=np.float32)
-    served = Servable.load("floats", 1, graphs["float"]).run("serving_default", {"image": pixels})
+    served = load_servable("floats", 1, graphs["float"]).run("serving_default", {"image": pixels})
     expected = session_run(
         graphs["float"] / "output_graph.pb", "final_result:0", {"input:0": pixels}
     )
@@ -154,7 +154,7 @@ def test_run_answers_what_a_session_answers(graphs) -> None:
 
 def test_bad_bytes_for_decode_jpeg_are_invalid_argument(graphs) -> None:
     """An input TensorFlow refuses (bytes that are no JPEG) is a 400, and the Session keeps working."""
-    model = Servable.load("flowers", 1, graphs["jpeg"])
+    model = load_servable("flowers", 1, graphs["jpeg"])
     with pytest.raises(InvalidArgument, match="DecodeJpeg|JPEG|image"):
         model.run("serving_default", {"image": scalar_bytes(b"\xff\xd8\xffnot really")})
     assert model.run("serving_default", {"image": scalar_bytes(jpeg((0, 0, 255)))})[
@@ -164,23 +164,23 @@ def test_bad_bytes_for_decode_jpeg_are_invalid_argument(graphs) -> None:
 
 def test_warm_up_runs_float_graphs_and_skips_string_inputs(graphs) -> None:
     """warm_up runs a batchable float graph once per batch size; a string graph is left alone."""
-    Servable.load("floats", 1, graphs["float"]).warm_up((1, 4))
-    Servable.load("flowers", 1, graphs["jpeg"]).warm_up((1, 4))
+    load_servable("floats", 1, graphs["float"]).warm_up((1, 4))
+    load_servable("flowers", 1, graphs["jpeg"]).warm_up((1, 4))
 
 
 def test_frozen_graph_json_names_the_tensors(tmp_path: Path) -> None:
     """frozen_graph.json (version or base folder) maps names to tensors, ":0" optional."""
     path = models.make_frozen_float_graph(tmp_path, input_name="pixels", output_name="probs")
     with pytest.raises(FailedPrecondition, match="final_result:0.*frozen_graph.json"):
-        Servable.load("floats", 1, path)
+        load_servable("floats", 1, path)
     (tmp_path / "frozen_graph.json").write_text(
         json.dumps({"inputs": {"x": "pixels:0"}, "outputs": {"probabilities": "probs"}})
     )
-    sig = Servable.load("floats", 1, path).signature(None)
+    sig = load_servable("floats", 1, path).signature(None)
     assert list(sig.inputs) == ["x"] and list(sig.outputs) == ["probabilities"]
     assert sig.outputs["probabilities"].tensor_name == "probs:0"
     (path / "frozen_graph.json").write_text(json.dumps({"outputs": {"p": "probs:0"}}))
-    sig = Servable.load("floats", 1, path).signature(None)  # inputs default: the one Placeholder
+    sig = load_servable("floats", 1, path).signature(None)  # inputs default: the one Placeholder
     assert (list(sig.inputs), list(sig.outputs)) == (["image"], ["p"])
 
 
@@ -199,7 +199,7 @@ def test_bad_frozen_graph_json_fails_the_load(graphs, tmp_path, content, message
     shutil.copytree(graphs["float"], version)
     (version / "frozen_graph.json").write_text(content)
     with pytest.raises(FailedPrecondition, match=message):
-        Servable.load("floats", 1, version)
+        load_servable("floats", 1, version)
 
 
 def test_a_graph_with_several_placeholders_needs_the_json(tmp_path: Path) -> None:
@@ -212,10 +212,10 @@ def test_a_graph_with_several_placeholders_needs_the_json(tmp_path: Path) -> Non
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "output_graph.pb").write_bytes(graph.as_graph_def().SerializeToString())
     with pytest.raises(FailedPrecondition, match="2 placeholders \\(a, b\\)"):
-        Servable.load("sum", 1, tmp_path / "1")
+        load_servable("sum", 1, tmp_path / "1")
     (tmp_path / "1" / "output_graph.pb").write_bytes(b"this is not a GraphDef")
     with pytest.raises(FailedPrecondition, match="GraphDef|imported"):
-        Servable.load("sum", 1, tmp_path / "1")
+        load_servable("sum", 1, tmp_path / "1")
 
 
 # -- through the routes, in-process --------------------------------------------------------------
@@ -268,7 +268,7 @@ def multipart(*files: bytes) -> tuple[bytes, str]:
 
 def test_jpeg_graph_classifies_each_upload_in_its_own_run(graphs) -> None:
     """A scalar-string graph gets each file's bytes unchanged, one Session run per file."""
-    treq, runs = serve(Servable.load("flowers", 1, graphs["jpeg"]))
+    treq, runs = serve(load_servable("flowers", 1, graphs["jpeg"]))
     files = [jpeg((20, 220, 30)), jpeg((10, 20, 230))]
     code, doc = call(treq, "POST", "/v1/models/flowers:classify_image", *multipart(*files))
     assert code == 200 and runs == [{"image": ()}, {"image": ()}]
@@ -285,7 +285,7 @@ def test_jpeg_graph_classifies_each_upload_in_its_own_run(graphs) -> None:
 
 def test_jpeg_graph_predict_with_b64_and_metadata(graphs) -> None:
     """:predict takes the JPEG as {"b64": …} in the columnar format; metadata names the tensors."""
-    treq, _ = serve(Servable.load("flowers", 1, graphs["jpeg"]))
+    treq, _ = serve(load_servable("flowers", 1, graphs["jpeg"]))
     data = jpeg((230, 200, 10))
     body = json.dumps({"inputs": {"image": {"b64": base64.b64encode(data).decode()}}}).encode()
     code, doc = call(treq, "POST", "/v1/models/flowers:predict", body, "application/json")
@@ -301,7 +301,7 @@ def test_jpeg_graph_predict_with_b64_and_metadata(graphs) -> None:
 
 def test_float_graph_batches_uploads_after_preprocessing(graphs) -> None:
     """A float-input graph gets k decoded images as one run of k rows: RGB, 8x8, [0, 1]."""
-    treq, runs = serve(Servable.load("floats", 1, graphs["float"]))
+    treq, runs = serve(load_servable("floats", 1, graphs["float"]))
     images = [Image.new("RGB", (30, 20), (250, 5, 5)), Image.new("L", (8, 8), 200)]
     files = []
     for img in images:

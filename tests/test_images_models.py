@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.servable import Servable
+from service.servables import Servable
+from service.servables.registry import load_servable
 from tests import models
 from tests.test_frozen_graph import call, multipart, serve
 
@@ -25,7 +26,7 @@ def png(gray: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def image_bytes_model(tmp_path_factory) -> Servable:
-    return Servable.load("bytes", 1, models.make_image_bytes(tmp_path_factory.mktemp("bytes")))
+    return load_servable("bytes", 1, models.make_image_bytes(tmp_path_factory.mktemp("bytes")))
 
 
 def test_string_batch_input_gets_the_files_unchanged_in_one_run(image_bytes_model) -> None:
@@ -47,6 +48,6 @@ def test_string_batch_input_gets_the_files_unchanged_in_one_run(image_bytes_mode
 
 def test_a_savedmodel_without_image_input_is_400(tmp_path: Path) -> None:
     """classify_image on make_linear (x float [None, 3]) is a 400 saying it takes no images."""
-    treq, runs = serve(Servable.load("linear", 1, models.make_linear(tmp_path)))
+    treq, runs = serve(load_servable("linear", 1, models.make_linear(tmp_path)))
     code, doc = call(treq, "POST", "/", *multipart(png(10)))
     assert code == 400 and "does not take image uploads" in doc["error"] and runs == []

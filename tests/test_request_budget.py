@@ -25,9 +25,9 @@ from service.budget import RequestBudget
 from service.decoding import BodyDecoder, MemoryReturn
 from service.http import InferenceAPI, InferenceSite
 from service.metrics import Metrics
+from service.options import DEFAULT_MAX_REQUEST_BYTES, Options
 from service.repository import AVAILABLE, LoadedVersion, ModelConfig, ModelRepository
 from service.signature import Signature, TensorInfo
-from service.tap import DEFAULT_MAX_REQUEST_BYTES, Options
 from tests.deferreds import result_of
 
 # -- the bookkeeping --------------------------------------------------------------------------

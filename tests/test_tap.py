@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import attrs
 import pytest
 from twisted.python import usage
 
 from service.model_config import VersionPolicy
-from service.tap import Options, _advertised
+from service.options import DEFAULT_PORT, DiscoveryConfig, Options, ServerConfig, _advertised
 from tests.server import TWISTD
 
 
@@ -176,3 +177,23 @@ def test_a_bad_model_config_file_stops_start_up_naming_the_field(tmp_path, text,
     config_file.write_text(text)
     with pytest.raises(usage.UsageError, match=message):
         parse(f"--model_config_file={config_file}")
+
+
+def test_flag_defaults_are_the_config_defaults(tmp_path) -> None:
+    """With no flag given, every defaulted ServerConfig field holds its own default."""
+    config = parse(f"--model_base_path={tmp_path}").config
+    derived = {"models", "batching", "listen"}  # built from other flags, no default of their own
+    for field in attrs.fields(ServerConfig):
+        if field.name not in derived:
+            assert getattr(config, field.name) == field.default, field.name
+    assert config.listen == f"tcp:{DEFAULT_PORT}"
+
+
+def test_consul_flag_defaults_are_the_discovery_config_defaults(tmp_path) -> None:
+    """With only --consul and --advertise, the registration takes DiscoveryConfig's defaults."""
+    discovery = parse(
+        f"--model_base_path={tmp_path}", "--consul=127.0.0.1:8500", "--advertise=h"
+    ).config.discovery
+    for field in attrs.fields(DiscoveryConfig):
+        if field.default is not attrs.NOTHING:
+            assert getattr(discovery, field.name) == field.default, field.name

@@ -20,11 +20,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from service.errors import FailedPrecondition
-from service.frozen_graph import FrozenGraphServable
 from service.images import ImageDecoder, ImagePlan
 from service.memory import release_memory
-from service.servable import DEFAULT_SIGNATURE, Servable
+from service.servables import Servable
+from service.servables.frozen_graph import FrozenGraphServable
+from service.servables.registry import load_servable
 from tests import models
+from wire.dtypes import DEFAULT_SIGNATURE
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def paths(tmp_path_factory) -> dict[str, Path]:
 
 
 def load(paths: dict[str, Path], kind: str, version: int = 1) -> Servable:
-    return Servable.load(kind, version, paths[kind])
+    return load_servable(kind, version, paths[kind])
 
 
 def rows(kind: str) -> dict[str, np.ndarray]:
@@ -57,8 +59,8 @@ def test_close_frees_a_saved_models_objects(paths) -> None:
     """After close() and a collection the restored object and its functions are gone."""
     servable = load(paths, "linear")
     servable.run(DEFAULT_SIGNATURE, rows("linear"))
-    loaded = weakref.ref(servable._loaded)
-    function = weakref.ref(servable._functions[DEFAULT_SIGNATURE])
+    loaded = weakref.ref(servable._open.restored)
+    function = weakref.ref(servable._open.functions[DEFAULT_SIGNATURE])
     servable.close()
     gc.collect()
     assert loaded() is None and function() is None
@@ -82,8 +84,8 @@ def test_close_frees_a_frozen_graphs_session_and_graph(paths) -> None:
     servable = load(paths, "frozen")
     assert isinstance(servable, FrozenGraphServable)
     servable.run(DEFAULT_SIGNATURE, rows("frozen"))
-    session = weakref.ref(servable._loaded)
-    graph = weakref.ref(servable._loaded.graph)
+    session = weakref.ref(servable._open.session)
+    graph = weakref.ref(servable._open.session.graph)
     servable.close()
     gc.collect()
     assert session() is None and graph() is None
@@ -92,7 +94,7 @@ def test_close_frees_a_frozen_graphs_session_and_graph(paths) -> None:
 def test_close_closes_the_frozen_graphs_session(paths) -> None:
     """close() closes the Session at once, before any collection frees it."""
     servable = load(paths, "frozen")
-    session = servable._loaded
+    session = servable._open.session
     servable.close()
     assert session._closed
 

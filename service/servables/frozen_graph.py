@@ -17,7 +17,7 @@ out, the defaults fit the retraining layout: input ``image`` is ``DecodeJpeg/con
 the graph has it (a scalar string of JPEG bytes), else the graph's only ``Placeholder`` op
 (e.g. ``input:0``, float ``[None, H, W, 3]``); output ``scores`` is ``final_result:0``.
 
-The version is exposed as a ``Servable`` (a subclass): one ``serving_default`` signature
+The version is a ``Servable`` (``service.servables.base``): one ``serving_default`` signature
 whose dtypes and shapes are the tensors' static ones, its SignatureDef as TF Serving's
 metadata JSON, labels, ``run`` and ``warm_up``, so ``:predict``, ``/metadata`` and
 ``:classify_image`` serve it unchanged. A scalar string input is not batchable, so the
@@ -36,28 +36,19 @@ from typing import Any
 import attrs
 import numpy as np
 import tensorflow as tf
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from service.errors import FailedPrecondition, InvalidArgument
 from service.model_files import read_model_json
-from service.servable import (
-    DEFAULT_SIGNATURE,
-    LABEL_FILES,
-    Servable,
-    _read_labels,  # the one label reader; frozen graphs only add a file name
-    _signature,  # SignatureDef proto -> Signature, as for SavedModels
-)
+from service.servables.base import LABEL_FILES, ServableBase, read_labels
+from service.servables.protos import signature_def_json, signature_from_def
+from wire.dtypes import DEFAULT_SIGNATURE
 
 GRAPH_FILES = ("output_graph.pb", "frozen_graph.pb")
 TENSORS_FILE = "frozen_graph.json"
 FROZEN_LABEL_FILES = ("output_labels.txt", *LABEL_FILES)
 DEFAULT_JPEG_INPUT = "DecodeJpeg/contents:0"
 DEFAULT_OUTPUT = "final_result:0"
-
-
-def has_frozen_graph(path: Path) -> bool:
-    return any((path / name).is_file() for name in GRAPH_FILES)
 
 
 @attrs.frozen
@@ -68,10 +59,19 @@ class _Call:
     fetches: Mapping[str, Any]
 
 
+@attrs.frozen
+class _Session:
+    """What runs calls: the Session (it holds the Graph) and each signature's tensors."""
+
+    session: Any
+    calls: Mapping[str, _Call]
+
+
 @attrs.define(eq=False)
-class FrozenGraphServable(Servable):
-    """A frozen GraphDef in a Session; ``_functions`` holds a ``_Call``, ``_loaded`` the Session
-    (None once closed)."""
+class FrozenGraphServable(ServableBase):
+    """A frozen GraphDef in a Session of its own."""
+
+    _open: _Session | None  # None once closed
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> FrozenGraphServable:
@@ -109,25 +109,22 @@ class FrozenGraphServable(Servable):
             name=name,
             version=version,
             path=path,
-            signatures={DEFAULT_SIGNATURE: _signature(DEFAULT_SIGNATURE, proto)},
-            signature_defs={
-                DEFAULT_SIGNATURE: json_format.MessageToDict(
-                    proto, preserving_proto_field_name=True
-                )
-            },
-            labels=_read_labels(path, FROZEN_LABEL_FILES)
-            or _read_labels(path.parent, FROZEN_LABEL_FILES),
-            functions={DEFAULT_SIGNATURE: _Call(feeds, fetches)},
-            loaded=session,
+            signatures={DEFAULT_SIGNATURE: signature_from_def(DEFAULT_SIGNATURE, proto)},
+            signature_defs={DEFAULT_SIGNATURE: signature_def_json(proto)},
+            labels=read_labels(path, FROZEN_LABEL_FILES)
+            or read_labels(path.parent, FROZEN_LABEL_FILES),
+            open=_Session(session, {DEFAULT_SIGNATURE: _Call(feeds, fetches)}),
         )
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One ``Session.run`` of a (batched) request. Blocking: inference thread only."""
-        session = self._loaded  # read before the check: None here means closed, and refused
-        call: _Call = self._open_functions()[signature_name]
+        opened = self._open  # one read: a concurrent close() either came before or after it
+        if opened is None:
+            raise self.unloaded()
+        call = opened.calls[signature_name]
         feed = {call.feeds[name]: value for name, value in inputs.items()}
         try:
-            values = session.run(dict(call.fetches), feed_dict=feed)
+            values = opened.session.run(dict(call.fetches), feed_dict=feed)
         except tf.errors.InvalidArgumentError as e:
             raise InvalidArgument(e.message) from None
         return {name: np.asarray(value) for name, value in values.items()}
@@ -135,13 +132,16 @@ class FrozenGraphServable(Servable):
     def close(self) -> None:
         """Close the Session (its C++ state and buffers go at once) and drop it and the Graph.
 
-        As ``Servable.close``: idempotent, ``run`` raises FailedPrecondition afterwards; the
-        Graph is a web of cycles (ops and tensors point back at it), freed by ``gc.collect``.
+        Idempotent; ``run`` raises FailedPrecondition afterwards. The Graph is a web of
+        cycles (ops and tensors point back at it), freed by ``gc.collect``.
         """
-        session = self._loaded
-        super().close()
-        if session is not None:
-            session.close()
+        opened, self._open = self._open, None
+        if opened is not None:
+            opened.session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._open is None
 
 
 def _session_config() -> Any:

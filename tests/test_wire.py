@@ -1,0 +1,101 @@
+"""The wire contract: one definition that the server and the client both follow."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from client.signature import DTYPES as CLIENT_DTYPES
+from service.http import parse_target
+from service.signature import DTYPES as SERVER_DTYPES
+from tests.test_http import call, make_api
+from wire.consul_tags import model_tag, registration, served_models
+from wire.http import DEADLINE_HEADER, error_body, error_text
+from wire.paths import PREFIX, is_name, model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+names = st.text(min_size=1, max_size=20).filter(is_name)
+
+
+def test_server_and_client_read_dtypes_from_one_table() -> None:
+    """Every DT_* name maps to the same numpy dtype on the server and in the client."""
+    assert dict(SERVER_DTYPES) == dict(CLIENT_DTYPES)
+    assert SERVER_DTYPES["DT_FLOAT"].name == "float32" and SERVER_DTYPES["DT_STRING"].kind == "O"
+
+
+@given(names, st.one_of(st.none(), st.integers(0, 2**63 - 1)))
+def test_the_server_parses_every_path_the_client_builds(name: str, version: int | None) -> None:
+    """A path from model_path names, on the server, the model and version it was built from."""
+    path = model_path(name, version, ":predict")
+    target = parse_target("POST", urllib.parse.unquote(path.removeprefix(PREFIX)))
+    assert (target.name, target.version, target.verb) == (name, version, ":predict")
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "a:b"])
+def test_model_path_refuses_what_the_name_rule_refuses(name: str) -> None:
+    """Empty names and names holding '/' or ':' never become a path."""
+    assert not is_name(name)
+    with pytest.raises(ValueError, match="not a model name"):
+        model_path(name)
+
+
+def test_registration_tags_name_each_available_version() -> None:
+    """Tags and meta list each model with versions, and each version; a model with none is left out."""
+    tags, meta = registration({"b": [2, 1], "a": [3], "loading": []})
+    assert tags == [
+        "api:tfserving-rest",
+        "model:a",
+        "model:a:3",
+        "model:b",
+        "model:b:1",
+        "model:b:2",
+    ]
+    assert meta == {"api": "tfserving-rest", "models": "a:3,b:1,b:2"}
+    assert served_models(meta, tags) == ("a:3", "b:1", "b:2")
+    assert model_tag("b") in tags and model_tag("b", 2) in tags
+
+
+def test_served_models_reads_the_meta_or_else_the_tags() -> None:
+    """A registration's versions come from its "models" meta, else its model:NAME:V tags."""
+    assert served_models({"models": "a:1,b:2"}, ()) == ("a:1", "b:2")
+    assert served_models({}, ("model:a", "model:a:3", "api:x")) == ("a:3",)
+
+
+def test_error_body_round_trips() -> None:
+    """error_text reads what error_body writes, and nothing else."""
+    assert error_text(error_body("bad input")) == "bad input"
+    assert error_text({"message": "x"}) is None and error_text(["error"]) is None
+
+
+def test_the_server_reads_the_deadline_header_the_client_sends() -> None:
+    """The server reads the header wire.http names: a bad value there is a 400 naming it."""
+    _, treq, _ = make_api()
+    response, doc = call(
+        treq, "POST", "/v1/models/m:predict", b'{"instances": [[1, 2]]}', {DEADLINE_HEADER: ["x"]}
+    )
+    assert response.code == 400 and DEADLINE_HEADER in error_text(doc)
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_client_never_imports_the_server_and_wire_only_the_standard_library() -> None:
+    """client/ imports nothing from service/; wire/ imports only the standard library."""
+    for path in sorted((ROOT / "client").glob("*.py")):
+        assert "service" not in _imports(path), path
+    for path in sorted((ROOT / "wire").glob("*.py")):
+        outside = _imports(path) - sys.stdlib_module_names - {"__future__", "wire"}
+        assert not outside, (path, outside)

@@ -1,0 +1,12 @@
+"""The wire contract between kleinserve's server and its client: one definition of each.
+
+Both ``service`` and ``client`` import this package; it imports nothing but the standard
+library, so either side can depend on it without pulling in the other (or TensorFlow).
+
+- ``wire.dtypes``: TensorFlow's ``DT_*`` names, as metadata writes them, and the numpy dtype
+  each is held in.
+- ``wire.paths``: the model-name rule and the ``/v1/models/NAME[/versions/N|/labels/L]:verb``
+  grammar, with version numbers limited to int64.
+- ``wire.http``: header names, and the ``{"error": "…"}`` shape of every error body.
+- ``wire.consul_tags``: the tags and meta a server registers in Consul and a client selects by.
+"""

@@ -1,0 +1,40 @@
+"""The tags and meta a server registers in Consul, which clients select backends by.
+
+Tags: ``api:tfserving-rest``, then ``model:NAME`` for every model with an AVAILABLE version
+and ``model:NAME:V`` for each such version. Meta: ``api`` (``tfserving-rest``) and
+``models`` (``NAME:V,NAME:V,…``, the same versions, as one string a person can read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+API = "tfserving-rest"
+API_TAG = f"api:{API}"
+_MODEL = "model:"
+
+
+def model_tag(model: str, version: int | None = None) -> str:
+    """The tag of a model (any version), or of one of its versions."""
+    return f"{_MODEL}{model}" if version is None else f"{_MODEL}{model}:{version}"
+
+
+def registration(available: Mapping[str, Iterable[int]]) -> tuple[list[str], dict[str, str]]:
+    """Tags and meta for the AVAILABLE versions of each model (a model with none is left out)."""
+    tags, served = [API_TAG], []
+    for name, versions in sorted(available.items()):
+        numbers = sorted(versions)
+        if numbers:
+            tags.append(model_tag(name))
+        for number in numbers:
+            tags.append(model_tag(name, number))
+            served.append(f"{name}:{number}")
+    return tags, {"api": API, "models": ",".join(served)}
+
+
+def served_models(meta: Mapping[str, str], tags: Iterable[str]) -> tuple[str, ...]:
+    """``NAME:V`` of every version a registration serves: its ``models`` meta, else its tags."""
+    listed = meta.get("models", "")
+    if listed:
+        return tuple(m for m in listed.split(",") if m)
+    return tuple(t[len(_MODEL) :] for t in tags if t.startswith(_MODEL) and t.count(":") == 2)
