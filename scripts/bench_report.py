@@ -385,17 +385,6 @@ def markdown(results: dict[str, Any]) -> str:
             "to the digits model with batching on.",
             "",
         ]
-    big = results.get("memory", {})
-    if big:
-        parts += [
-            f"## Memory across large requests: {big['requests']} predicts of {big['body_mb']:g} MB",
-            "",
-            f"RSS {big['rss_before_mib']} MiB before, {big['rss_after_mib']} MiB after the last "
-            f"({big['ratio_after']:.2f}x), {big['rss_settled_mib']} MiB a few seconds later "
-            f"({big['ratio_settled']:.2f}x). `scripts/request_memory.py` sends them one at a time "
-            "to the digits model with batching on.",
-            "",
-        ]
     soak = results.get("soak", {})
     if soak.get("samples"):
         parts += [
