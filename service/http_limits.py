@@ -172,7 +172,7 @@ class BodyBuffer:
 
 
 class LimitsSite(Protocol):
-    """What the channel reads from its Site (``service.http.InferenceSite``)."""
+    """What the channel reads from its Site (``service.http_site.InferenceSite``)."""
 
     max_body_bytes: int
     request_header_timeout: float
