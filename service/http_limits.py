@@ -173,12 +173,12 @@ class BodyBuffer:
 
 
 class LimitsSite(Protocol):
-    """What the channel reads from its Site (``service.http.InferenceSite``)."""
+    """What the channel reads from its Site (``service.http_site.InferenceSite``)."""
 
     max_body_bytes: int
     request_header_timeout: float
 
-    def count_refusal(self, path: bytes, status: int) -> None: ...
+    def count_refusal(self, method: bytes, path: bytes, status: int) -> None: ...
 
 
 def refusal_response(error: ServingError) -> bytes:
@@ -218,7 +218,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self._head_timer: IDelayedCall | None = None
         self._linger_timer: IDelayedCall | None = None
         self._refused = False
-        self._target = b""  # the request line's path, for metrics
+        self._request_line = (b"", b"")  # the request line's method and path, for metrics
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -226,7 +226,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
         if self._refused:
             return  # lingering: read and dropped
         if self.line_mode and not self._handlingRequest and self._head_timer is None:
-            self._target = b""  # a new request's head begins
+            self._request_line = (b"", b"")  # a new request's head begins
             self._head_timer = self.callLater(
                 self.site.request_header_timeout, self._head_timed_out
             )
@@ -244,7 +244,8 @@ class LimitedHTTPChannel(http.HTTPChannel):
             return
         if line and self._head_lines == 0:
             parts = line.split(b" ")
-            self._target = parts[1].split(b"?")[0] if len(parts) == 3 else b""
+            if len(parts) == 3:
+                self._request_line = (parts[0], parts[1].split(b"?")[0])
         if line:
             self._head_lines += 1
         super().lineReceived(line)
@@ -313,7 +314,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self._cancel_head_timer()
         self.setTimeout(None)
         self.clearLineBuffer()  # LineReceiver parses nothing more of what it has buffered
-        self.site.count_refusal(self._target, error.status)
+        self.site.count_refusal(*self._request_line, error.status)
         transport.write(refusal_response(error))
         self._networkProducer.unregisterProducer()
         half_close = getattr(transport, "loseWriteConnection", None)

@@ -14,7 +14,7 @@ The path of an upload (``POST /`` or ``POST /v1/models/NAME[/versions/N]:classif
    resizes and scales. A model whose input is a string tensor gets the bytes unchanged, after
    a header check (format, pixel limit).
 4. The arrays go through the model version's batching queue like any ``:predict`` request
-   (``LoadedVersion.predict``): one request of k rows for k files when the input has a free
+   (``service.dataplane.VersionLease.classify_images``): one request of k rows for k files when the input has a free
    batch dimension, else one request per file.
 5. ``top_predictions``: the top k (default 5) classes by score, descending, named by the
    model's labels (``labels.txt``; class indices as strings without one).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from service.batching import BatchingParameters, BatchingQueue
+from service.dataplane import ModelTarget
 from service.errors import InvalidArgument
-from service.http import InferenceAPI, parse_target
+from service.http import InferenceAPI
 from service.metrics import Metrics
 from service.repository import AVAILABLE, LOADING, LoadedVersion, ModelConfig, ModelRepository
 from service.signature import Signature, TensorInfo
@@ -248,29 +250,33 @@ def test_metrics_and_health() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "expected"),
+    ("method", "path", "endpoint", "target"),
     [
-        ("m:predict", ("m", None, None, ":predict")),
-        ("m/versions/12:predict", ("m", 12, None, ":predict")),
-        ("m/labels/stable:predict", ("m", None, "stable", ":predict")),
-        ("m/versions/2/metadata", ("m", 2, None, "/metadata")),
-        ("m", ("m", None, None, "")),
+        ("POST", "m:predict", "predict", ModelTarget("m")),
+        ("POST", "m/versions/12:predict", "predict", ModelTarget("m", version=12)),
+        ("POST", "m/labels/stable:predict", "predict", ModelTarget("m", label="stable")),
+        ("POST", "m/labels/a:classify", "classify", ModelTarget("m", label="a")),
+        ("POST", "m/versions/3:regress", "regress", ModelTarget("m", version=3)),
+        ("POST", "m:classify_image", "classify_image", ModelTarget("m")),
+        ("GET", "m/versions/2/metadata", "metadata", ModelTarget("m", version=2)),
+        ("GET", "m/labels/metadata", "status", ModelTarget("m", label="metadata")),
+        ("GET", "m", "status", ModelTarget("m")),
     ],
 )
-def test_parse_target(path, expected) -> None:
-    """TF Serving's URL forms parse into name, version, label and verb."""
-    t = parse_target("POST", path)
-    assert (t.name, t.version, t.label, t.verb) == expected
+def test_model_urls_route_by_verb(method, path, endpoint, target) -> None:
+    """TF Serving's URL forms reach the route of their verb with the model target they name."""
+    api, _, _ = make_api()
+    adapter = api.app.url_map.bind("server")
+    assert adapter.match("/v1/models/" + path, method=method) == (endpoint, {"target": target})
 
 
 @given(st.text(max_size=40))
-def test_parse_target_never_crashes(path: str) -> None:
-    """Any path either parses or raises InvalidArgument (a 400), never anything else."""
-    try:
-        target = parse_target("GET", path)
-    except InvalidArgument:
-        return
-    assert target.name and "/" not in target.name
+def test_any_model_url_answers_json(path: str) -> None:
+    """Any path under /v1/models/ answers JSON: 200, or a 4xx with an error, never a 5xx."""
+    _, treq, _ = make_api()
+    response, doc = call(treq, "GET", "/v1/models/" + quote(path, safe="/:"))
+    assert response.code < 500 and isinstance(doc, dict)
+    assert response.code == 200 or doc["error"]
 
 
 def test_outputs_are_float32_not_float64() -> None:

@@ -20,34 +20,63 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import MapAdapter
 
+from service.dataplane import ModelTarget
 from service.errors import InvalidArgument, PayloadTooLarge, UnsupportedMediaType
-from service.http import INT64_MAX, InferenceSite, Target, parse_target
+from service.http import InferenceAPI, InferenceSite
 from service.http_limits import BodyBuffer, LimitedHTTPChannel, content_coding, head_error
+from service.http_paths import (
+    INT64_MAX,
+    MalformedPath,
+    ModelTargetConverter,
+    malformed,
+    parse_version,
+)
 from tests.test_http import call, make_api
 
 PREDICT = b'{"instances": [[1, 2], [3, 4]]}'
 PREDICTED = {"predictions": [[2.0, 4.0], [6.0, 8.0]]}
 
 
-# -- parse_target --------------------------------------------------------------------------------
+# -- the model target converter and the malformed-path 400s -----------------------------------
 
 
 @given(st.text())
-def test_any_path_parses_to_a_target_or_invalid_argument(path: str) -> None:
-    """parse_target never raises anything but InvalidArgument, whatever text the path holds."""
+def test_any_model_path_is_a_target_or_a_malformed_request(path: str) -> None:
+    """Any text after /v1/models/ either matches a route's target or is an InvalidArgument
+    "Malformed request" (never another error), with the path echoed shortened."""
+    _, adapter = model_routes()
     try:
-        assert isinstance(parse_target("GET", path), Target)
-    except InvalidArgument as e:
-        assert len(e.message) < 700  # the path is echoed, shortened
+        endpoint, values = adapter.match("/v1/models/" + path, method="POST")
+    except (HTTPException, MalformedPath):
+        return  # Not Found (e.g. an empty name): the routing error handler's JSON 404
+    if endpoint == "other_model_url":
+        error = malformed("POST", values["path"])
+        assert isinstance(error, InvalidArgument) and error.message.startswith("Malformed")
+        assert len(error.message) < 700
+    else:
+        assert isinstance(values["target"], ModelTarget) and "/" not in values["target"].name
+
+
+def model_routes() -> tuple[InferenceAPI, MapAdapter]:
+    api, _, _ = make_api()
+    return api, api.app.url_map.bind("server")
 
 
 @given(
-    st.integers(min_value=0, max_value=INT64_MAX), st.sampled_from(["", ":predict", "/metadata"])
+    st.integers(min_value=0, max_value=INT64_MAX),
+    st.sampled_from([("POST", ":predict", "predict"), ("GET", "", "status")]),
 )
-def test_versions_round_trip(version: int, verb: str) -> None:
-    """Every int64 version written in decimal parses back to itself, with its verb."""
-    assert parse_target("POST", f"m/versions/{version}{verb}") == Target("m", version, None, verb)
+def test_versions_round_trip(version: int, route: tuple[str, str, str]) -> None:
+    """Every int64 version written in decimal routes back to itself, with its verb."""
+    method, verb, endpoint = route
+    _, adapter = model_routes()
+    assert adapter.match(f"/v1/models/m/versions/{version}{verb}", method=method) == (
+        endpoint,
+        {"target": ModelTarget("m", version=version)},
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,15 +95,18 @@ def test_versions_round_trip(version: int, verb: str) -> None:
     ],
 )
 def test_a_version_must_be_ascii_digits_within_int64(version: str) -> None:
-    """A version that is not ASCII digits fitting int64 is an InvalidArgument saying so."""
+    """A version that is not ASCII digits fitting int64 is never a target, and its 400 says so."""
+    assert parse_version(version) is None
     with pytest.raises(InvalidArgument, match="decimal number .* fits in 64 bits"):
-        parse_target("GET", f"m/versions/{version}:predict")
+        raise malformed("GET", f"m/versions/{version}:predict")
 
 
 def test_leading_zeros_and_the_largest_version() -> None:
     """Leading zeros are read as TF Serving's int64 parse reads them; INT64_MAX is a version."""
-    assert parse_target("GET", "m/versions/007").version == 7
-    assert parse_target("GET", f"m/versions/{'0' * 30}{INT64_MAX}").version == INT64_MAX
+    converter = ModelTargetConverter(model_routes()[1].map)
+    assert converter.to_python("m/versions/007") == ModelTarget("m", version=7)
+    assert converter.to_python(f"m/versions/{'0' * 30}{INT64_MAX}").version == INT64_MAX
+    assert converter.to_python("m/labels/stable") == ModelTarget("m", label="stable")
 
 
 BAD_PATHS = [
@@ -455,6 +487,44 @@ def test_a_refused_connection_drains_then_closes() -> None:
     other.send(request())
     other.channel.connectionLost(Failure(ConnectionDone()))
     assert other.clock.getDelayedCalls() == []
+
+
+def test_refusals_before_the_request_line_count_as_other() -> None:
+    """A refusal before a whole request line arrived (a header timeout) counts as "other"."""
+    connection = Connection(timeout=5.0)
+    connection.send(b"POST /v1/models/m:pre")
+    connection.clock.advance(5.0)
+    sample = connection.metrics.registry.get_sample_value(
+        "kleinserve_requests_total", {"route": "other", "code": "408"}
+    )
+    assert connection.refused()[0] == 408 and sample == 1.0
+
+
+@pytest.mark.parametrize(
+    ("line", "route"),
+    [
+        (b"POST /v1/models/m:predict", "predict"),
+        (b"GET /v1/models/m/versions/3", "status"),
+        (b"GET /v1/models/m/labels/x/metadata", "metadata"),
+        (b"POST /v1/models/m:explode", "other"),
+        (b"GET /v1/models/m/versions/99999999999999999999", "other"),
+        (b"PUT /v1/models/m:predict", "other"),
+        (b"GET /healthz", "healthz"),
+    ],
+)
+def test_answered_requests_are_counted_under_the_route_that_took_them(
+    line: bytes, route: str
+) -> None:
+    """Each answered request counts under its matched route's label; "other" when no route
+    took it (a malformed model URL, another method)."""
+    connection = Connection()
+    body = PREDICT if line.startswith(b"POST") else b""
+    connection.send(line + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    status, _, _ = connection.answer()
+    sample = connection.metrics.registry.get_sample_value(
+        "kleinserve_requests_total", {"route": route, "code": str(status)}
+    )
+    assert sample == 1.0
 
 
 def test_refusals_are_counted_in_the_metrics() -> None:

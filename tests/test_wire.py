@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from client.signature import DTYPES as CLIENT_DTYPES
-from service.http import parse_target
+from service.dataplane import ModelTarget
+from service.http import InferenceAPI
 from service.signature import DTYPES as SERVER_DTYPES
 from tests.test_http import call, make_api
 from wire.consul_tags import model_tag, registration, served_models
@@ -33,8 +34,10 @@ def test_server_and_client_read_dtypes_from_one_table() -> None:
 def test_the_server_parses_every_path_the_client_builds(name: str, version: int | None) -> None:
     """A path from model_path names, on the server, the model and version it was built from."""
     path = model_path(name, version, ":predict")
-    target = parse_target("POST", urllib.parse.unquote(path.removeprefix(PREFIX)))
-    assert (target.name, target.version, target.verb) == (name, version, ":predict")
+    routes = InferenceAPI.app.url_map.bind("server")
+    endpoint, arguments = routes.match(urllib.parse.unquote(path), method="POST")
+    assert endpoint.endswith("predict") and path.startswith(PREFIX)
+    assert arguments["target"] == ModelTarget(name, version)
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "a:b"])

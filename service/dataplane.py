@@ -1,0 +1,401 @@
+"""The data plane: what the server does for a request, whatever protocol it came by.
+
+Predict, classify, regress, classify_images, model status and metadata, as operations on
+numpy arrays and plain Python data: no JSON, no HTTP, no twisted.web. Every front door
+(today TF Serving's REST API in ``service.http``; later gRPC, the Open Inference Protocol,
+per-model Python hooks) parses its own wire format, calls in here, and encodes what comes
+back. Failures are ``ServingError`` s (``service.errors``), which carry their status.
+
+A request names its model with a ``ModelTarget`` (name, and a version number or a label or
+neither) and passes:
+
+* ``deadline``: clock seconds (``DataPlane.clock``) past which its work, still queued, is
+  dropped unrun with 504; None for no deadline;
+* ``cancellation``: a ``Cancellation`` the front door sets when the caller goes away; the
+  request's queued batching work is then cancelled and its image decodes not yet started are
+  skipped. Cancelling the Deferred of an operation (Klein does, for a client that left)
+  cancels what it awaits as well.
+
+Two ways in. The one-shot operations (``DataPlane.predict`` …) suit a front door whose inputs
+are already tensors. A front door that must decode its body against the model's signature
+(the JSON codec does) takes ``DataPlane.lease(target)`` first and decodes inside it::
+
+    with plane.lease(target) as model:      # lookup and lease, before any await
+        inputs = await decode(body, model.signature)
+        outputs = await model.predict(name, inputs, deadline=..., cancellation=...)
+
+The lease (``LoadedVersion.lease``) is taken right after the lookup, with no await in
+between, and held until the answer: a hot swap never unloads a version under a request.
+A ``VersionLease`` resolves the request's signature once, whoever asks for it first.
+
+Everything here runs on the reactor thread except ``VersionLease.signature``, which a body
+decoder may call from its own thread; TensorFlow runs behind the batching queues, image
+decoding on ``ImageDecoder``'s threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.failure import Failure
+
+from service import examples
+from service.errors import NotFound, ServingError, Unavailable
+from service.images import (
+    Abandonment,
+    ImageDecoder,
+    ImagePlan,
+    UploadedImage,
+    class_scores,
+    top_predictions,
+)
+from service.repository import LoadedVersion, ModelRepository, batch_rows
+from service.signature import Signature
+
+Tensors = dict[str, np.ndarray]
+
+
+@attrs.frozen
+class ModelTarget:
+    """The model a request names: a version number, a label, or neither (the latest)."""
+
+    name: str
+    version: int | None = None
+    label: str | None = None
+
+
+class Cancellation:
+    """Set once when the caller gives up; what was registered with ``on_cancel`` then runs.
+
+    A front door makes one per request and wires it to its own "caller went away" signal
+    (for HTTP, ``request.notifyFinish()``'s errback).
+    """
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self._callbacks: list[Callable[[], object]] = []
+
+    def on_cancel(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` when cancelled (at once if already cancelled)."""
+        if self.cancelled:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def cancel(self, _: object = None) -> None:
+        """The caller went away (any argument is ignored: it may be an errback's failure)."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+@attrs.frozen
+class Metadata:
+    """A version's metadata: its signatures as TF Serving's SignatureDef map (plain data)."""
+
+    name: str
+    version: int
+    signature_defs: Mapping[str, Any]
+
+
+@attrs.frozen
+class ImageResults:
+    """The answer to an image upload: for each image, its top classes, best first."""
+
+    name: str
+    version: int
+    predictions: list[list[dict[str, Any]]]  # per image: [{"label": str, "score": np scalar}]
+
+
+class DataPlane:
+    """The operations of the server, on the repository's models (and images, if enabled).
+
+    ``images``: the image decoder; None when image uploads are not enabled.
+    ``default_model``: the model an upload without a model goes to (else the only one served).
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        images: ImageDecoder | None = None,
+        default_model: str | None = None,
+    ) -> None:
+        self.repository = repository
+        self.images = images
+        self._default_model = default_model
+
+    @property
+    def clock(self) -> Any:
+        """The clock deadlines are read on (``IReactorTime``)."""
+        return self.repository.clock
+
+    # -- lookups (no await) ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self, target: ModelTarget) -> Iterator[VersionLease]:
+        """The AVAILABLE version ``target`` names, held until the ``with`` block ends.
+
+        404 for an unknown model or version, 400 for an unknown label, 503 while no version
+        is AVAILABLE. Enter it before the request's first await.
+        """
+        version = self.repository.lookup(target.name, target.version, target.label)
+        with version.lease():
+            yield VersionLease(self, version)
+
+    def status(self, target: ModelTarget) -> list[dict[str, Any]]:
+        """TF Serving's ModelVersionStatus of the versions ``target`` names, newest first."""
+        return self.repository.status(target.name, target.version, target.label)
+
+    def metadata(self, target: ModelTarget) -> Metadata:
+        version = self.repository.lookup(target.name, target.version, target.label)
+        return Metadata(target.name, version.version, version.require().signature_defs)
+
+    def default_model(self) -> str:
+        """The model of an upload that names none: ``default_model``, or the only one served."""
+        if self._default_model is not None:
+            return self._default_model
+        if len(self.repository.configs) == 1:
+            (name,) = self.repository.configs
+            return name
+        raise NotFound(
+            "this server serves several models and has no --default_model: "
+            "POST to /v1/models/NAME:classify_image"
+        )
+
+    def require_images(self) -> ImageDecoder:
+        """The image decoder; 503 when image uploads are not enabled."""
+        if self.images is None:
+            raise Unavailable("image uploads are not enabled on this server")
+        return self.images
+
+    # -- one-shot operations --------------------------------------------------------------------
+
+    async def predict(
+        self,
+        target: ModelTarget,
+        signature_name: str | None,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Tensors:
+        with self.lease(target) as model:
+            return await model.predict(
+                signature_name, inputs, deadline=deadline, cancellation=cancellation
+            )
+
+    async def classify(
+        self,
+        target: ModelTarget,
+        signature_name: str | None,
+        serialized: np.ndarray | Sequence[bytes],
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Tensors:
+        with self.lease(target) as model:
+            return await model.classify(
+                signature_name, serialized, deadline=deadline, cancellation=cancellation
+            )
+
+    async def regress(
+        self,
+        target: ModelTarget,
+        signature_name: str | None,
+        serialized: np.ndarray | Sequence[bytes],
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Tensors:
+        with self.lease(target) as model:
+            return await model.regress(
+                signature_name, serialized, deadline=deadline, cancellation=cancellation
+            )
+
+    async def classify_images(
+        self,
+        target: ModelTarget,
+        images: Sequence[UploadedImage],
+        top_k: int,
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> ImageResults:
+        self.require_images()
+        with self.lease(target) as model:
+            return await model.classify_images(
+                images, top_k, deadline=deadline, cancellation=cancellation
+            )
+
+
+class VersionLease:
+    """One request's hold on one AVAILABLE version (``DataPlane.lease``), and its operations.
+
+    Valid inside the ``with`` block that made it; one per request.
+    """
+
+    def __init__(self, plane: DataPlane, version: LoadedVersion) -> None:
+        self._plane = plane
+        self._version = version
+        self.name = version.name
+        self.version = version.version
+        self._signature: Signature | None = None
+
+    def signature(self, name: str | None) -> Signature:
+        """The request's signature (None: the default), resolved once per request.
+
+        404 (NotFound) or 400 for a name the model does not have. A front door's body
+        decoder may call it from its own thread; the request's later calls reuse the answer.
+        """
+        if self._signature is None:
+            self._signature = self._version.signature(name)
+        return self._signature
+
+    def signature_defs(self) -> Mapping[str, Any]:
+        return self._version.require().signature_defs
+
+    async def predict(
+        self,
+        signature_name: str | None,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Tensors:
+        """The signature's outputs for ``inputs`` (one checked array per input), each
+        with the request's own rows."""
+        return await self._run(self.signature(signature_name), inputs, deadline, cancellation)
+
+    async def classify(
+        self,
+        signature_name: str | None,
+        serialized: np.ndarray | Sequence[bytes],
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Tensors:
+        """TF Serving's Classify: serialized tf.Examples as k rows of the signature's DT_STRING
+        input; its ``classes`` and/or ``scores`` outputs (``service.examples`` checks them)."""
+        return await self._examples(
+            examples.CLASSIFY, signature_name, serialized, deadline, cancellation
+        )
+
+    async def regress(
+        self,
+        signature_name: str | None,
+        serialized: np.ndarray | Sequence[bytes],
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Tensors:
+        """TF Serving's Regress: as ``classify``, answering the ``outputs`` output."""
+        return await self._examples(
+            examples.REGRESS, signature_name, serialized, deadline, cancellation
+        )
+
+    async def _examples(
+        self,
+        verb: str,
+        signature_name: str | None,
+        serialized: np.ndarray | Sequence[bytes],
+        deadline: float | None,
+        cancellation: Cancellation | None,
+    ) -> Tensors:
+        if self._signature is None:  # resolved once, with TF Serving's classify/regress checks
+            signatures = self._version.require().signatures
+            self._signature = examples.signature_for(signatures, signature_name, verb)
+        rows = np.empty(len(serialized), dtype=object)  # [k] serialized tf.Examples (bytes)
+        rows[:] = serialized
+        inputs = {examples.INPUTS: rows}
+        return await self._run(self._signature, inputs, deadline, cancellation)
+
+    async def classify_images(
+        self,
+        images: Sequence[UploadedImage],
+        top_k: int,
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> ImageResults:
+        """Decode the images as the model's input wants them (``service.images``), run them,
+        and name each image's ``top_k`` best classes by the model's labels."""
+        decoder = self._plane.require_images()
+        plan = await decoder.plan(self._version.require(), self.name)
+        abandonment = Abandonment()  # set: decodes not yet started are skipped
+        if cancellation is not None:
+            cancellation.on_cancel(abandonment.set)
+        arrays = await decoder.decode(plan, images, abandonment)
+        scores = await self._run_images(plan, arrays, deadline, cancellation)
+        predictions = [top_predictions(row, plan.labels, top_k) for row in scores]
+        return ImageResults(self.name, self.version, predictions)
+
+    def _submit(
+        self, signature: Signature, inputs: Mapping[str, np.ndarray], deadline: float | None
+    ) -> Deferred:
+        queue = self._version.queues[signature.name]
+        return queue.submit(inputs, batch_rows(signature, inputs), deadline)
+
+    async def _run(
+        self,
+        signature: Signature,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None,
+        cancellation: Cancellation | None,
+    ) -> Tensors:
+        """Queue one request's inputs; a cancellation drops them from the queue."""
+        self._version.require()  # UNLOADING is fine under a lease; a closed servable is not
+        queued = self._submit(signature, inputs, deadline)
+        if cancellation is not None:
+            cancellation.on_cancel(queued.cancel)
+        outputs: Tensors = await queued
+        return outputs
+
+    async def _run_images(
+        self,
+        plan: ImagePlan,
+        arrays: list[np.ndarray],
+        deadline: float | None,
+        cancellation: Cancellation | None,
+    ) -> list[np.ndarray]:
+        """Run decoded images through the batching queue; one score vector per image.
+
+        k images of one shape for a batchable input are one request of k rows; otherwise each
+        image is a request of its own (they still share batches when the queue can merge them).
+        """
+        if plan.batched and len({a.shape for a in arrays}) == 1:
+            groups = [list(range(len(arrays)))]
+            submits = [{plan.input: np.stack(arrays)}]
+        else:
+            groups = [[i] for i in range(len(arrays))]
+            submits = [{plan.input: a} for a in arrays]
+        signature = self.signature(plan.signature)
+        queued: list[Deferred] = []
+        try:
+            for inputs in submits:
+                queued.append(self._submit(signature, inputs, deadline))
+        except ServingError:  # e.g. the queue is full: drop what was already queued
+            for d in queued:
+                d.addErrback(lambda _: None)  # the CancelledError is expected
+                d.cancel()
+            raise
+        if cancellation is not None:
+            for d in queued:
+                cancellation.on_cancel(d.cancel)
+        results = await DeferredList(queued, consumeErrors=True)
+        scores: list[np.ndarray] = [np.empty(0)] * len(arrays)
+        for group, (ok, value) in zip(groups, results, strict=True):
+            if not ok:
+                assert isinstance(value, Failure)
+                value.raiseException()
+            for i, row in zip(group, class_scores(value[plan.output], len(group)), strict=True):
+                scores[i] = row
+        return scores

@@ -1,0 +1,227 @@
+"""The HTTP server under the routes: its Site, and the request that holds a bounded body.
+
+``InferenceSite`` serves ``InferenceAPI``'s resource (``service.http``) over
+``LimitedHTTPChannel`` (``service.http_limits``, which answers the HTTP limits before a route
+runs); ``BoundedRequest`` holds each body in memory up to the limit, against the site's
+``RequestBudget`` (``service.budget``). The site counts every answered or refused request, and
+tracks its connections so a stop can drain them (``service.lifecycle``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.web import server
+
+from service.budget import BodyHold, RequestBudget
+from service.errors import ServingError, Unavailable
+from service.http_limits import BodyBuffer, LimitedHTTPChannel, content_coding
+from service.lifecycle import InFlight
+
+if TYPE_CHECKING:
+    from service.http import InferenceAPI
+
+#: The ``route`` label of a request no route took (kleinserve_requests_total).
+OTHER_ROUTE = "other"
+
+IDLE_GRACE = 1.0
+"""On stop, seconds an idle keep-alive connection is kept for a request already on its way."""
+
+
+class BoundedRequest(server.Request):
+    """A request whose body is held in memory up to a limit, gzip inflated as it arrives.
+
+    Twisted would spool bodies over 100 kB to a temporary file (a disk write per large tensor
+    request) and accept any size; this keeps up to ``max_body_bytes`` in memory (after
+    inflating, for ``Content-Encoding: gzip``) and, the moment a body passes that, has the
+    channel answer 413 and close (``LimitedHTTPChannel.refuse``), never holding the excess.
+    A Content-Length over the limit is refused by the channel before any of the body is read.
+
+    The body also takes a share of the site's ``RequestBudget`` (``body_hold``): its
+    ``Content-Length`` when the headers arrive, or, chunked, what has arrived so far. A share
+    the budget cannot give is answered 503 with Retry-After by the channel at once. The share
+    is given back when the request is answered or its client leaves, if decoding did not give
+    it back first.
+    """
+
+    max_body_bytes = 64 * 1024 * 1024
+    _body: BodyBuffer | None = None
+    _refused = False
+    body_hold: BodyHold | None = None
+    _received = 0
+
+    def process(self) -> None:
+        site = cast(Any, self.channel).site
+        site.in_flight.started()
+        self.notifyFinish().addBoth(site.in_flight.finished)
+        if site.stopping:  # arrived on a kept-alive connection while the port closes
+            _close_after(self)
+        super().process()
+
+    def gotLength(self, length: int | None) -> None:
+        gzip = content_coding(self.requestHeaders) == "gzip"
+        self._body = BodyBuffer(self.max_body_bytes, gzip=gzip)
+        self.content = self._body.content  # type: ignore[assignment]  # Twisted declares it None until here
+        site: InferenceSite = cast(Any, self.channel).site
+        hold = self.body_hold = site.budget.hold()
+        self.notifyFinish().addBoth(hold.finished)
+        self.notifyFinish().addBoth(lambda _: site.body_finished(self._received))
+        if length and not hold.reserve(length):
+            self._refuse(_busy(hold))
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused or self._body is None:
+            return
+        self._received += len(data)
+        hold = self.body_hold
+        if hold is not None and not hold.reserve(self._received):  # a chunked body past it
+            self._refuse(_busy(hold))
+            return
+        try:
+            self._body.write(data)
+        except ServingError as error:
+            self._refuse(error)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The body is complete: a gzip stream cut short is refused, not routed."""
+        if self._body is not None:
+            try:
+                self.content = self._body.finish()  # type: ignore[assignment]
+            except ServingError as error:
+                self._refuse(error)
+                return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, error: ServingError) -> None:
+        self._refused = True
+        cast(LimitedHTTPChannel, self.channel).refuse(error)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # No Server header at all (Twisted sends "TwistedWeb/<version>"): naming the
+            # software and its version only helps scanners, and TF Serving's REST API, whose
+            # clients this server stands in for, sends none either.
+            self.responseHeaders.removeHeader(b"server")
+        super().write(data)
+
+
+class InferenceSite(server.Site):
+    """Our own Site: no tracebacks to clients, HTTP limits answered (``LimitedHTTPChannel``),
+    bounded bodies, request metrics.
+
+    HTTP/1.1 only, as before: Twisted's HTTP/2 needs the ``h2`` package, which is not installed.
+    """
+
+    displayTracebacks = False
+    noisy = False  # no "Starting factory" lines
+    protocol = LimitedHTTPChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        api: InferenceAPI,
+        *,
+        max_body_bytes: int,
+        request_header_timeout: float = 30.0,
+        in_flight: InFlight | None = None,
+        budget: RequestBudget | None = None,
+        reactor: Any = None,
+    ) -> None:
+        # parsePOSTFormSubmission=False: Twisted would otherwise parse every POST's content type
+        # with the email package (~10% of a small predict's reactor time), run parse_qs over
+        # curl -d bodies, and buffer multipart uploads whole; routes parse what they accept.
+        super().__init__(
+            api.resource(),
+            requestFactory=type("Request", (BoundedRequest,), {"max_body_bytes": max_body_bytes}),
+            parsePOSTFormSubmission=False,
+            reactor=reactor,  # None: the global reactor (Twisted's default)
+        )
+        self.max_body_bytes = max_body_bytes
+        self.request_header_timeout = request_header_timeout
+        self._requests = api.metrics.requests
+        self._route_label = api.route_label
+        self.in_flight = in_flight or InFlight()
+        self.budget = budget or RequestBudget(4 * max_body_bytes)
+        api.metrics.request_body_bytes.set_function(lambda: self.budget.held)
+        self._decoder = api.decoder
+        api.metrics.in_flight.set_function(lambda: self.in_flight.count)
+        self.stopping = False
+        self._connections: set[Any] = set()
+        self._all_closed: list[Deferred] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self._connections.add(protocol)
+            lost = protocol.connectionLost
+
+            def connection_lost(reason: Any, protocol: Any = protocol) -> None:
+                self._connections.discard(protocol)
+                lost(reason)
+                if not self._connections:
+                    waiters, self._all_closed = self._all_closed, []
+                    for d in waiters:
+                        d.callback(None)
+
+            protocol.connectionLost = connection_lost
+        return protocol
+
+    def all_closed(self) -> Deferred:
+        """Fires once no connection is open (at once if none is)."""
+        d: Deferred = Deferred()
+        if self._connections:
+            self._all_closed.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def stop_keeping_alive(self, idle_grace: float = IDLE_GRACE) -> None:
+        """The port is closing: answers from now on carry ``Connection: close`` and their
+        connections close after them; a connection with no request under way closes once it
+        has been idle ``idle_grace`` seconds (not at once: a request it was sent may still be
+        unread, and closing with unread data would reset it)."""
+        self.stopping = True
+        for protocol in list(self._connections):
+            # Site wraps each HTTPChannel in a proxy that could switch to HTTP/2.
+            channel = getattr(protocol, "_channel", protocol)
+            requests = getattr(channel, "requests", [])
+            for request in requests:
+                _close_after(request)
+            if not requests:  # not persistent = False: Twisted would drop a request arriving
+                channel.setTimeout(idle_grace)
+
+    def body_finished(self, received: int) -> None:
+        """A request ended (answered, or its client left) after receiving ``received`` bytes;
+        after a large one, memory is given back (at most every few seconds)."""
+        if received >= self._decoder.off_reactor_bytes:
+            self._decoder.large_request_done()
+
+    def log(self, request: Any) -> None:
+        """Count each answered request (instead of an access-log line per request), under
+        the label of the route that took it (``"other"`` when none did)."""
+        label = getattr(request, "route_label", OTHER_ROUTE)
+        self._requests.labels(label, str(request.code)).inc()
+
+    def count_refusal(self, method: bytes, path: bytes, status: int) -> None:
+        """Count a request the channel refused (a limit) like an answered one.
+
+        No route ran, so its label is a best effort: the route the request line's method and
+        path match in the application's own route table, ``"other"`` when none does (or
+        the line never arrived whole).
+        """
+        self._requests.labels(self._route_label(method, path), str(status)).inc()
+
+
+def _busy(hold: BodyHold) -> Unavailable:
+    return Unavailable(
+        "the server is busy with large requests: their bodies being received or decoded "
+        f"would pass --max_inflight_request_bytes ({hold.limit} bytes); retry later",
+        retry_after=1,
+    )
+
+
+def _close_after(request: Any) -> None:
+    """Answer this request with ``Connection: close`` and close the connection after it."""
+    if not request.startedWriting:
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+    request.channel.persistent = False
