@@ -194,6 +194,7 @@ class Bench:
             f"--model_name={model}",
             f"--model_base_path={base}",
             f"--listen=tcp:{port}:interface={LOOPBACK}",
+            "--port=0",  # REST only: no gRPC port to share between runs
         ]
         if setup.threads is not None:
             params = self.batching_path(setup.threads)

@@ -98,7 +98,7 @@ def main() -> int:
     port = free_port()
     command = [
         str(REPO / ".venv" / "bin" / "twistd"), "-n", "--pidfile=", "--logfile=-", "inference",
-        "--model_name=mobilenet", f"--model_base_path={base}", f"--listen=tcp:{port}:interface={LOOPBACK}",
+        "--model_name=mobilenet", f"--model_base_path={base}", f"--listen=tcp:{port}:interface={LOOPBACK}", "--port=0",
         "--enable_batching", f"--batching_parameters_file={batching}",
     ]  # fmt: skip
     server = start("kleinserve-mobilenet-images", command, port, logs)

@@ -217,7 +217,7 @@ def run(
         command = [
             str(REPO / ".venv" / "bin" / "twistd"), "-n", "--pidfile=", "--logfile=-", "inference",
             "--model_name=digits", f"--model_base_path={base}",
-            f"--listen=tcp:{port}:interface={LOOPBACK}", "--enable_batching",
+            f"--listen=tcp:{port}:interface={LOOPBACK}", "--port=0", "--enable_batching",
             f"--file_system_poll_wait_seconds={poll:g}",
         ]  # fmt: skip
         server = start(f"kleinserve-swap-poll{poll:g}", command, port, logs)

@@ -40,7 +40,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from service.errors import DeadlineExceeded, Internal, InvalidArgument, ServingError, Unavailable
+from service.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+)
 
 log = Logger()
 
@@ -207,7 +214,7 @@ class BatchingQueue:
                 f"{p.max_batch_size}; send smaller requests"
             )
         if self._waiting_rows + size > p.max_enqueued_rows and self._waiting_rows > 0:
-            raise Unavailable(
+            raise ResourceExhausted(
                 f"the server is overloaded ({self._waiting_rows} rows queued for this model); "
                 "retry later",
                 retry_after=1,

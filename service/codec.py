@@ -30,7 +30,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 
 from service.errors import Internal, InvalidArgument
-from service.signature import Shape, Signature, TensorInfo
+from service.signature import Signature, TensorInfo, check_names, check_shape, quoted
 
 #: Deeper nesting than this is refused before numpy (which stops at 64 dimensions) sees it.
 _MAX_RANK = 32
@@ -166,9 +166,9 @@ def _decode_rows(instances: Any, signature: Signature) -> dict[str, np.ndarray]:
         if not _is_named_object(instance):
             raise InvalidArgument(
                 f"instances[{i}] is {_json_type(instance)} {_show(instance)}, but each instance "
-                f"must be an object with a value for every input ({_quoted(names)})"
+                f"must be an object with a value for every input ({quoted(names)})"
             )
-        _check_names(instance, names, f"instances[{i}]")
+        check_names(instance, names, f"instances[{i}]")
     return {
         name: _tensor(
             [instance[name] for instance in instances],
@@ -183,7 +183,7 @@ def _decode_columns(inputs: Any, signature: Signature) -> dict[str, np.ndarray]:
     """Columnar format: each input's value is its whole tensor; no shared batch size."""
     names = list(signature.inputs)
     if _is_named_object(inputs):
-        _check_names(inputs, names, "'inputs'")
+        check_names(inputs, names, "'inputs'")
         return {
             name: _tensor(inputs[name], signature.inputs[name], _Place("inputs", name))
             for name in names
@@ -191,49 +191,16 @@ def _decode_columns(inputs: Any, signature: Signature) -> dict[str, np.ndarray]:
     if len(names) != 1:
         raise InvalidArgument(
             f"'inputs' is {_json_type(inputs)}, but the signature has {len(names)} inputs "
-            f"({_quoted(names)}): 'inputs' must be an object mapping each input name to its value"
+            f"({quoted(names)}): 'inputs' must be an object mapping each input name to its value"
         )
     (name,) = names
     return {name: _tensor(inputs, signature.inputs[name], _Place("inputs"))}
 
 
-def _check_names(given: Collection[str], names: list[str], where: str) -> None:
-    missing = [name for name in names if name not in given]
-    unknown = [name for name in given if name not in names]
-    problems = []
-    if missing:
-        problems.append(f"missing input(s) {_quoted(missing)}")
-    if unknown:
-        problems.append(f"unknown input(s) {_quoted(unknown)}")
-    if problems:
-        raise InvalidArgument(
-            f"{where}: {'; '.join(problems)} (the signature's inputs are {_quoted(names)})"
-        )
-
-
 def _tensor(value: Any, info: TensorInfo, place: _Place) -> np.ndarray:
     array = _to_array(value, info, place)
-    _check_shape(array, info)
+    check_shape(array, info)
     return array
-
-
-def _check_shape(array: np.ndarray, info: TensorInfo) -> None:
-    """Compare against the signature's static shape: its rank and every known dimension."""
-    expected = info.shape
-    if expected is None:
-        return
-    got = f"got shape {_shape_text(array.shape)}"
-    want = f"the signature expects {_shape_text(expected)} (? is any size)"
-    if array.ndim != len(expected):
-        raise InvalidArgument(
-            f"input {info.name!r}: {got} (rank {array.ndim}), but {want} (rank {len(expected)})"
-        )
-    for axis, (size, expected_size) in enumerate(zip(array.shape, expected, strict=True)):
-        if expected_size is not None and size != expected_size:
-            raise InvalidArgument(
-                f"input {info.name!r}: {got}, but {want}: "
-                f"dimension {axis} is {size}, expected {expected_size}"
-            )
 
 
 def _to_array(value: Any, info: TensorInfo, place: _Place) -> np.ndarray:
@@ -601,7 +568,7 @@ def _decode_scanned(scanned: _ScannedBody, signature: Signature) -> PredictReque
         return None
     try:
         array = _to_array(scanned.values, info, _Place("inputs")).reshape(scanned.shape)
-        _check_shape(array, info)
+        check_shape(array, info)
     except InvalidArgument:
         return None
     return PredictRequest({name: array}, scanned.row_format, scanned.signature_name)
@@ -754,12 +721,3 @@ def _show(value: Any, limit: int = 60) -> str:
     """A value as JSON text, shortened, for quoting in a message."""
     text = json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _quoted(names: Sequence[str]) -> str:
-    return ", ".join(repr(name) for name in names)
-
-
-def _shape_text(shape: Shape | tuple[int, ...]) -> str:
-    assert shape is not None
-    return "[" + ", ".join("?" if size is None else str(size) for size in shape) + "]"

@@ -55,7 +55,7 @@ from service.images import (
     top_predictions,
 )
 from service.repository import LoadedVersion, ModelRepository, batch_rows
-from service.signature import Signature
+from service.signature import Signature, check_inputs
 
 Tensors = dict[str, np.ndarray]
 
@@ -271,9 +271,14 @@ class VersionLease:
         deadline: float | None = None,
         cancellation: Cancellation | None = None,
     ) -> Tensors:
-        """The signature's outputs for ``inputs`` (one checked array per input), each
-        with the request's own rows."""
-        return await self._run(self.signature(signature_name), inputs, deadline, cancellation)
+        """The signature's outputs for ``inputs``, each with the request's own rows.
+
+        ``inputs`` must be the signature's inputs, each of its dtype and a shape its static
+        shape allows (InvalidArgument otherwise, naming what is wrong).
+        """
+        signature = self.signature(signature_name)
+        check_inputs(signature, inputs)
+        return await self._run(signature, inputs, deadline, cancellation)
 
     async def classify(
         self,

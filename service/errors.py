@@ -77,6 +77,12 @@ class Unavailable(ServingError):
     code, status = "UNAVAILABLE", 503
 
 
+class ResourceExhausted(Unavailable):
+    """A queue is full: retry later or elsewhere (503 over HTTP, RESOURCE_EXHAUSTED over gRPC)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class Internal(ServingError):
     code, status = "INTERNAL", 500
 

@@ -309,13 +309,22 @@ def _describe(signature: Signature) -> str:
 
 def encode_results(outputs: Mapping[str, np.ndarray], verb: str, rows: int) -> bytes:
     """The response body for the outputs of ``rows`` examples, checked as TF Serving checks them."""
-    results = _classifications(outputs, rows) if verb == CLASSIFY else _regressions(outputs, rows)
+    if verb == CLASSIFY:
+        results: list[Any] = [
+            [[label, _number(score)] for label, score in row]
+            for row in classifications(outputs, rows)
+        ]
+    else:
+        results = [_number(value) for value in regressions(outputs, rows)]
     return codec.encode_json({"results": results})
 
 
-def _classifications(outputs: Mapping[str, np.ndarray], rows: int) -> list[list[list[Any]]]:
-    """One list of [label, score] per example: "" for labels without ``classes``, 0.0 for
-    scores without ``scores``, as TF Serving's ClassificationResult leaves them."""
+def classifications(
+    outputs: Mapping[str, np.ndarray], rows: int
+) -> list[list[tuple[str, np.float32]]]:
+    """One list of (label, score) per example, checked as TF Serving checks a classify
+    signature's outputs: "" for labels without ``classes``, 0.0 for scores without
+    ``scores``, as TF Serving's ClassificationResult leaves them."""
     classes, scores = outputs.get(CLASSES), outputs.get(SCORES)
     for name, array, dtype in ((CLASSES, classes, "DT_STRING"), (SCORES, scores, "DT_FLOAT")):
         if array is None:
@@ -348,18 +357,19 @@ def _classifications(outputs: Mapping[str, np.ndarray], rows: int) -> list[list[
         else [[""] * num_classes] * rows
     )
     numbers: list[list[Any]] = (
-        [[_number(score) for score in row] for row in scores]
+        [list(row) for row in scores]
         if scores is not None
         else [[np.float32(0.0)] * num_classes] * rows
     )
     return [
-        [[label, score] for label, score in zip(label_row, score_row, strict=True)]
+        list(zip(label_row, score_row, strict=True))
         for label_row, score_row in zip(labels, numbers, strict=True)
     ]
 
 
-def _regressions(outputs: Mapping[str, np.ndarray], rows: int) -> list[Any]:
-    """One value per example, from an ``outputs`` of shape [rows] or [rows, 1]."""
+def regressions(outputs: Mapping[str, np.ndarray], rows: int) -> list[np.float32]:
+    """One value per example, from an ``outputs`` of shape [rows] or [rows, 1] (checked as
+    TF Serving checks a regress signature's output)."""
     array = outputs[OUTPUTS]
     if not (array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)):
         raise InvalidArgument(
@@ -372,7 +382,7 @@ def _regressions(outputs: Mapping[str, np.ndarray], rows: int) -> list[Any]:
         )
     if _tf_type(array) != "DT_FLOAT":
         raise InvalidArgument(f"Expected output Tensor of DT_FLOAT. Got: {_tf_type(array)}")
-    return [_number(value) for value in array.reshape(-1)]
+    return list(array.reshape(-1))
 
 
 def _tf_type(array: np.ndarray) -> str:

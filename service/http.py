@@ -134,9 +134,10 @@ class InferenceAPI:
         default_model: str | None = None,
         health: Health | None = None,
         decoder: BodyDecoder | None = None,
+        plane: DataPlane | None = None,
     ) -> None:
         self.repository = repository
-        self.plane = DataPlane(repository, images=images, default_model=default_model)
+        self.plane = plane or DataPlane(repository, images=images, default_model=default_model)
         self.health = health or Health(repository, stall_seconds=60.0)
         self.metrics = metrics
         self.overload_fraction = overload_fraction

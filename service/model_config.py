@@ -162,6 +162,17 @@ def parse_model_config(
         # text_format recurses once per nested message; google.protobuf.Any lets a file nest
         # without limit (custom_model_config, logging_config.custom_logging_config).
         raise ModelConfigError(f"{source}: messages are nested too deeply") from None
+    return models_from_proto(proto, source=source, warn=warn)
+
+
+def models_from_proto(
+    proto: model_server_config_pb2.ModelServerConfig,
+    *,
+    source: str = "model config",
+    warn: Callable[[str], None] = _ignore,
+) -> list[ModelConfig]:
+    """The models of a ModelServerConfig (parsed from a file, or sent by gRPC's
+    HandleReloadConfigRequest), validated; ModelConfigError naming the field."""
     if proto.HasField("custom_model_config"):
         raise ModelConfigError(
             f"{source}: custom_model_config is not supported; use model_config_list"

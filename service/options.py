@@ -37,6 +37,7 @@ from wire.paths import is_name
 log = Logger()
 
 DEFAULT_PORT = 8501
+DEFAULT_GRPC_PORT = 8500  # TF Serving's --port
 DEFAULT_MODEL_NAME = "default"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # Decoding a JSON body takes about four times its size at its peak (the bytes, the copies
@@ -88,6 +89,10 @@ class ServerConfig:
     max_enqueued_image_decodes: int = 64
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     request_header_timeout: float = 30.0
+    # gRPC (TF Serving's API): host:port to listen on, None for no gRPC.
+    grpc_listen: str | None = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
+    grpc_threads: int = 64
+    grpc_max_receive_bytes: int = 0  # 0: unbounded, as TF Serving
 
 
 def _default(field: str, of: type = ServerConfig) -> Any:
@@ -134,6 +139,30 @@ class Options(usage.Options):
             "rest_api_port",
             None,
             f"TCP port of the REST API (default {DEFAULT_PORT}). Same as --listen=tcp:PORT.",
+            int,
+        ),
+        _flag(
+            "port",
+            DEFAULT_GRPC_PORT,
+            "TCP port of TF Serving's gRPC API (PredictionService, ModelService, grpc.health.v1) "
+            "on all interfaces; 0 turns gRPC off.",
+            int,
+        ),
+        _flag(
+            "grpc_listen",
+            None,
+            "host:port for the gRPC API instead of --port, e.g. 127.0.0.1:8500 or [::]:8500.",
+        ),
+        _flag(
+            "grpc_threads",
+            _default("grpc_threads"),
+            "Threads answering gRPC calls: the most calls in progress at once (the rest wait).",
+            int,
+        ),
+        _flag(
+            "grpc_max_receive_bytes",
+            _default("grpc_max_receive_bytes"),
+            "Largest gRPC request message in bytes; 0 (the default, as TF Serving) is unbounded.",
             int,
         ),
         _flag(
@@ -342,7 +371,24 @@ def config_from_options(opts: Any) -> ServerConfig:
         max_enqueued_image_decodes=opts["max_enqueued_image_decodes"],
         max_image_pixels=opts["max_image_pixels"],
         request_header_timeout=opts["request_header_timeout"],
+        grpc_listen=_grpc_listen(opts["port"], opts["grpc_listen"]),
+        grpc_threads=opts["grpc_threads"],
+        grpc_max_receive_bytes=opts["grpc_max_receive_bytes"],
     )
+
+
+def _grpc_listen(port: int, listen: str | None) -> str | None:
+    """The gRPC address: --grpc_listen, else all interfaces on --port (0: no gRPC)."""
+    if listen is not None:
+        host, _, number = listen.rpartition(":")
+        if not host or not number.isdigit() or not 0 < int(number) <= 65535:
+            raise usage.UsageError(
+                f"--grpc_listen takes host:port, e.g. 127.0.0.1:8500 or [::]:8500, not {listen!r}"
+            )
+        return listen
+    if not 0 <= port <= 65535:
+        raise usage.UsageError(f"--port must be between 0 and 65535, not {port}")
+    return f"0.0.0.0:{port}" if port else None
 
 
 def _listen(port: int | None, listen: str | None) -> str:
@@ -403,6 +449,10 @@ def _check_numbers(opts: Any) -> None:
             raise usage.UsageError(f"--{flag} must be positive")
     if opts["drain_delay"] < 0:
         raise usage.UsageError("--drain_delay must be 0 or more")
+    if opts["grpc_threads"] <= 0:
+        raise usage.UsageError("--grpc_threads must be positive")
+    if opts["grpc_max_receive_bytes"] < 0:
+        raise usage.UsageError("--grpc_max_receive_bytes must be 0 (unbounded) or more")
     if opts["drain_timeout"] <= CUT_MARGIN:
         raise usage.UsageError(f"--drain_timeout must be more than {CUT_MARGIN:g} s")
     fraction = opts["overload_fraction"]
@@ -467,6 +517,12 @@ def read_models(path: Path, batching: BatchingParameters) -> list[ModelConfig]:
     models = load_model_config(
         path, warn=lambda message: log.warn("{path}: {message}", path=path, message=message)
     )
+    return with_batching(models, batching)
+
+
+def with_batching(models: list[ModelConfig], batching: BatchingParameters) -> list[ModelConfig]:
+    """Each model with its batching parameters: its folder's batching_parameters.txt, else
+    the server's ``batching``; ModelConfigError for a bad file."""
     try:
         return [attrs.evolve(m, batching=batching_for_model(m.base_path, batching)) for m in models]
     except BatchingConfigError as e:

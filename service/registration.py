@@ -19,13 +19,16 @@ from service.repository import AVAILABLE, ModelRepository
 from wire import consul_tags
 
 
-def model_tags(repository: ModelRepository) -> tuple[list[str], dict[str, str]]:
-    """Consul tags and meta naming every model with an AVAILABLE version, and those versions."""
+def model_tags(
+    repository: ModelRepository, grpc_port: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """Consul tags and meta naming every model with an AVAILABLE version, and those versions
+    (and the gRPC API and its port, when it is served)."""
     available = {
         name: [number for number, v in versions.items() if v.state == AVAILABLE]
         for name, versions in repository.versions.items()
     }
-    return consul_tags.registration(available)
+    return consul_tags.registration(available, grpc_port=grpc_port)
 
 
 def make_registration(
@@ -34,11 +37,12 @@ def make_registration(
     listening_port: int,
     health: Any,
     reactor: Any,
+    grpc_port: int | None = None,
 ) -> ConsulRegistration:
     """The registration of this server, listening on ``listening_port``, with its tags now."""
     port = discovery.advertise_port or listening_port
     host = discovery.advertise_host
-    tags, meta = model_tags(repository)
+    tags, meta = model_tags(repository, grpc_port)
     spec = RegistrationSpec(
         service_id=default_service_id(discovery.service_name, host, port),
         address=host,
@@ -57,15 +61,19 @@ def make_registration(
 
 
 def registration_factory(
-    discovery: DiscoveryConfig, repository: ModelRepository, health: Any, reactor: Any
+    discovery: DiscoveryConfig,
+    repository: ModelRepository,
+    health: Any,
+    reactor: Any,
+    grpc_port: int | None = None,
 ) -> Callable[[Any], ConsulRegistration]:
     """Given the listening port, the registration, kept following the AVAILABLE versions."""
 
     def register(listening: Any) -> ConsulRegistration:
         registration = make_registration(
-            discovery, repository, listening.getHost().port, health, reactor
+            discovery, repository, listening.getHost().port, health, reactor, grpc_port
         )
-        repository.subscribe(lambda: registration.update(*model_tags(repository)))
+        repository.subscribe(lambda: registration.update(*model_tags(repository, grpc_port)))
         return registration
 
     return register

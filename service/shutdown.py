@@ -19,10 +19,12 @@ it starts when the stop starts and ends ``drain_delay + drain_timeout`` later.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -120,3 +122,35 @@ class BeginStop(Service):
         super().stopService()
         self._deadline.begin()
         self._on_begin()
+
+
+def stop_signals_once(reactor: Any) -> None:
+    """Make a second SIGTERM or SIGINT during a stop a logged no-op.
+
+    Twisted's own handlers call ``reactor.stop()`` on every signal, and a second one while
+    the reactor is already stopping logs a ReactorNotRunning traceback (supervisors and
+    impatient people send two). The stop deadline, not a second signal, bounds the stop;
+    SIGKILL remains the way to end it at once. Installed once the reactor runs, over
+    Twisted's handlers, which it then calls for the first signal.
+    """
+    stopping = False
+
+    def began() -> None:
+        nonlocal stopping
+        stopping = True
+
+    def handle(number: int, frame: Any) -> None:
+        if stopping:
+            reactor.callFromThread(
+                log.info, "signal {number} while stopping: already stopping", number=number
+            )
+            return
+        began()
+        (reactor.sigTerm if number == signal.SIGTERM else reactor.sigInt)(number, frame)
+
+    def install() -> None:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, handle)
+
+    reactor.addSystemEventTrigger("before", "shutdown", began)
+    reactor.callWhenRunning(install)

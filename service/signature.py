@@ -6,12 +6,13 @@ batching, HTTP) reads these plain frozen objects and never imports TensorFlow.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
 
 import attrs
 import numpy as np
 
+from service.errors import InvalidArgument
 from wire.dtypes import NUMPY_NAMES
 
 #: TensorFlow's DataType enum names (as TF Serving's metadata writes them) and the numpy
@@ -56,3 +57,62 @@ class Signature:
     def batchable(self) -> bool:
         """Whether requests can be merged along the first axis of every input and output."""
         return all(t.batched for t in (*self.inputs.values(), *self.outputs.values()))
+
+
+def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> None:
+    """InvalidArgument unless ``inputs`` are exactly the signature's inputs, each of its
+    dtype and of a shape its static shape allows (what a front door that takes typed tensors,
+    gRPC or the Open Inference Protocol, cannot know before the model is looked up)."""
+    check_names(inputs, list(signature.inputs), "inputs")
+    for name, array in inputs.items():
+        info = signature.inputs[name]
+        if array.dtype != info.np_dtype:
+            given = _DT_NAMES.get(array.dtype, str(array.dtype))
+            raise InvalidArgument(f"input {name!r}: expects {info.dtype} but {given} was provided")
+        check_shape(array, info)
+
+
+_DT_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def check_names(given: Collection[str], names: list[str], where: str) -> None:
+    """InvalidArgument naming the missing and unknown inputs, if any."""
+    missing = [name for name in names if name not in given]
+    unknown = [name for name in given if name not in names]
+    problems = []
+    if missing:
+        problems.append(f"missing input(s) {quoted(missing)}")
+    if unknown:
+        problems.append(f"unknown input(s) {quoted(unknown)}")
+    if problems:
+        raise InvalidArgument(
+            f"{where}: {'; '.join(problems)} (the signature's inputs are {quoted(names)})"
+        )
+
+
+def check_shape(array: np.ndarray, info: TensorInfo) -> None:
+    """Compare against the signature's static shape: its rank and every known dimension."""
+    expected = info.shape
+    if expected is None:
+        return
+    got = f"got shape {shape_text(array.shape)}"
+    want = f"the signature expects {shape_text(expected)} (? is any size)"
+    if array.ndim != len(expected):
+        raise InvalidArgument(
+            f"input {info.name!r}: {got} (rank {array.ndim}), but {want} (rank {len(expected)})"
+        )
+    for axis, (size, expected_size) in enumerate(zip(array.shape, expected, strict=True)):
+        if expected_size is not None and size != expected_size:
+            raise InvalidArgument(
+                f"input {info.name!r}: {got}, but {want}: "
+                f"dimension {axis} is {size}, expected {expected_size}"
+            )
+
+
+def quoted(names: Sequence[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def shape_text(shape: Shape | tuple[int, ...]) -> str:
+    assert shape is not None
+    return "[" + ", ".join("?" if size is None else str(size) for size in shape) + "]"

@@ -27,8 +27,9 @@ def makeService(options: Options) -> MultiService:
        is also re-read every --model_config_file_poll_wait_seconds),
     3. the image decoder's thread pool (stops after the port has drained, so no upload is left
        waiting on it), then the body decoder's (large JSON bodies; the same),
-    4. the HTTP port (on stop: close, close idle connections, wait for requests in flight,
-       answer what is still queued 503 shortly before the stop deadline),
+    4. the ports, stopped together: HTTP (on stop: close, close idle connections, wait for
+       requests in flight, answer what is still queued 503 shortly before the stop deadline)
+       and gRPC (health NOT_SERVING at once; then no new calls, those in flight waited for),
     5. the Consul registration, once models are loaded and the port listens (on stop: leave
        Consul first, then wait --drain_delay so clients notice before the port closes); its
        tags follow the set of AVAILABLE model versions,
@@ -40,26 +41,32 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from service.lifecycle import OrderedServices
-    from service.shutdown import BeginStop, StopDeadline
+    from service.shutdown import BeginStop, StopDeadline, stop_signals_once
 
     config: ServerConfig = options.config
+    stop_signals_once(reactor)
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads)
     parts = _Parts(config, reactor)
     deadline = StopDeadline(
         reactor, drain_delay=config.drain_delay, drain_timeout=config.drain_timeout
     )
     port = _http_port(parts, config, deadline, reactor)
+    ports = MultiService()  # stopped together: each drains at once, within the one deadline
+    port.setServiceParent(ports)
+    if config.grpc_listen is not None:
+        _grpc_port(parts, config, deadline, reactor).setServiceParent(ports)
     top = OrderedServices(deadline, clock=reactor)
     for service in (
         parts.repository,
         _reloader(parts, config, reactor),
         parts.images,
         parts.decoder,
-        port,
+        ports,
     ):
         service.setServiceParent(top)
     if config.discovery is not None:
-        _registration(parts, config.discovery, port, reactor).setServiceParent(top)
+        grpc_port = int(config.grpc_listen.rpartition(":")[2]) if config.grpc_listen else None
+        _registration(parts, config.discovery, port, reactor, grpc_port).setServiceParent(top)
     # Stopped first: the stop's deadline starts and /readyz fails before anything else happens.
     BeginStop(deadline, lambda: setattr(parts.health, "draining", True)).setServiceParent(top)
     return top
@@ -70,6 +77,7 @@ class _Parts:
 
     def __init__(self, config: ServerConfig, reactor: Any) -> None:
         from service.budget import RequestBudget
+        from service.dataplane import DataPlane
         from service.decoding import BodyDecoder
         from service.health import Health
         from service.http import InferenceAPI, InferenceSite
@@ -94,14 +102,17 @@ class _Parts:
         )
         self.health = Health(self.repository, stall_seconds=config.inference_stall_seconds)
         self.decoder = BodyDecoder(reactor=reactor)  # large JSON bodies; gives memory back after
+        # The operations every front door calls (REST here, gRPC in _grpc_port).
+        self.plane = DataPlane(
+            self.repository, images=self.images, default_model=config.default_model
+        )
         api = InferenceAPI(
             self.repository,
             metrics=metrics,
             overload_fraction=config.overload_fraction,
-            images=self.images,
-            default_model=config.default_model,
             health=self.health,
             decoder=self.decoder,
+            plane=self.plane,
         )
         self.site = InferenceSite(
             api,
@@ -131,6 +142,63 @@ def _http_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
     )
 
 
+def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any) -> IService:
+    """TF Serving's gRPC API on --port / --grpc_listen, over the same data plane as REST."""
+    from twisted.internet import task
+
+    from service.errors import FailedPrecondition, InvalidArgument
+    from service.grpc_port import GrpcPort
+    from service.model_config import ModelConfigError, models_from_proto
+    from service.options import with_batching
+
+    async def reload(proto: Any) -> None:
+        """HandleReloadConfigRequest: apply a ModelServerConfig as a config file reload does,
+        then, as TF Serving does, answer once every model it adds serves or failed to load."""
+        try:
+            models = with_batching(
+                models_from_proto(proto, source="ReloadConfigRequest.config"), config.batching
+            )
+        except ModelConfigError as e:
+            raise InvalidArgument(str(e)) from None
+        added = [m.name for m in models if m.name not in parts.repository.configs]
+        parts.repository.apply(models)
+        while (problem := _settled(parts.repository, added)) is None:
+            await task.deferLater(reactor, 0.1, lambda: None)
+        if problem:
+            raise FailedPrecondition(problem)
+
+    def ready() -> bool:
+        return parts.repository.ready and parts.health.alive() and not parts.health.draining
+
+    assert config.grpc_listen is not None
+    return GrpcPort(
+        config.grpc_listen,
+        parts.plane,
+        reactor=reactor,
+        ready=ready,
+        reload=reload,
+        deadline=deadline,
+        threads=config.grpc_threads,
+        max_receive_bytes=config.grpc_max_receive_bytes or None,
+    )
+
+
+def _settled(repository: Any, names: list[str]) -> str | None:
+    """Once each model of ``names`` serves a version or failed to load one: "" when all
+    serve, else why one failed; None while one is still loading or not yet scanned."""
+    from service.repository import AVAILABLE
+
+    for name in names:
+        versions = repository.versions.get(name, {}).values()
+        if any(v.state == AVAILABLE for v in versions):
+            continue
+        failed = [v for v in versions if v.error]
+        if not failed:
+            return None
+        return f"model {name!r} version {failed[0].version} failed to load: {failed[0].error}"
+    return ""
+
+
 def _reloader(parts: _Parts, config: ServerConfig, reactor: Any) -> IService:
     """SIGHUP and --model_config_file_poll_wait_seconds: re-read the config, rescan folders."""
     from service.options import read_models
@@ -148,7 +216,9 @@ def _reloader(parts: _Parts, config: ServerConfig, reactor: Any) -> IService:
     return reloader
 
 
-def _registration(parts: _Parts, discovery: DiscoveryConfig, port: Any, reactor: Any) -> IService:
+def _registration(
+    parts: _Parts, discovery: DiscoveryConfig, port: Any, reactor: Any, grpc_port: int | None
+) -> IService:
     """The Consul registration, started once the models are ready and the port listens."""
     from service.lifecycle import AfterReady
     from service.registration import registration_factory
@@ -156,7 +226,9 @@ def _registration(parts: _Parts, discovery: DiscoveryConfig, port: Any, reactor:
     def ready() -> Any:
         return parts.repository.when_ready().addCallback(lambda _: port.listening)
 
-    register = registration_factory(discovery, parts.repository, parts.health, reactor)
+    register = registration_factory(
+        discovery, parts.repository, parts.health, reactor, grpc_port=grpc_port
+    )
     return AfterReady(register, ready)
 
 

@@ -168,6 +168,38 @@ def make_fixed_batch(base: Path, version: int = 1) -> Path:
     return _save(tf.Module(), base, version, {"serving_default": serve})
 
 
+#: The dtypes of ``make_all_dtypes``'s inputs (TensorFlow's names, without DT_).
+ALL_DTYPES = (
+    "float32", "float64", "float16", "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64", "bool", "string",
+)  # fmt: skip
+
+
+def make_all_dtypes(base: Path, version: int = 1) -> Path:
+    """One input per dtype (``in_<dtype>``, shape [None, 2]), each echoed as ``out_<dtype>``."""
+    import tensorflow as tf
+
+    specs = [tf.TensorSpec([None, 2], tf.as_dtype(d), name=f"in_{d}") for d in ALL_DTYPES]
+
+    @tf.function(input_signature=specs)
+    def serve(*tensors: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {f"out_{d}": tf.identity(t) for d, t in zip(ALL_DTYPES, tensors, strict=True)}
+
+    return _save(tf.Module(), base, version, {"serving_default": serve})
+
+
+def make_batch_echo(base: Path, version: int = 1) -> Path:
+    """``y = x * 2`` and ``rows``: the size of the batch each row ran in."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def serve(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        rows = tf.shape(x)[0]
+        return {"y": x * 2.0, "rows": tf.fill([rows], rows)}
+
+    return _save(tf.Module(), base, version, {"serving_default": serve})
+
+
 def make_slow(base: Path, version: int = 1, seconds: float = 0.2) -> Path:
     """Identity that takes ``seconds`` per call, burning a CPU core meanwhile (see above)."""
     import tensorflow as tf

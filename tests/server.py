@@ -86,6 +86,11 @@ class TwistdServer:
     ) -> None:
         self.port = port or free_port()
         self.args = args
+        # gRPC on a free loopback port too (its default, 8500, would be shared by every server).
+        self.grpc_port: int | None = None
+        if not any(a.startswith(("--port", "--grpc_listen")) for a in args):
+            self.grpc_port = free_port()
+            self.args = [*args, f"--grpc_listen=127.0.0.1:{self.grpc_port}"]
         self.log_path = log_dir / f"twistd-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.expected_errors = list(expected_errors or [])
@@ -93,6 +98,12 @@ class TwistdServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of its gRPC API, for ``grpc.insecure_channel``."""
+        assert self.grpc_port is not None, "this server was started without gRPC"
+        return f"127.0.0.1:{self.grpc_port}"
 
     def start(self) -> TwistdServer:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -146,6 +157,14 @@ class TwistdServer:
             "POST", path, json.dumps(doc).encode(), {"content-type": "application/json"}
         )
         return status, _json_or_text(body)
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+        """Poll ``condition`` until true; fail with the server's log if it never is."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition never held within {timeout}s:\n{self.log()}")
+            time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Stop the server (if it runs) and check its log; the exit status."""

@@ -1,8 +1,10 @@
 """The tags and meta a server registers in Consul, which clients select backends by.
 
-Tags: ``api:tfserving-rest``, then ``model:NAME`` for every model with an AVAILABLE version
-and ``model:NAME:V`` for each such version. Meta: ``api`` (``tfserving-rest``) and
-``models`` (``NAME:V,NAME:V,…``, the same versions, as one string a person can read).
+Tags: ``api:tfserving-rest`` (and ``api:tfserving-grpc`` on a server that serves TF
+Serving's gRPC API), then ``model:NAME`` for every model with an AVAILABLE version and
+``model:NAME:V`` for each such version. Meta: ``api`` (``tfserving-rest``), ``models``
+(``NAME:V,NAME:V,…``, the same versions, as one string a person can read) and, with gRPC,
+``grpc_port`` (the registration's port is the REST port; gRPC is on the same address).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 API = "tfserving-rest"
 API_TAG = f"api:{API}"
+GRPC_API_TAG = "api:tfserving-grpc"
+GRPC_PORT = "grpc_port"  # the meta key of the gRPC port
 _MODEL = "model:"
 
 
@@ -19,9 +23,14 @@ def model_tag(model: str, version: int | None = None) -> str:
     return f"{_MODEL}{model}" if version is None else f"{_MODEL}{model}:{version}"
 
 
-def registration(available: Mapping[str, Iterable[int]]) -> tuple[list[str], dict[str, str]]:
-    """Tags and meta for the AVAILABLE versions of each model (a model with none is left out)."""
+def registration(
+    available: Mapping[str, Iterable[int]], grpc_port: int | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """Tags and meta for the AVAILABLE versions of each model (a model with none is left out),
+    and for the gRPC API when ``grpc_port`` is given."""
     tags, served = [API_TAG], []
+    if grpc_port is not None:
+        tags.append(GRPC_API_TAG)
     for name, versions in sorted(available.items()):
         numbers = sorted(versions)
         if numbers:
@@ -29,7 +38,10 @@ def registration(available: Mapping[str, Iterable[int]]) -> tuple[list[str], dic
         for number in numbers:
             tags.append(model_tag(name, number))
             served.append(f"{name}:{number}")
-    return tags, {"api": API, "models": ",".join(served)}
+    meta = {"api": API, "models": ",".join(served)}
+    if grpc_port is not None:
+        meta[GRPC_PORT] = str(grpc_port)
+    return tags, meta
 
 
 def served_models(meta: Mapping[str, str], tags: Iterable[str]) -> tuple[str, ...]:

@@ -1,0 +1,348 @@
+"""TF Serving's gRPC API over the data plane: PredictionService and ModelService.
+
+The servicers are the generated ones of the ``tensorflow-serving-api`` package, so every TF
+Serving client (``PredictionServiceStub`` with ``tf.make_tensor_proto``) works unchanged.
+
+Threads: grpcio calls a handler on one of its own threads. The handler parses the request's
+protos into numpy arrays there (``service.tensor_proto``), then hands one coroutine to the
+reactor with ``blockingCallFromThread`` and waits: the data plane, the repository and the
+batching queues are only ever touched on the reactor thread, and a request from gRPC joins
+the same batches as one from REST. The answer is turned back into protos on the gRPC thread.
+
+The call's deadline (``context.time_remaining()``) is the request's deadline in the batching
+queue; a call the client cancels (or whose deadline passes) cancels its queued work. A
+``ServingError`` is answered with its TF Serving code (``status_code``); any other exception
+is logged with its traceback and answered INTERNAL, without the traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar, cast
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.wrappers_pb2 import Int64Value
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_management_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+    status_pb2,
+)
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
+
+from service import examples
+from service.dataplane import Cancellation, DataPlane, ModelTarget
+from service.errors import Cancelled, InvalidArgument, ServingError
+from service.tensor_proto import to_array, to_proto
+
+log = Logger()
+T = TypeVar("T")
+
+#: grpcio reports "no deadline" as a time this far away or more.
+_NO_DEADLINE = 10**8
+_METADATA_FIELD = "signature_def"
+
+
+def status_code(error: ServingError) -> grpc.StatusCode:
+    """The gRPC code of a ServingError: its TF Serving code (``INVALID_ARGUMENT`` …)."""
+    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN)
+
+
+def target_of(spec: model_pb2.ModelSpec) -> ModelTarget:
+    """The model a ModelSpec names: a version, a label, or neither."""
+    if not spec.name:
+        raise InvalidArgument("Missing ModelSpec")
+    which = spec.WhichOneof("version_choice")
+    if which == "version":
+        return ModelTarget(spec.name, version=spec.version.value)
+    if which == "version_label":
+        return ModelTarget(spec.name, label=spec.version_label)
+    return ModelTarget(spec.name)
+
+
+def spec_of(name: str, version: int, signature_name: str = "") -> model_pb2.ModelSpec:
+    return model_pb2.ModelSpec(
+        name=name, version=Int64Value(value=version), signature_name=signature_name
+    )
+
+
+class ReactorCalls:
+    """Runs a data plane coroutine on the reactor for a gRPC handler thread, and waits."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def run(
+        self,
+        context: grpc.ServicerContext,
+        operation: Callable[[float | None, Cancellation], Awaitable[T]],
+    ) -> T:
+        """``operation(deadline, cancellation)``'s result; its ServingError is raised here."""
+        remaining = context.time_remaining()
+        cancellation = Cancellation()
+        # Runs when the call ends for any reason; after an answer, cancelling is a no-op.
+        context.add_callback(lambda: self._reactor.callFromThread(cancellation.cancel))
+
+        def start() -> Deferred:
+            deadline = None
+            if remaining is not None and remaining < _NO_DEADLINE:
+                deadline = self._reactor.seconds() + remaining
+            return Deferred.fromCoroutine(_as_coroutine(operation(deadline, cancellation)))
+
+        try:
+            result = cast(T, blockingCallFromThread(self._reactor, start))
+        except CancelledError:
+            raise Cancelled("the call was cancelled") from None
+        return result
+
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the reactor thread (a lookup), for a handler thread."""
+        result: T = blockingCallFromThread(self._reactor, function, *args)
+        return result
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _handled(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Answer a ServingError raised on the handler thread with its code, and log anything else."""
+
+    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ServingError as error:
+            context.abort(status_code(error), error.message)
+        except Exception:
+            log.failure("unexpected error answering gRPC {method}", method=method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    handler.__name__ = method.__name__
+    handler.__doc__ = method.__doc__
+    return handler
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """``tensorflow.serving.PredictionService`` on the data plane."""
+
+    def __init__(self, plane: DataPlane, calls: ReactorCalls) -> None:
+        self._plane = plane
+        self._calls = calls
+
+    @_handled
+    def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
+        target = target_of(request.model_spec)
+        inputs = {name: to_array(proto, name) for name, proto in request.inputs.items()}
+        wanted = list(request.output_filter)
+        signature_name = request.model_spec.signature_name or None
+
+        async def predict(deadline: float | None, cancellation: Cancellation) -> Any:
+            with self._plane.lease(target) as model:
+                signature = model.signature(signature_name)
+                _check_filter(wanted, signature.outputs)
+                outputs = await model.predict(
+                    signature_name, inputs, deadline=deadline, cancellation=cancellation
+                )
+                return model.name, model.version, signature.name, outputs
+
+        name, version, resolved, outputs = self._calls.run(context, predict)
+        response = predict_pb2.PredictResponse(model_spec=spec_of(name, version, resolved))
+        for key in wanted or outputs:
+            response.outputs[key].CopyFrom(to_proto(outputs[key], key))
+        return response
+
+    @_handled
+    def Classify(self, request: classification_pb2.ClassificationRequest, context: Any) -> Any:
+        name, version, resolved, results = self._examples(
+            request.model_spec, request.input, examples.CLASSIFY, context
+        )
+        response = classification_pb2.ClassificationResponse(
+            model_spec=spec_of(name, version, resolved)
+        )
+        _fill_classifications(response.result, results)
+        return response
+
+    @_handled
+    def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
+        name, version, resolved, results = self._examples(
+            request.model_spec, request.input, examples.REGRESS, context
+        )
+        response = regression_pb2.RegressionResponse(model_spec=spec_of(name, version, resolved))
+        _fill_regressions(response.result, results)
+        return response
+
+    @_handled
+    def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context: Any) -> Any:
+        """Each task (classify or regress) on the same examples, of one model and version."""
+        if not request.tasks:
+            raise InvalidArgument("Inference task is not specified")
+        names = {task.model_spec.name for task in request.tasks}
+        if len(names) != 1:
+            raise InvalidArgument(
+                "All ModelSpecs in a MultiInferenceRequest must access the same model name."
+            )
+        verbs = {
+            examples.METHOD_NAMES[examples.CLASSIFY]: examples.CLASSIFY,
+            examples.METHOD_NAMES[examples.REGRESS]: examples.REGRESS,
+        }
+        seen: set[str] = set()
+        for task in request.tasks:
+            if task.method_name not in verbs:
+                raise InvalidArgument(f"Unsupported signature method_name: {task.method_name}")
+            key = task.model_spec.signature_name or "serving_default"
+            if key in seen:
+                raise InvalidArgument(f"Duplicate evaluation of signature: {key}")
+            seen.add(key)
+        response = inference_pb2.MultiInferenceResponse()
+        for task in request.tasks:
+            verb = verbs[task.method_name]
+            name, version, resolved, results = self._examples(
+                task.model_spec, request.input, verb, context
+            )
+            result = response.results.add(model_spec=spec_of(name, version, resolved))
+            if verb == examples.CLASSIFY:
+                _fill_classifications(result.classification_result, results)
+            else:
+                _fill_regressions(result.regression_result, results)
+        return response
+
+    def _examples(
+        self, spec: model_pb2.ModelSpec, input_: Any, verb: str, context: Any
+    ) -> tuple[str, int, str, Any]:
+        target = target_of(spec)
+        serialized = serialized_examples(input_)
+        signature_name = spec.signature_name or None
+
+        async def run(deadline: float | None, cancellation: Cancellation) -> Any:
+            with self._plane.lease(target) as model:
+                call = model.classify if verb == examples.CLASSIFY else model.regress
+                outputs = await call(
+                    signature_name, serialized, deadline=deadline, cancellation=cancellation
+                )
+                resolved = model.signature(signature_name).name
+                return model.name, model.version, resolved, outputs
+
+        name, version, resolved, outputs = self._calls.run(context, run)
+        if verb == examples.CLASSIFY:
+            return name, version, resolved, examples.classifications(outputs, len(serialized))
+        return name, version, resolved, examples.regressions(outputs, len(serialized))
+
+    @_handled
+    def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: Any
+    ) -> Any:
+        target = target_of(request.model_spec)
+        if not request.metadata_field:
+            raise InvalidArgument(
+                "GetModelMetadataRequest must specify at least one metadata_field"
+            )
+        for field in request.metadata_field:
+            if field != _METADATA_FIELD:
+                raise InvalidArgument(f"Metadata field {field} is not supported")
+        metadata = self._calls.call(self._plane.metadata, target)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        json_format.ParseDict({"signature_def": dict(metadata.signature_defs)}, signatures)
+        response = get_model_metadata_pb2.GetModelMetadataResponse(
+            model_spec=spec_of(metadata.name, metadata.version)
+        )
+        response.metadata[_METADATA_FIELD].Pack(signatures)
+        return response
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    """``tensorflow.serving.ModelService``: version status, and config reloads.
+
+    ``reload``: applies a ``ModelServerConfig`` proto as a SIGHUP reload of the config file
+    does (a coroutine, on the reactor thread), and returns once the models it adds serve;
+    it raises ServingError for a config the server refuses or a model that failed to load.
+    """
+
+    def __init__(
+        self, plane: DataPlane, calls: ReactorCalls, reload: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        self._plane = plane
+        self._calls = calls
+        self._reload = reload
+
+    @_handled
+    def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context: Any
+    ) -> Any:
+        target = target_of(request.model_spec)
+        entries = self._calls.call(self._plane.status, target)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for entry in entries:
+            json_format.ParseDict(entry, response.model_version_status.add())
+        return response
+
+    @_handled
+    def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest, context: Any
+    ) -> Any:
+        async def reload(deadline: float | None, cancellation: Cancellation) -> None:
+            await self._reload(request.config)
+
+        self._calls.run(context, reload)
+        return model_management_pb2.ReloadConfigResponse(
+            status=status_pb2.StatusProto(error_code=0)
+        )
+
+
+def _check_filter(wanted: list[str], outputs: Mapping[str, Any]) -> None:
+    """TF Serving's checks of a PredictRequest's output_filter."""
+    if len(set(wanted)) != len(wanted):
+        raise InvalidArgument("duplicate output tensor alias in output_filter")
+    for key in wanted:
+        if key not in outputs:
+            raise InvalidArgument(
+                f"output tensor alias not found in signature: {key} Outputs expected to be in "
+                f"the set {{{','.join(sorted(outputs))}}}."
+            )
+
+
+def serialized_examples(input_: Any) -> list[bytes]:
+    """The serialized tf.Examples of an ``Input``: each example, or each merged over the
+    context (the example's own features win), as TF Serving feeds them."""
+    kind = input_.WhichOneof("kind")
+    if kind == "example_list":
+        found = list(input_.example_list.examples)
+        context = None
+    elif kind == "example_list_with_context":
+        found = list(input_.example_list_with_context.examples)
+        context = input_.example_list_with_context.context
+    else:
+        raise InvalidArgument("Input is empty")
+    if not found:
+        raise InvalidArgument("Input is empty")
+    if context is None:
+        return [example.SerializeToString() for example in found]
+    merged = []
+    for example in found:
+        combined = type(context)()
+        combined.CopyFrom(context)
+        combined.MergeFrom(example)
+        merged.append(combined.SerializeToString())
+    return merged
+
+
+def _fill_classifications(result: Any, rows: list[list[tuple[str, float]]]) -> None:
+    for row in rows:
+        classes = result.classifications.add()
+        for label, score in row:
+            classes.classes.add(label=label, score=float(score))
+
+
+def _fill_regressions(result: Any, values: list[Any]) -> None:
+    for value in values:
+        result.regressions.add(value=float(np.float32(value)))

@@ -1,0 +1,146 @@
+"""The gRPC port: grpcio's server, started and stopped with the service tree.
+
+It serves ``service.grpc_api``'s PredictionService and ModelService and the standard
+``grpc.health.v1.Health`` service. Health answers SERVING for the server ("") and for
+``tensorflow.serving.PredictionService`` while the server is ready (every model it must
+serve is AVAILABLE, the inference threads are not stalled, no stop has begun), NOT_SERVING
+otherwise; it is refreshed every ``HEALTH_INTERVAL`` seconds and at once when a stop begins.
+
+Stop, in the order of the HTTP port: health turns NOT_SERVING, the port keeps serving for
+what is left of --drain_delay (Consul has been left before), then stops taking calls and
+waits for those in flight until shortly before the stop deadline; grpcio cancels what is
+left then, which cancels their queued work.
+
+Message size: like TF Serving, the receive limit is unbounded unless ``max_receive_bytes``
+caps it (--grpc_max_receive_bytes); a larger message is refused by grpcio with
+RESOURCE_EXHAUSTED before a handler sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+from twisted.application.service import Service
+from twisted.internet import task, threads
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from service.dataplane import DataPlane
+from service.grpc_api import ModelService, PredictionService, ReactorCalls
+from service.lifecycle import EXIT_CANNOT_LISTEN, exit_after_stop, within
+from service.shutdown import CUT_MARGIN, StopDeadline
+
+log = Logger()
+
+HEALTH_INTERVAL = 0.5
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+
+
+class GrpcPort(Service):
+    """grpcio's server on ``address`` (``host:port``), its handlers on ``threads`` threads.
+
+    ``ready()``: whether health should say SERVING. A handler thread waits while its call is
+    queued or runs, so ``threads`` bounds the gRPC calls in progress at once; grpcio queues
+    the rest.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        plane: DataPlane,
+        *,
+        reactor: Any,
+        ready: Callable[[], bool],
+        reload: Callable[[Any], Awaitable[None]],
+        deadline: StopDeadline | None = None,
+        threads: int = 64,
+        max_receive_bytes: int | None = None,
+        exit: Callable[[int], object] | None = None,
+    ) -> None:
+        self.address = address
+        self._reactor = reactor
+        self._ready = ready
+        self._deadline = deadline or StopDeadline(
+            reactor, drain_delay=0.0, drain_timeout=30.0, watchdog=False
+        )
+        self._exit = exit or (lambda code: exit_after_stop(code, reactor))
+        self.health = health.HealthServicer()
+        options = [
+            ("grpc.max_receive_message_length", max_receive_bytes or -1),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, as for HTTP
+        ]
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+            options=options,
+        )
+        calls = ReactorCalls(reactor)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionService(plane, calls), self._server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelService(plane, calls, reload), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self._set_health(False)
+        self._refresh = task.LoopingCall(self._update_health)
+        self._refresh.clock = reactor
+        self.port: int | None = None  # the port bound, once started
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.port = self._server.add_insecure_port(self.address)
+        except RuntimeError as error:
+            self.port = 0
+            reason = str(error)
+        else:
+            reason = "grpcio could not bind it"
+        if not self.port:
+            log.critical(
+                "cannot listen for gRPC on {address}: {reason}; exiting",
+                address=self.address,
+                reason=reason,
+            )
+            self._exit(EXIT_CANNOT_LISTEN)
+            return
+        self._server.start()
+        log.info("gRPC listening on {address} (port {port})", address=self.address, port=self.port)
+        self._refresh.start(HEALTH_INTERVAL, now=True)
+
+    def _update_health(self) -> None:
+        self._set_health(self._ready() and self._deadline.started_at is None)
+
+    def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", PREDICTION_SERVICE):
+            self.health.set(service, status)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._deadline.begin()
+        if self._refresh.running:
+            self._refresh.stop()
+        self._set_health(False)
+        if not self.port:
+            return
+        await task.deferLater(self._reactor, self._deadline.drain_delay_left(), lambda: None)
+        grace = max(0.0, self._deadline.remaining(CUT_MARGIN))
+        stopped = self._server.stop(grace)  # no new calls; those in flight get ``grace``
+        await within(
+            self._reactor,
+            self._deadline.remaining(),
+            threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), stopped.wait),
+        )
