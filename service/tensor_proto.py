@@ -7,7 +7,8 @@ reads both: ``tensor_content`` becomes an array over the proto's own bytes with
 ``np.frombuffer`` (no copy), a typed field is copied once. As in TensorFlow's
 ``Tensor::FromProto``, a typed field with fewer values than the shape holds is filled up
 with its last value (a single value fills the whole tensor), and an empty one with zeros.
-``DT_HALF`` values travel in ``half_val`` as their 16-bit patterns.
+``DT_HALF`` values travel in ``half_val`` as their 16-bit patterns. An 8- or 16-bit integer
+in ``int_val`` outside its dtype's range is refused (TensorFlow would wrap it silently).
 
 ``to_proto`` writes numbers as ``tensor_content`` and strings as ``string_val``, which
 ``tf.make_ndarray`` and TF Serving's own clients read. Everything wrong with a proto is an
@@ -40,6 +41,7 @@ _FIELDS = {
     "DT_BOOL": "bool_val",
     "DT_STRING": "string_val",
 }
+_NARROW = {"DT_INT8", "DT_INT16", "DT_UINT8", "DT_UINT16"}  # carried in int_val (int32)
 _BY_NUMPY = {dtype: name for name, dtype in DTYPES.items()}
 #: The most elements a tensor may claim: more than any body could carry (the message size is
 #: bounded), so a shape past it is a lie, refused before numpy tries to allocate it.
@@ -92,11 +94,18 @@ def to_array(proto: tensor_pb2.TensorProto, name: str) -> np.ndarray:
     elif dtype_key == "DT_STRING":
         typed = np.empty(len(values), dtype=object)
         typed[:] = list(values)  # type: ignore[assignment]
+    elif dtype_key in _NARROW:
+        # int_val holds int32s; TensorFlow would wrap 300 into an int8's 44 silently.
+        wide = np.array(values, dtype=np.int64)
+        limits = np.iinfo(dtype)
+        if wide.size and (wide.min() < limits.min or wide.max() > limits.max):
+            raise InvalidArgument(
+                f"input {name!r}: a value of int_val does not fit in {dtype_key} "
+                f"({limits.min}..{limits.max})"
+            )
+        typed = wide.astype(dtype)
     else:
-        try:
-            typed = np.array(values, dtype=dtype)
-        except OverflowError:
-            raise InvalidArgument(f"input {name!r}: a value does not fit in {dtype_key}") from None
+        typed = np.array(values, dtype=dtype)
     if len(typed) == count:
         return typed.reshape(shape)
     filled = np.full(count, b"" if dtype_key == "DT_STRING" else 0, dtype=dtype)

@@ -213,8 +213,17 @@ def test_registers_exactly_as_specified_once_the_model_is_loaded(fleet: Fleet) -
         assert held["Service"] == "inference"
         assert held["ID"] == sid
         assert (held["Address"], held["Port"]) == ("127.0.0.1", server.port)
-        assert held["Tags"] == ["api:tfserving-rest", "model:slowstart", "model:slowstart:1"]
-        assert held["Meta"] == {"api": "tfserving-rest", "models": "slowstart:1"}
+        assert held["Tags"] == [
+            "api:tfserving-rest",
+            "api:tfserving-grpc",
+            "model:slowstart",
+            "model:slowstart:1",
+        ]
+        assert held["Meta"] == {
+            "api": "tfserving-rest",
+            "models": "slowstart:1",
+            "grpc_port": str(server.grpc_port),
+        }
 
         checks = {k: c for k, c in agent_checks(agent).items() if c["ServiceID"] == sid}
         readiness, liveness = f"service:{sid}:readiness", f"service:{sid}:liveness"

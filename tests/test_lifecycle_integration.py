@@ -443,15 +443,17 @@ def test_consul_tags_and_meta_follow_the_served_models(
         only_b = poll(registered, lambda r: "model:a" not in r[0])
     finally:
         server.stop()
+    grpc = {"grpc_port": str(server.grpc_port)}  # every test server serves gRPC too
+    rest_and_grpc = ["api:tfserving-rest", "api:tfserving-grpc"]
     assert first == (
-        ["api:tfserving-rest", "model:a", "model:a:1"],
-        {"api": "tfserving-rest", "models": "a:1"},
+        [*rest_and_grpc, "model:a", "model:a:1"],
+        {"api": "tfserving-rest", "models": "a:1", **grpc},
     ), server.log()
     assert both == (
-        ["api:tfserving-rest", "model:a", "model:a:1", "model:b", "model:b:1"],
-        {"api": "tfserving-rest", "models": "a:1,b:1"},
+        [*rest_and_grpc, "model:a", "model:a:1", "model:b", "model:b:1"],
+        {"api": "tfserving-rest", "models": "a:1,b:1", **grpc},
     )
     assert only_b == (
-        ["api:tfserving-rest", "model:b", "model:b:1"],
-        {"api": "tfserving-rest", "models": "b:1"},
+        [*rest_and_grpc, "model:b", "model:b:1"],
+        {"api": "tfserving-rest", "models": "b:1", **grpc},
     )

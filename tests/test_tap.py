@@ -88,6 +88,16 @@ def test_listen_takes_an_endpoint_string(tmp_path) -> None:
     assert parse(f"--model_base_path={tmp_path}").config.listen == "tcp:8501"
 
 
+def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
+    """--port (TF Serving's gRPC flag, 8500) on all interfaces; 0 is off; --grpc_listen wins."""
+    base = f"--model_base_path={tmp_path}"
+    assert parse(base).config.grpc_listen == "0.0.0.0:8500"
+    assert parse(base, "--port=9000").config.grpc_listen == "0.0.0.0:9000"
+    assert parse(base, "--port=0").config.grpc_listen is None
+    assert parse(base, "--grpc_listen=[::1]:7000").config.grpc_listen == "[::1]:7000"
+    assert parse(base, "--grpc_max_receive_bytes=1000").config.grpc_max_receive_bytes == 1000
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -104,6 +114,11 @@ def test_listen_takes_an_endpoint_string(tmp_path) -> None:
         (("--model_base_path={tmp}", "--max_request_bytes=0"), "must be positive"),
         (("--model_base_path={tmp}", "--request_header_timeout=0"), "timeout must be positive"),
         (("--model_base_path={tmp}", "--rest_api_port=http"), "rest_api_port"),
+        (("--model_base_path={tmp}", "--port=70000"), "--port must be between 0 and 65535"),
+        (("--model_base_path={tmp}", "--grpc_listen=8500"), "--grpc_listen takes host:port"),
+        (("--model_base_path={tmp}", "--grpc_listen=h:0"), "--grpc_listen takes host:port"),
+        (("--model_base_path={tmp}", "--grpc_threads=0"), "--grpc_threads must be positive"),
+        (("--model_base_path={tmp}", "--grpc_max_receive_bytes=-1"), "0 \\(unbounded\\)"),
     ],
 )
 def test_bad_flags_are_usage_errors(tmp_path, args, message) -> None:
