@@ -8,6 +8,7 @@ answers from the same server, and with the values the models compute.
 from __future__ import annotations
 
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -534,3 +535,95 @@ def test_sigterm_under_grpc_load_turns_health_off_then_answers_every_call(tmp_pa
         channel.close()
     finally:
         assert server.stop() == -signal.SIGTERM
+
+
+def test_a_full_queue_is_resource_exhausted_and_a_large_message_is_refused(tmp_path: Path) -> None:
+    """A message past --grpc_max_receive_bytes, and a call the full batching queue cannot take,
+    are both RESOURCE_EXHAUSTED, as in TF Serving; the server keeps answering."""
+    models.make_hanging(tmp_path / "hang")
+    batching = tmp_path / "batching.txt"
+    batching.write_text(
+        "max_batch_size { value: 1 }\nmax_enqueued_batches { value: 1 }\n"
+        "num_batch_threads { value: 1 }\nbatch_timeout_micros { value: 0 }\n"
+    )
+    server = TwistdServer(
+        [
+            "--model_name=hang",
+            f"--model_base_path={tmp_path / 'hang'}",
+            "--enable_batching",
+            f"--batching_parameters_file={batching}",
+            "--grpc_max_receive_bytes=2000",
+            "--inference_stall_seconds=1",
+            "--drain_delay=0",
+            "--drain_timeout=3",
+        ],
+        tmp_path,
+    ).start()
+    try:
+        server.wait_ready()
+        channel = grpc.insecure_channel(server.grpc_target)
+        stub = predict_stub(channel)
+        large = predict_request("hang", {"x": np.ones((200, 3), np.float32)})
+        error = grpc_error(lambda: stub.Predict(large, 10.0))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        ok = stub.Predict(predict_request("hang", {"x": np.ones((1, 3), np.float32)}), 30.0)
+        assert tf.make_ndarray(ok.outputs["y"]).tolist() == [[1.0, 1.0, 1.0]]
+
+        stuck = stub.Predict.future(predict_request("hang", {"x": -np.ones((1, 3), np.float32)}))
+        server.wait_for(lambda: server.get("/healthz")[0] == 503)  # the batch runs, stuck
+        waiting = stub.Predict.future(predict_request("hang", {"x": np.ones((1, 3), np.float32)}))
+        server.wait_for(lambda: queued_rows(server, "hang") == 1)  # the queue is full
+        error = grpc_error(
+            lambda: stub.Predict(predict_request("hang", {"x": np.ones((1, 3), np.float32)}), 10.0)
+        )
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "overloaded" in (error.details() or "")
+        for call in (stuck, waiting):
+            call.cancel()
+        channel.close()
+    finally:
+        server.stop()
+
+
+def test_a_hot_swap_under_grpc_load_fails_no_call(tmp_path: Path) -> None:
+    """Version 2 appears while gRPC calls run: every call is answered, by 1 until 2 serves."""
+    base = tmp_path / "linear"
+    models.make_linear(base, 1)
+    server = TwistdServer(
+        ["--model_name=linear", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1"],
+        tmp_path,
+    ).start()
+    try:
+        server.wait_ready()
+        channel = grpc.insecure_channel(server.grpc_target)
+        stub = predict_stub(channel)
+        request = predict_request("linear", {"x": np.ones((1, 3), np.float32)})
+        versions: list[int] = []
+        failures: list[str] = []
+        swapped = threading.Event()
+
+        def call(_: int) -> None:
+            while not swapped.is_set():
+                try:
+                    versions.append(stub.Predict(request, 30.0).model_spec.version.value)
+                except grpc.RpcError as e:
+                    failures.append(f"{e.code().name}: {e.details()}")
+
+        with ThreadPoolExecutor(8) as pool:
+            calls = [pool.submit(call, i) for i in range(8)]
+            server.wait_for(lambda: len(versions) >= 50)
+            staged = tmp_path / "staged"
+            models.make_linear(staged, 2, scale=10.0)
+            (staged / "2").rename(base / "2")  # appears whole, as a deploy tool would
+            server.wait_for(lambda: 2 in versions[-20:], timeout=120)
+            count = len(versions)
+            server.wait_for(lambda: len(versions) >= count + 50)
+            swapped.set()
+            for done in calls:
+                done.result()
+        assert failures == []
+        first_two = versions.index(2)
+        assert set(versions[:first_two]) == {1} and versions[-1] == 2
+        channel.close()
+    finally:
+        server.stop()
