@@ -66,6 +66,10 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
     (orjson also refuses numbers beyond a double, such as 1e400, which the standard parser
     reads as infinity; a hook to refuse them would make it three times slower.)
     """
+    if not body.strip():
+        raise InvalidArgument(
+            'malformed JSON: the request body is empty; send an object such as {"instances": [...]}'
+        )
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:

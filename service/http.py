@@ -293,12 +293,24 @@ class InferenceAPI:
     @app.route("/v1/models/", methods=["GET", "POST"])
     @counted(OTHER_ROUTE)
     def no_model_url(self, request: IRequest) -> bytes:
-        """``/v1/models`` without a model: a 400, as TF Serving answers a URL it cannot parse."""
+        """``/v1/models`` without a model: a 400, as TF Serving answers it."""
         method, path = (
             request.method.decode(errors="replace"),
             request.path.decode(errors="replace"),
         )
+        if method == "GET":
+            raise InvalidArgument(f"Missing model name in request: GET {path}")
         raise InvalidArgument(f"Malformed request: {method} {path}")
+
+    @app.route("/v1/<path:rest>", methods=["GET", "POST"])
+    @counted(OTHER_ROUTE)
+    def other_v1_url(self, request: IRequest, rest: str) -> bytes:
+        """Any other ``/v1/`` URL: TF Serving's REST handler takes every one and answers 400."""
+        method, path = (
+            request.method.decode(errors="replace"),
+            request.path.decode(errors="replace"),
+        )
+        raise InvalidArgument(f"Malformed request: {method} {echo(path)}")
 
     @app.route("/v1/models/<path:path>", methods=["GET", "POST"])
     @counted(OTHER_ROUTE)

@@ -130,7 +130,7 @@ BAD_PATHS = [
         ("POST", "/v1/models/nosuch%00:predict", 404, "nosuch"),
         ("GET", "/v1/models/m/versions/9223372036854775807", 404, "9223372036854775807"),
         ("POST", "/v1/models/m/versions/9223372036854775807:predict", 404, "9223372036854775807"),
-        ("GET", "/v1/models//m", 404, "Not Found"),  # no redirect to /v1/models/m
+        ("GET", "/v1/models//m", 400, "Malformed request"),  # no redirect to /v1/models/m
         ("POST", "/v1//models/m:predict", 404, "Not Found"),
     ],
 )
