@@ -627,3 +627,35 @@ def test_a_hot_swap_under_grpc_load_fails_no_call(tmp_path: Path) -> None:
         channel.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("spec", "code"),
+    [  # tensorflow_serving/model_servers/get_model_status_impl_test.cc, GetModelStatusImplTest
+        ({}, grpc.StatusCode.INVALID_ARGUMENT),  # MissingOrEmptyModelSpecFailure
+        ({"name": "nonexistent_model"}, grpc.StatusCode.NOT_FOUND),  # InvalidModelNameFailure
+        ({"name": "linear", "version": 99}, grpc.StatusCode.NOT_FOUND),  # ...VersionFailure
+    ],
+)
+def test_get_model_status_failures_port_tf_servings(served, spec: dict[str, Any], code) -> None:
+    _, channel, _ = served
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = spec.get("name", "")
+    if "version" in spec:
+        request.model_spec.version.value = spec["version"]
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    assert grpc_error(lambda: stub.GetModelStatus(request, 10.0)).code() == code
+
+
+def test_get_model_status_of_all_versions_and_of_one(served) -> None:
+    """GetModelStatusImplTest AllVersionsSuccess and SingleVersionSuccess."""
+    _, channel, _ = served
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "linear"
+    every = stub.GetModelStatus(request, 10.0).model_version_status
+    assert {s.version for s in every} == {1, 2}
+    assert all(s.status.error_code == 0 and s.status.error_message == "" for s in every)
+    request.model_spec.version.value = 1
+    (one,) = stub.GetModelStatus(request, 10.0).model_version_status
+    assert one.version == 1 and one.status.error_code == 0
