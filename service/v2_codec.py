@@ -227,11 +227,13 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> 
         return given.reshape(shape)
     if dtype.kind in "iu":
         limits = np.iinfo(dtype)
-        if kind not in "iu":
-            raise InvalidArgument(
-                f"{where} ({datatype}): 'data' must hold only integers in "
-                f"[{limits.min}, {limits.max}] (1.0 is not an integer)"
-            )
+        if kind not in "iu":  # numpy reads integers past int64 as float64: look at each
+            given = _python_ints(data, given.shape)
+            if given is None:
+                raise InvalidArgument(
+                    f"{where} ({datatype}): 'data' must hold only integers in "
+                    f"[{limits.min}, {limits.max}] (1.0 is not an integer)"
+                )
         low, high = int(given.min()), int(given.max())
         if low < limits.min or high > limits.max:
             bad = low if low < limits.min else high
@@ -239,7 +241,7 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> 
                 f"{where} ({datatype}): {bad} is out of range [{limits.min}, {limits.max}]"
             )
         return given.astype(dtype).reshape(shape)
-    if kind not in "iuf":
+    if kind not in "iuf" and not (kind == "O" and _all_numbers(given)):
         raise InvalidArgument(f"{where} ({datatype}): 'data' must hold only numbers")
     try:
         wide = given.astype(np.float64)
@@ -250,6 +252,19 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> 
     if (np.isinf(narrow) & ~np.isinf(wide)).any():
         raise InvalidArgument(f"{where} ({datatype}): a number is too large for {datatype}")
     return narrow.reshape(shape)
+
+
+def _python_ints(data: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The integers of ``data`` (already known rectangular) as an object array, or None if an
+    element is not an integer."""
+    flat = np.asarray(data, dtype=object).ravel()
+    if flat.shape != (math.prod(shape),) or not all(type(v) is int for v in flat.tolist()):
+        return None
+    return flat
+
+
+def _all_numbers(array: np.ndarray) -> bool:
+    return all(type(v) in (int, float) for v in array.ravel().tolist())
 
 
 def _string_leaves(data: Any, where: str) -> Iterator[bytes]:

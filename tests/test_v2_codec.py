@@ -268,3 +268,11 @@ def test_a_non_utf8_bytes_output_in_json_says_to_ask_for_binary() -> None:
         v2_codec.encode_infer("m", 1, None, [("out", array, False)])
     body, header_length = v2_codec.encode_infer("m", 1, None, [("out", array, True)])
     assert body[header_length:] == struct.pack("<I", 1) + b"\xff"
+
+
+def test_integers_past_int64_are_read_exactly() -> None:
+    """numpy reads Python integers past int64 as float64; UINT64 data keeps every bit."""
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "UINT64", "data": [2**64 - 1, 1]}]}
+    ).encode()
+    assert v2_codec.decode_infer(body, None).inputs["x"].tolist() == [2**64 - 1, 1]
