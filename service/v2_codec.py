@@ -228,12 +228,13 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> 
     if dtype.kind in "iu":
         limits = np.iinfo(dtype)
         if kind not in "iu":  # numpy reads integers past int64 as float64: look at each
-            given = _python_ints(data, given.shape)
-            if given is None:
+            ints = _python_ints(data, given.shape)
+            if ints is None:
                 raise InvalidArgument(
                     f"{where} ({datatype}): 'data' must hold only integers in "
                     f"[{limits.min}, {limits.max}] (1.0 is not an integer)"
                 )
+            given = ints
         low, high = int(given.min()), int(given.max())
         if low < limits.min or high > limits.max:
             bad = low if low < limits.min else high
