@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from client import grpc_api
 from client.balancer import BackendLoad, Balancer, EjectionPolicy, Strategy
 from client.budget import RetryBudget
 from client.codec import (
@@ -33,6 +34,7 @@ from client.codec import (
 )
 from client.dispatch import Attempt, Deadline, Dispatcher, DispatchStats, within
 from client.errors import DeadlineExceeded, ServerError
+from client.grpc_api import GrpcSources, GrpcTransport
 from client.multipart import Part, encode_multipart
 from client.signature import ModelMetadata, SignatureSpec
 from client.sources import ConsulSources, Sources, StaticSources
@@ -47,6 +49,8 @@ __all__ = ["AsyncInferenceClient", "BackendInfo", "Image"]
 #: An image to classify: its bytes, or ``(filename, bytes)`` (the name sets the part's type).
 Image = bytes | tuple[str, bytes]
 
+#: How calls travel: TF Serving's REST JSON, or its gRPC API (``client.grpc_api``).
+PROTOCOLS = ("rest", "grpc")
 _GET_HEADERS = {"Accept": "application/json", "User-Agent": "kleinserve-client/0.1"}
 _JSON_HEADERS = {**_GET_HEADERS, "Content-Type": "application/json"}
 
@@ -72,6 +76,9 @@ class AsyncInferenceClient:
     always gets the rest of the deadline; see ``client.dispatch``). ``balancer`` is
     ``"p2c"`` (fewest requests in flight of two random backends) or ``"round_robin"``.
     ``on_attempt`` hears about every attempt (an ``Attempt``), on the reactor thread.
+    ``protocol="grpc"`` makes ``predict`` (and the signature lookup) TF Serving gRPC calls to
+    each server's announced gRPC port (static ``backends`` then name gRPC ports); it needs
+    the ``tensorflow`` and ``tensorflow-serving-api`` packages. The other calls are REST's.
 
     Without ``reactor`` the global reactor is used; it must be running for calls to make
     progress. ``close()`` stops the Consul watches and closes pooled connections.
@@ -95,6 +102,7 @@ class AsyncInferenceClient:
         on_attempt: Callable[[Attempt], object] | None = None,
         transport: HTTPTransport | None = None,
         sources: Sources | None = None,
+        protocol: str = "rest",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -104,6 +112,9 @@ class AsyncInferenceClient:
             raise ValueError("give consul= or backends=, not both")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+        self.protocol = protocol
         self.timeout = timeout
         self._clock: IReactorTime = reactor
         self._rng = rng if rng is not None else random.Random()
@@ -119,10 +130,16 @@ class AsyncInferenceClient:
                     else ConsulAddress.from_env()
                 )
                 sources = ConsulSources(reactor, address, service, rng=self._rng)
+                if protocol == "grpc":  # each server on the gRPC port it announces
+                    sources = GrpcSources(sources)
         self._sources = sources
-        self._transport = transport or TreqTransport.create(
-            reactor, connections_per_backend=connections_per_backend
-        )
+        if transport is None:
+            transport = (
+                GrpcTransport(reactor)
+                if protocol == "grpc"
+                else TreqTransport.create(reactor, connections_per_backend=connections_per_backend)
+            )
+        self._transport = transport
         self._dispatcher = Dispatcher(
             sources,
             self._transport,
@@ -183,6 +200,11 @@ class AsyncInferenceClient:
         deadline: Deadline,
     ) -> Outputs:
         signature = await self._signature(model, version, signature_name, deadline)
+        if self.protocol == "grpc":
+            body = grpc_api.predict_body(model, version, signature_name, inputs, signature)
+            call = HTTPRequest("POST", grpc_api.PREDICT, body)
+            answer = await self._dispatcher.call(model, version, call, deadline)
+            return _read(answer, model, lambda: grpc_api.decode_predict(answer.body, signature))
         body = encode_inputs(inputs, signature, signature_name)
         request = HTTPRequest("POST", model_path(model, version, ":predict"), body, _JSON_HEADERS)
         response = await self._dispatcher.call(model, version, request, deadline)
@@ -323,6 +345,10 @@ class AsyncInferenceClient:
 
     async def _fetch_metadata(self, model: str, version: int | None) -> ModelMetadata:
         deadline = self._deadline(None)
+        if self.protocol == "grpc":
+            call = HTTPRequest("POST", grpc_api.METADATA, grpc_api.metadata_body(model, version))
+            answer = await self._dispatcher.call(model, version, call, deadline)
+            return _read(answer, model, lambda: grpc_api.decode_metadata(answer.body))
         request = HTTPRequest("GET", model_path(model, version, "/metadata"), None, _GET_HEADERS)
         response = await self._dispatcher.call(model, version, request, deadline)
         return _read(response, model, lambda: ModelMetadata.parse(loads(response.body)))

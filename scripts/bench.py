@@ -17,6 +17,9 @@ Sections (``--only``), each a measurement of its own:
                real inference ThreadPool, no HTTP: batching off, and on with each --threads
     http       twistd -n inference, batching off and on, at each concurrency: requests/s,
                p50/p99 latency, errors, server RSS (peak and end), batches seen in /metrics
+    grpc       one server, batching on: REST JSON (wrk) and TF Serving's gRPC Predict with
+               tensor_content (scripts/bench_grpc.py) at each concurrency: requests/s,
+               p50/p99, bytes per request, server CPU per request
     empty      an empty Klein route answering {} to the same bodies: the HTTP stack's ceiling
     flask      the digits model in Flask behind gunicorn -w 4 vs one kleinserve process:
                memory of all processes, and throughput at concurrency 64
@@ -52,6 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_grpc  # noqa: E402
 import bench_models  # noqa: E402
 import bench_report  # noqa: E402
 from bench_procs import (  # noqa: E402
@@ -71,7 +75,7 @@ from bench_procs import (  # noqa: E402
     wrk_command,
 )
 
-SECTIONS = ("inprocess", "engine", "http", "empty", "flask", "soak", "memory")
+SECTIONS = ("inprocess", "engine", "http", "grpc", "empty", "flask", "soak", "memory")
 SCRIPTS = REPO / "scripts"
 CACHE = REPO / ".cache" / "bench"
 HEAVY_CONCURRENCY = 64  # the flask comparison, the soak and the engine's submitters
@@ -283,6 +287,7 @@ class Bench:
             "inprocess": self.inprocess,
             "engine": self.engine,
             "http": self.http,
+            "grpc": lambda: bench_grpc.run_section(self),
             "empty": self.empty,
             "flask": self.flask,
             "soak": self.soak,

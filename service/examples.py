@@ -257,6 +257,31 @@ def _json_type(value: Any) -> str:
 # Signatures
 
 
+def serialized_examples(input_: Any) -> list[bytes]:
+    """The serialized tf.Examples of an ``Input`` proto (gRPC, warm-up records): each example, or each merged over the
+    context (the example's own features win), as TF Serving feeds them."""
+    kind = input_.WhichOneof("kind")
+    if kind == "example_list":
+        found = list(input_.example_list.examples)
+        context = None
+    elif kind == "example_list_with_context":
+        found = list(input_.example_list_with_context.examples)
+        context = input_.example_list_with_context.context
+    else:
+        raise InvalidArgument("Input is empty")
+    if not found:
+        raise InvalidArgument("Input is empty")
+    if context is None:
+        return [example.SerializeToString() for example in found]
+    merged = []
+    for example in found:
+        combined = type(context)()
+        combined.CopyFrom(context)
+        combined.MergeFrom(example)
+        merged.append(combined.SerializeToString())
+    return merged
+
+
 def signature_for(signatures: Mapping[str, Signature], name: str | None, verb: str) -> Signature:
     """The signature a classify or regress request names, checked as TF Serving checks it."""
     key = name or DEFAULT_SIGNATURE

@@ -221,7 +221,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, spec: model_pb2.ModelSpec, input_: Any, verb: str, context: Any
     ) -> tuple[str, int, str, Any]:
         target = target_of(spec)
-        serialized = serialized_examples(input_)
+        serialized = examples.serialized_examples(input_)
         signature_name = spec.signature_name or None
 
         async def run(deadline: float | None, cancellation: Cancellation) -> Any:
@@ -309,31 +309,6 @@ def _check_filter(wanted: list[str], outputs: Mapping[str, Any]) -> None:
                 f"output tensor alias not found in signature: {key} Outputs expected to be in "
                 f"the set {{{','.join(sorted(outputs))}}}."
             )
-
-
-def serialized_examples(input_: Any) -> list[bytes]:
-    """The serialized tf.Examples of an ``Input``: each example, or each merged over the
-    context (the example's own features win), as TF Serving feeds them."""
-    kind = input_.WhichOneof("kind")
-    if kind == "example_list":
-        found = list(input_.example_list.examples)
-        context = None
-    elif kind == "example_list_with_context":
-        found = list(input_.example_list_with_context.examples)
-        context = input_.example_list_with_context.context
-    else:
-        raise InvalidArgument("Input is empty")
-    if not found:
-        raise InvalidArgument("Input is empty")
-    if context is None:
-        return [example.SerializeToString() for example in found]
-    merged = []
-    for example in found:
-        combined = type(context)()
-        combined.CopyFrom(context)
-        combined.MergeFrom(example)
-        merged.append(combined.SerializeToString())
-    return merged
 
 
 def _fill_classifications(result: Any, rows: list[list[tuple[str, float]]]) -> None:

@@ -242,6 +242,17 @@ class InferenceAPI:
             }
         )
 
+    @app.route("/v1/models", methods=["GET", "POST"])
+    @app.route("/v1/models/", methods=["GET", "POST"])
+    @counted(OTHER_ROUTE)
+    def no_model_url(self, request: IRequest) -> bytes:
+        """``/v1/models`` without a model: a 400, as TF Serving answers a URL it cannot parse."""
+        method, path = (
+            request.method.decode(errors="replace"),
+            request.path.decode(errors="replace"),
+        )
+        raise InvalidArgument(f"Malformed request: {method} {path}")
+
     @app.route("/v1/models/<path:path>", methods=["GET", "POST"])
     @counted(OTHER_ROUTE)
     def other_model_url(self, request: IRequest, path: str) -> bytes:

@@ -93,6 +93,8 @@ class ServerConfig:
     grpc_listen: str | None = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
     grpc_threads: int = 64
     grpc_max_receive_bytes: int = 0  # 0: unbounded, as TF Serving
+    # Times each record of a version's assets.extra/tf_serving_warmup_requests is replayed.
+    warmup_iterations: int = 1
 
 
 def _default(field: str, of: type = ServerConfig) -> Any:
@@ -163,6 +165,13 @@ class Options(usage.Options):
             "grpc_max_receive_bytes",
             _default("grpc_max_receive_bytes"),
             "Largest gRPC request message in bytes; 0 (the default, as TF Serving) is unbounded.",
+            int,
+        ),
+        _flag(
+            "num_request_iterations_for_warmup",
+            _default("warmup_iterations"),
+            "Times each record of a version's assets.extra/tf_serving_warmup_requests is run "
+            "before the version serves (TF Serving's flag; 0 skips the file).",
             int,
         ),
         _flag(
@@ -374,6 +383,7 @@ def config_from_options(opts: Any) -> ServerConfig:
         grpc_listen=_grpc_listen(opts["port"], opts["grpc_listen"]),
         grpc_threads=opts["grpc_threads"],
         grpc_max_receive_bytes=opts["grpc_max_receive_bytes"],
+        warmup_iterations=opts["num_request_iterations_for_warmup"],
     )
 
 
@@ -449,6 +459,8 @@ def _check_numbers(opts: Any) -> None:
             raise usage.UsageError(f"--{flag} must be positive")
     if opts["drain_delay"] < 0:
         raise usage.UsageError("--drain_delay must be 0 or more")
+    if opts["num_request_iterations_for_warmup"] < 0:
+        raise usage.UsageError("--num_request_iterations_for_warmup must be 0 or more")
     if opts["grpc_threads"] <= 0:
         raise usage.UsageError("--grpc_threads must be positive")
     if opts["grpc_max_receive_bytes"] < 0:

@@ -8,6 +8,7 @@ stays fast.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService
@@ -84,11 +85,13 @@ class _Parts:
         from service.images import ImageDecoder
         from service.metrics import Metrics
         from service.repository import ModelRepository
+        from service.servables.registry import load_servable
 
         metrics = Metrics()
         self.repository = ModelRepository(
             config.models,
             reactor=reactor,
+            load=partial(load_servable, warmup_iterations=config.warmup_iterations),
             metrics=metrics,
             file_system_poll_wait=config.file_system_poll_wait,
             max_load_retries=config.max_load_retries,

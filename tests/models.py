@@ -188,6 +188,17 @@ def make_all_dtypes(base: Path, version: int = 1) -> Path:
     return _save(tf.Module(), base, version, {"serving_default": serve})
 
 
+def make_scalar_string(base: Path, version: int = 1) -> Path:
+    """A scalar string in, echoed, and its length: no batch dimension anywhere."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="text")])
+    def serve(text: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"echo": tf.identity(text), "length": tf.strings.length(text)}
+
+    return _save(tf.Module(), base, version, {"serving_default": serve})
+
+
 def make_batch_echo(base: Path, version: int = 1) -> Path:
     """``y = x * 2`` and ``rows``: the size of the batch each row ran in."""
     import tensorflow as tf

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred
 from client import AsyncInferenceClient, Attempt, InferenceClient, InferenceError, InvalidRequest
 from tests import models
 from tests.consul_agent import CONSUL_BINARY, ConsulAgent
-from tests.server import REPO, TwistdServer
+from tests.server import REPO, TwistdServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -236,6 +236,46 @@ def test_blocking_client_predicts_through_consul(fleet: Fleet) -> None:
         with pytest.raises(InvalidRequest) as raised:
             client.predict("linear", [[1.0, 2.0]])
         assert raised.value.status == 400
+
+
+def test_grpc_protocol_reaches_each_server_on_the_grpc_port_consul_announces(
+    fleet: Fleet,
+) -> None:
+    """protocol="grpc": the same balancing over Consul's servers, each on its grpc_port meta;
+    float32 arrays in and out; a refused call is an InvalidRequest with the server's words."""
+    fleet.settle()
+    recorder = Recorder()
+    client = make_client(fleet, recorder, protocol="grpc")
+    try:
+        answers = in_reactor(
+            lambda: defer.gatherResults([client.predict("linear", X) for _ in range(30)])
+        )
+        for y in answers:
+            assert y.dtype == np.float32
+            np.testing.assert_array_equal(y, Y)
+        grpc_ports = {s.grpc_port for s in fleet.servers}
+        assert set(recorder.by_port()) == grpc_ports  # every server, and only on gRPC
+        with pytest.raises(InvalidRequest) as raised:
+            in_reactor(lambda: client.predict("linear", np.ones((1, 4), np.float32)))
+        assert raised.value.status == 400
+        assert "INVALID_ARGUMENT" in raised.value.server_message
+        assert "dimension 1" in raised.value.server_message
+    finally:
+        in_reactor(client.close)
+
+
+def test_grpc_protocol_with_static_backends_sends_around_one_that_is_down(fleet: Fleet) -> None:
+    """A static list names gRPC ports; a port nobody listens on is never sent to twice in a
+    row, and no call fails (the blocking client, as a script would use it)."""
+    fleet.settle()
+    dead = ("127.0.0.1", free_port())
+    live = ("127.0.0.1", fleet.servers[0].grpc_port)
+    with InferenceClient(backends=[dead, live], protocol="grpc", timeout=30) as client:
+        for _ in range(10):
+            np.testing.assert_array_equal(client.predict("linear", [[1.0, 1.0, 1.0]]), Y)
+        with pytest.raises(InvalidRequest) as raised:
+            client.predict("nope", X)
+        assert raised.value.status == 404
 
 
 def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

@@ -95,7 +95,8 @@ def test_retraining_defaults_build_the_signature(graphs) -> None:
 
 
 def test_metadata_is_tf_serving_signature_def_json(graphs) -> None:
-    """signature_defs is the SignatureDef as TF Serving's metadata JSON: names, dtypes, dims."""
+    """signature_defs is the SignatureDef as TF Serving's metadata JSON: names, dtypes, dims,
+    and the fields at their defaults, which TF Serving's JSON printer writes too."""
     defs = load_servable("floats", 1, graphs["float"]).signature_defs
     assert defs == {
         "serving_default": {
@@ -104,7 +105,13 @@ def test_metadata_is_tf_serving_signature_def_json(graphs) -> None:
                     "name": "input:0",
                     "dtype": "DT_FLOAT",
                     "tensor_shape": {
-                        "dim": [{"size": "-1"}, {"size": "8"}, {"size": "8"}, {"size": "3"}]
+                        "dim": [
+                            {"size": "-1", "name": ""},
+                            {"size": "8", "name": ""},
+                            {"size": "8", "name": ""},
+                            {"size": "3", "name": ""},
+                        ],
+                        "unknown_rank": False,
                     },
                 }
             },
@@ -112,10 +119,14 @@ def test_metadata_is_tf_serving_signature_def_json(graphs) -> None:
                 "scores": {
                     "name": "final_result:0",
                     "dtype": "DT_FLOAT",
-                    "tensor_shape": {"dim": [{"size": "-1"}, {"size": "3"}]},
+                    "tensor_shape": {
+                        "dim": [{"size": "-1", "name": ""}, {"size": "3", "name": ""}],
+                        "unknown_rank": False,
+                    },
                 }
             },
             "method_name": "tensorflow/serving/predict",
+            "defaults": {},
         }
     }
 

@@ -127,7 +127,7 @@ def test_jpeg_graph_predict_with_b64_and_metadata(frozen) -> None:
     assert sig["inputs"]["image"] == {
         "name": "DecodeJpeg/contents:0",
         "dtype": "DT_STRING",
-        "tensor_shape": {},
+        "tensor_shape": {"dim": [], "unknown_rank": False},  # a scalar, every field written
     }
     assert sig["outputs"]["scores"]["name"] == "final_result:0"
     assert servers["flowers"].get("/v1/models/flowers")[1]["model_version_status"][0]["state"] == (

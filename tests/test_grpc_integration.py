@@ -280,7 +280,9 @@ def test_metadata_and_status_match_the_rest_answers(served) -> None:
     signatures = get_model_metadata_pb2.SignatureDefMap()
     assert response.metadata["signature_def"].Unpack(signatures)
     rest = server.get("/v1/models/multi/metadata")[1]
-    as_json = json_format.MessageToDict(signatures, preserving_proto_field_name=True)
+    as_json = json_format.MessageToDict(
+        signatures, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     assert as_json == rest["metadata"]["signature_def"]
     assert response.model_spec.version.value == 1
 

@@ -52,7 +52,9 @@ def test_any_model_path_is_a_target_or_a_malformed_request(path: str) -> None:
         endpoint, values = adapter.match("/v1/models/" + path, method="POST")
     except (HTTPException, MalformedPath):
         return  # Not Found (e.g. an empty name): the routing error handler's JSON 404
-    if endpoint == "other_model_url":
+    if endpoint == "no_model_url":  # the empty path: "/v1/models/" itself
+        assert path == ""
+    elif endpoint == "other_model_url":
         error = malformed("POST", values["path"])
         assert isinstance(error, InvalidArgument) and error.message.startswith("Malformed")
         assert len(error.message) < 700

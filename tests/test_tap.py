@@ -118,6 +118,10 @@ def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
         (("--model_base_path={tmp}", "--grpc_listen=8500"), "--grpc_listen takes host:port"),
         (("--model_base_path={tmp}", "--grpc_listen=h:0"), "--grpc_listen takes host:port"),
         (("--model_base_path={tmp}", "--grpc_threads=0"), "--grpc_threads must be positive"),
+        (
+            ("--model_base_path={tmp}", "--num_request_iterations_for_warmup=-1"),
+            "--num_request_iterations_for_warmup must be 0 or more",
+        ),
         (("--model_base_path={tmp}", "--grpc_max_receive_bytes=-1"), "0 \\(unbounded\\)"),
     ],
 )

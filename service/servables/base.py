@@ -103,6 +103,17 @@ class ServableBase:
         )
 
 
+def output_array(value: Any) -> np.ndarray:
+    """A model's output as the rest of the server holds it: strings as an object array of
+    ``bytes`` (TensorFlow hands a scalar string back as bare ``bytes``, which numpy would
+    make a fixed-width ``S`` array), everything else as the numpy array it is."""
+    if isinstance(value, bytes):
+        array = np.empty((), dtype=object)
+        array[()] = value
+        return array
+    return np.asarray(value)
+
+
 def read_labels(path: Path, names: Sequence[str] = LABEL_FILES) -> tuple[str, ...] | None:
     """The class names of the first of ``names`` found in ``path``, or None."""
     for name in names:

@@ -40,7 +40,7 @@ from google.protobuf.message import DecodeError
 
 from service.errors import FailedPrecondition, InvalidArgument
 from service.model_files import read_model_json
-from service.servables.base import LABEL_FILES, ServableBase, read_labels
+from service.servables.base import LABEL_FILES, ServableBase, output_array, read_labels
 from service.servables.protos import signature_def_json, signature_from_def
 from wire.dtypes import DEFAULT_SIGNATURE
 
@@ -128,7 +128,7 @@ class FrozenGraphServable(ServableBase):
             values = opened.session.run(dict(call.fetches), feed_dict=feed)
         except tf.errors.InvalidArgumentError as e:
             raise InvalidArgument(e.message) from None
-        return {name: np.asarray(value) for name, value in values.items()}
+        return {name: output_array(value) for name, value in values.items()}
 
     def close(self) -> None:
         """Close the Session (its C++ state and buffers go at once) and drop it and the Graph.

@@ -34,5 +34,9 @@ def signature_from_def(key: str, sig: Any) -> Signature:
 
 
 def signature_def_json(sig: Any) -> dict[str, Any]:
-    """A SignatureDef as TF Serving's ``/metadata`` writes it."""
-    return json_format.MessageToDict(sig, preserving_proto_field_name=True)
+    """A SignatureDef as TF Serving's ``/metadata`` writes it: with the fields at their
+    default values too (``"unknown_rank": false``, a dimension's ``"name": ""``, an empty
+    ``"defaults"``), as its JSON printer's ``always_print_primitive_fields`` does."""
+    return json_format.MessageToDict(
+        sig, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

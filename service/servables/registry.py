@@ -51,14 +51,25 @@ FROZEN_GRAPH = Kind(
 KINDS = (SAVED_MODEL, FROZEN_GRAPH)
 
 
-def load_servable(name: str, version: int, path: Path) -> Servable:
-    """Load the version folder ``path`` with the loader of its kind.
+def load_servable(name: str, version: int, path: Path, *, warmup_iterations: int = 1) -> Servable:
+    """Load the version folder ``path`` with the loader of its kind, then replay its TF Serving
+    warm-up file (``service.warmup``) ``warmup_iterations`` times per record (0: not at all).
 
-    Blocking: call on the inference thread. FailedPrecondition if no kind matches.
+    Blocking: call on the inference thread. FailedPrecondition if no kind matches; a warm-up
+    that fails closes the servable and fails the load with its error.
     """
+    from service.warmup import replay_warmup_requests
+
     for kind in KINDS:
         if kind.loads(path):
-            return kind.load(name, version, path)
+            servable = kind.load(name, version, path)
+            if warmup_iterations > 0:
+                try:
+                    replay_warmup_requests(servable, path, warmup_iterations)
+                except BaseException:
+                    servable.close()
+                    raise
+            return servable
     kinds = "; ".join(f"{kind.name}: {' or '.join(kind.load_files)}" for kind in KINDS)
     raise FailedPrecondition(f"{path} holds no model file ({kinds})")
 

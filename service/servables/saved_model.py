@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from service.errors import FailedPrecondition, InvalidArgument
-from service.servables.base import ServableBase, read_labels
+from service.servables.base import ServableBase, output_array, read_labels
 from service.servables.protos import signature_def_json, signature_from_def
 
 #: The file a SavedModel load reads; a scan also takes the text form as a SavedModel folder.
@@ -69,7 +69,7 @@ class SavedModelServable(ServableBase):
             outputs = fn(**{name: tf.constant(value) for name, value in inputs.items()})
         except tf.errors.InvalidArgumentError as e:
             raise InvalidArgument(e.message) from None
-        return {name: tensor.numpy() for name, tensor in outputs.items()}
+        return {name: output_array(tensor.numpy()) for name, tensor in outputs.items()}
 
     def close(self) -> None:
         """Drop the restored object and its functions, so that unloading frees their memory.
