@@ -55,7 +55,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from service import codec, examples, v2
 from service.dataplane import DataPlane, ModelTarget
 from service.decoding import BodyDecoder
-from service.errors import ServingError
+from service.errors import InvalidArgument, ServingError
 from service.health import Health
 from service.http_paths import MalformedPath, ModelTargetConverter, echo, malformed
 from service.http_request import (
