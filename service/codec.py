@@ -656,7 +656,7 @@ def _json_value(array: np.ndarray, name: str) -> Any:
         return _string_json(array.tolist(), name)
     value = array[()] if array.ndim == 0 else array  # orjson writes numpy scalars, not 0-d arrays
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        return _with_non_finite(value)
+        return json_with_non_finite(value)
     return value
 
 
@@ -665,11 +665,11 @@ def _json_rows(array: np.ndarray, name: str) -> list[Any]:
     if array.dtype.kind == "O":
         return list(_string_json(array.tolist(), name))
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        return [_with_non_finite(row) for row in array]
+        return [json_with_non_finite(row) for row in array]
     return list(array)
 
 
-def _with_non_finite(value: np.ndarray | np.floating) -> orjson.Fragment:
+def json_with_non_finite(value: np.ndarray | np.floating) -> orjson.Fragment:
     """Float JSON with TF Serving's ``NaN``/``Infinity``/``-Infinity`` tokens.
 
     orjson writes non-finite floats as ``null``, and nothing else in an array of numbers

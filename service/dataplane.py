@@ -54,7 +54,7 @@ from service.images import (
     class_scores,
     top_predictions,
 )
-from service.repository import LoadedVersion, ModelRepository, batch_rows
+from service.repository import AVAILABLE, LoadedVersion, ModelRepository, batch_rows
 from service.signature import Signature, check_inputs
 
 Tensors = dict[str, np.ndarray]
@@ -99,11 +99,16 @@ class Cancellation:
 
 @attrs.frozen
 class Metadata:
-    """A version's metadata: its signatures as TF Serving's SignatureDef map (plain data)."""
+    """A version's metadata: its signatures as TF Serving's SignatureDef map (plain data), and
+    as ``Signature`` s; the kind of model (``Servable.platform``); the model's AVAILABLE
+    versions."""
 
     name: str
     version: int
     signature_defs: Mapping[str, Any]
+    signatures: Mapping[str, Signature] = attrs.field(factory=dict)
+    platform: str = ""
+    versions: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -157,7 +162,22 @@ class DataPlane:
 
     def metadata(self, target: ModelTarget) -> Metadata:
         version = self.repository.lookup(target.name, target.version, target.label)
-        return Metadata(target.name, version.version, version.require().signature_defs)
+        servable = version.require()
+        available = tuple(
+            sorted(
+                number
+                for number, v in self.repository.versions.get(target.name, {}).items()
+                if v.state == AVAILABLE
+            )
+        )
+        return Metadata(
+            target.name,
+            version.version,
+            servable.signature_defs,
+            servable.signatures,
+            getattr(servable, "platform", "tensorflow_savedmodel"),
+            available,
+        )
 
     def default_model(self) -> str:
         """The model of an upload that names none: ``default_model``, or the only one served."""

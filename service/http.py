@@ -17,6 +17,7 @@ Routes, one per verb (TF Serving's REST API, plus uploads and operations); TARGE
                   stop and while /healthz fails,
                   429 while a batching queue is fuller than --overload_fraction
   GET  /metrics   Prometheus text format
+  /v2/…           the Open Inference Protocol (KServe v2): routes added by ``service.v2``
 
 The model routes are an adapter over the data plane (``service.dataplane``): parse the
 request (JSON through ``service.codec`` and ``service.examples``, uploads through
@@ -37,8 +38,6 @@ received or decoded count against one ``RequestBudget`` (``service.budget``).
 
 from __future__ import annotations
 
-import functools
-import io
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
@@ -46,20 +45,28 @@ from urllib.parse import unquote
 from klein import Klein
 from klein.interfaces import IKleinRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from service import codec, examples
-from service.budget import BodyHold
-from service.dataplane import Cancellation, DataPlane, ModelTarget
+from service import codec, examples, v2
+from service.dataplane import DataPlane, ModelTarget
 from service.decoding import BodyDecoder
-from service.errors import InvalidArgument, ServingError, UnsupportedMediaType
+from service.errors import InvalidArgument, ServingError
 from service.health import Health
 from service.http_paths import MalformedPath, ModelTargetConverter, echo, malformed
+from service.http_request import (
+    JSON,
+    JSON_CONTENT_TYPES,
+    cancellation_of,
+    counted,
+    deadline_of,
+    decode_body,
+    read_body,
+)
 from service.http_site import OTHER_ROUTE, InferenceSite
 from service.images import ImageDecoder, parse_upload
 from service.metrics import Metrics
@@ -67,52 +74,18 @@ from service.repository import ModelRepository
 from wire.http import error_body
 from wire.paths import PREFIX
 
-__all__ = ["InferenceAPI", "InferenceSite", "UTF8URLs", "read_body"]
+__all__ = ["JSON_CONTENT_TYPES", "InferenceAPI", "InferenceSite", "UTF8URLs", "read_body"]
 
 log = Logger()
 
 T = TypeVar("T")
-Handler = TypeVar("Handler", bound=Callable[..., Any])
 
-JSON = b"application/json"
-# Content types a JSON body may come with: curl -d sends form-urlencoded, TF Serving ignores the type.
-JSON_CONTENT_TYPES = {
-    b"",
-    b"application/json",
-    b"text/json",
-    b"text/plain",
-    b"application/x-www-form-urlencoded",
-}
 # Content types of an image upload: a form, or the image itself ("image/*" matches any image type).
 UPLOAD_CONTENT_TYPES = {b"multipart/form-data", b"image/*", b"application/octet-stream"}
 UPLOAD_HINT = (
     "send the image as multipart/form-data (curl -F data=@picture.jpg) or as the body with "
     "its image content type (curl -H 'Content-Type: image/jpeg' --data-binary @picture.jpg)"
 )
-
-
-def counted(label: str) -> Callable[[Handler], Handler]:
-    """Count the route's requests under ``label`` (the ``route`` label of
-    kleinserve_requests_total): the route marks its request, and ``InferenceSite.log``
-    reads the mark. The label is also kept on the handler, for ``InferenceAPI.route_label``."""
-
-    def mark(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        def route(self: Any, request: IRequest, *args: Any, **kwargs: Any) -> Any:
-            request.route_label = label  # type: ignore[attr-defined]
-            return handler(self, request, *args, **kwargs)
-
-        route.route_label = label  # type: ignore[attr-defined]
-        return cast(Handler, route)
-
-    return mark
-
-
-def cancellation_of(request: server.Request) -> Cancellation:
-    """A ``Cancellation`` set when the client goes away before its answer."""
-    cancellation = Cancellation()
-    request.notifyFinish().addErrback(cancellation.cancel)
-    return cancellation
 
 
 class InferenceAPI:
@@ -161,17 +134,8 @@ class InferenceAPI:
         return label
 
     def _deadline(self, request: IRequest) -> float | None:
-        """The client's deadline, from ``X-Request-Deadline-Ms`` (milliseconds left), as clock time."""
-        header = request.getHeader(b"x-request-deadline-ms")
-        if header is None:
-            return None
-        try:
-            remaining = float(header)
-        except ValueError:
-            raise InvalidArgument(
-                f"X-Request-Deadline-Ms must be a number of milliseconds, not {header!r}"
-            ) from None
-        return float(self.plane.clock.seconds()) + remaining / 1000
+        """The client's deadline (``X-Request-Deadline-Ms``) as clock time."""
+        return deadline_of(request, self.plane.clock)
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -252,19 +216,8 @@ class InferenceAPI:
         return examples.encode_results(outputs, verb, len(decoded.serialized))
 
     async def _decode_json(self, request: server.Request, decode: Callable[[bytes], T]) -> T:
-        """Read the JSON body and decode it (a large one on the decoder's threads).
-
-        The body's bytes count against the request budget until the decode ends, and nothing
-        keeps them after: the caller holds only what ``decode`` made.
-        """
-        body = read_body(request, JSON_CONTENT_TYPES)
-        decoding = Deferred.fromCoroutine(self.decoder.decode(body, decode))
-        del body  # the decode holds it; a route cancelled meanwhile need not
-        hold: BodyHold | None = getattr(request, "body_hold", None)
-        if hold is not None:  # None: a request type without a budget (tests' plain Site)
-            decoding = hold.decoding(decoding)
-        decoded: T = await decoding
-        return decoded
+        """Read the JSON body and decode it (``service.http_request.decode_body``)."""
+        return await decode_body(request, self.decoder, decode)
 
     @app.route("/v1/models/<target:target>", methods=["GET"])
     @counted("status")
@@ -402,34 +355,15 @@ class InferenceAPI:
         return generate_latest(self.metrics.registry)
 
 
+v2.mount(InferenceAPI.app)  # the Open Inference Protocol's routes (service.v2)
+
+
 def _error_response(request: IRequest, error: ServingError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", JSON)
     if error.retry_after is not None:
         request.setHeader(b"retry-after", str(error.retry_after).encode())
     return codec.encode_json(error_body(error.message))
-
-
-def read_body(
-    request: IRequest, content_types: set[bytes], *, hint: str = "send JSON (application/json)"
-) -> bytes:
-    """The request body, after checking its type (its size is checked as it arrives, by
-    ``BoundedRequest``).
-
-    ``content_types`` may hold a wildcard subtype, ``image/*``, accepting every ``image/…``.
-    """
-    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-    wildcard = content_type.partition(b"/")[0] + b"/*"
-    if content_type not in content_types and (
-        b"/" not in content_type or wildcard not in content_types
-    ):
-        raise UnsupportedMediaType(
-            f"content type {content_type.decode(errors='replace')!r} is not accepted here; {hint}"
-        )
-    # The bytes without a copy (BytesIO shares its buffer); the request keeps none of them.
-    content = cast(io.BytesIO, request.content)
-    request.content = io.BytesIO()
-    return content.getvalue()
 
 
 class UTF8URLs(Resource):

@@ -215,6 +215,7 @@ def test_registers_exactly_as_specified_once_the_model_is_loaded(fleet: Fleet) -
         assert (held["Address"], held["Port"]) == ("127.0.0.1", server.port)
         assert held["Tags"] == [
             "api:tfserving-rest",
+            "api:v2",
             "api:tfserving-grpc",
             "model:slowstart",
             "model:slowstart:1",

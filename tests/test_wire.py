@@ -51,7 +51,7 @@ def test_model_path_refuses_what_the_name_rule_refuses(name: str) -> None:
 def test_a_server_with_grpc_says_so_and_names_its_port() -> None:
     """api:tfserving-grpc beside the REST tag, and the gRPC port in meta."""
     tags, meta = registration({"a": [1]}, grpc_port=8500)
-    assert tags == ["api:tfserving-rest", "api:tfserving-grpc", "model:a", "model:a:1"]
+    assert tags == ["api:tfserving-rest", "api:v2", "api:tfserving-grpc", "model:a", "model:a:1"]
     assert meta == {"api": "tfserving-rest", "models": "a:1", "grpc_port": "8500"}
 
 
@@ -60,6 +60,7 @@ def test_registration_tags_name_each_available_version() -> None:
     tags, meta = registration({"b": [2, 1], "a": [3], "loading": []})
     assert tags == [
         "api:tfserving-rest",
+        "api:v2",
         "model:a",
         "model:a:3",
         "model:b",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 import numpy as np
@@ -32,6 +32,8 @@ class Servable(Protocol):
     signatures: Mapping[str, Signature]
     signature_defs: Mapping[str, Any]  # the SignatureDef protos as TF Serving's metadata JSON
     labels: tuple[str, ...] | None
+    #: The kind of model, as the Open Inference Protocol's model metadata names it.
+    platform: ClassVar[str]
 
     @property
     def closed(self) -> bool: ...
@@ -57,6 +59,8 @@ class Servable(Protocol):
 class ServableBase:
     """The plain data of a loaded version and what follows from it alone; a kind adds
     ``run``, ``close`` and ``closed`` over its own TensorFlow objects."""
+
+    platform: ClassVar[str] = "tensorflow_savedmodel"
 
     name: str
     version: int

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import numpy as np
@@ -71,6 +71,7 @@ class _Session:
 class FrozenGraphServable(ServableBase):
     """A frozen GraphDef in a Session of its own."""
 
+    platform: ClassVar[str] = "tensorflow_graphdef"
     _open: _Session | None  # None once closed
 
     @classmethod

@@ -1,0 +1,123 @@
+"""What every HTTP front door does with a request, whatever its protocol.
+
+Shared by TF Serving's REST routes (``service.http``) and the Open Inference Protocol's
+(``service.v2``), which are routes of the same Klein application on the same Site:
+
+- ``counted``: the ``route`` label a request is counted under (kleinserve_requests_total);
+- ``cancellation_of``: a ``Cancellation`` set when the client goes away before its answer;
+- ``deadline_of``: the client's ``X-Request-Deadline-Ms``, as clock time;
+- ``read_body``: the body, after checking its content type;
+- ``decode_body``: read and decode a body, a large one on the body decoder's thread, its
+  bytes held against the request budget until the decode ends.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from twisted.internet.defer import Deferred
+from twisted.web import server
+from twisted.web.iweb import IRequest
+
+from service.budget import BodyHold
+from service.dataplane import Cancellation
+from service.decoding import BodyDecoder
+from service.errors import InvalidArgument, UnsupportedMediaType
+
+T = TypeVar("T")
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+JSON = b"application/json"
+# Content types a JSON body may come with: curl -d sends form-urlencoded, TF Serving ignores the type.
+JSON_CONTENT_TYPES = {
+    b"",
+    b"application/json",
+    b"text/json",
+    b"text/plain",
+    b"application/x-www-form-urlencoded",
+}
+
+
+def counted(label: str) -> Callable[[Handler], Handler]:
+    """Count the route's requests under ``label`` (the ``route`` label of
+    kleinserve_requests_total): the route marks its request, and ``InferenceSite.log``
+    reads the mark. The label is also kept on the handler, for ``InferenceAPI.route_label``."""
+
+    def mark(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def route(self: Any, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+            request.route_label = label  # type: ignore[attr-defined]
+            return handler(self, request, *args, **kwargs)
+
+        route.route_label = label  # type: ignore[attr-defined]
+        return cast(Handler, route)
+
+    return mark
+
+
+def cancellation_of(request: server.Request) -> Cancellation:
+    """A ``Cancellation`` set when the client goes away before its answer."""
+    cancellation = Cancellation()
+    request.notifyFinish().addErrback(cancellation.cancel)
+    return cancellation
+
+
+def deadline_of(request: IRequest, clock: Any) -> float | None:
+    """The client's deadline, from ``X-Request-Deadline-Ms`` (milliseconds left), as clock time."""
+    header = request.getHeader(b"x-request-deadline-ms")
+    if header is None:
+        return None
+    try:
+        remaining = float(header)
+    except ValueError:
+        raise InvalidArgument(
+            f"X-Request-Deadline-Ms must be a number of milliseconds, not {header!r}"
+        ) from None
+    return float(clock.seconds()) + remaining / 1000
+
+
+def read_body(
+    request: IRequest, content_types: set[bytes], *, hint: str = "send JSON (application/json)"
+) -> bytes:
+    """The request body, after checking its type (its size is checked as it arrives, by
+    ``BoundedRequest``).
+
+    ``content_types`` may hold a wildcard subtype, ``image/*``, accepting every ``image/…``.
+    """
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    wildcard = content_type.partition(b"/")[0] + b"/*"
+    if content_type not in content_types and (
+        b"/" not in content_type or wildcard not in content_types
+    ):
+        raise UnsupportedMediaType(
+            f"content type {content_type.decode(errors='replace')!r} is not accepted here; {hint}"
+        )
+    # The bytes without a copy (BytesIO shares its buffer); the request keeps none of them.
+    content = cast(io.BytesIO, request.content)
+    request.content = io.BytesIO()
+    return content.getvalue()
+
+
+async def decode_body(
+    request: server.Request,
+    decoder: BodyDecoder,
+    decode: Callable[[bytes], T],
+    content_types: set[bytes] = JSON_CONTENT_TYPES,
+    hint: str = "send JSON (application/json)",
+) -> T:
+    """Read the body and decode it (a large one on the decoder's threads).
+
+    The body's bytes count against the request budget until the decode ends, and nothing
+    keeps them after: the caller holds only what ``decode`` made.
+    """
+    body = read_body(request, content_types, hint=hint)
+    decoding = Deferred.fromCoroutine(decoder.decode(body, decode))
+    del body  # the decode holds it; a route cancelled meanwhile need not
+    hold: BodyHold | None = getattr(request, "body_hold", None)
+    if hold is not None:  # None: a request type without a budget (tests' plain Site)
+        decoding = hold.decoding(decoding)
+    decoded: T = await decoding
+    return decoded

@@ -1,0 +1,262 @@
+"""The Open Inference Protocol (KServe v2) REST API, with Triton's binary tensor extension.
+
+Routes of ``InferenceAPI``'s Klein application (``mount`` adds them; ``service.http`` calls it),
+so they share its port, Site, limits, body budget, error handling and metrics; each is
+counted under its own route label. NAME_V is ``NAME`` or ``NAME/versions/N``:
+
+  GET  /v2                         server metadata: name, version, extensions
+  GET  /v2/health/live             200 {"live": true}; 503 {"live": false, …} as /healthz
+  GET  /v2/health/ready            200 {"ready": true}; 503 {"ready": false, …} as /readyz
+                                   (loading, draining, stalled; an overloaded server is ready)
+  GET  /v2/models/NAME_V           model metadata: versions, platform, inputs, outputs
+  GET  /v2/models/NAME_V/ready     200 {"name", "ready": true}; 503 with "ready": false
+  POST /v2/models/NAME_V/infer     inference (bodies: ``service.v2_codec``)
+
+A model's v2 signature is ``serving_default``, or its only signature. Inference goes
+through the data plane as ``:predict`` does (``service.http``): the version is leased before
+the first await, the body decoded inside the lease (a large one on the body decoder's
+thread, its bytes held against the request budget), and ``VersionLease.predict`` checks the
+inputs against the signature and queues them with the request's deadline
+(``X-Request-Deadline-Ms``, or the request's ``timeout`` parameter, whichever is sooner) and a
+``Cancellation`` set when the client goes away. So v2 and TF Serving requests for a model
+share batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib import metadata as package_metadata
+from typing import TYPE_CHECKING, Any
+
+from klein import Klein
+from twisted.web import server
+from twisted.web.iweb import IRequest
+
+from service import codec, v2_codec
+from service.dataplane import ModelTarget
+from service.errors import Internal, InvalidArgument, NotFound, Unavailable
+from service.http_paths import echo, parse_version
+from service.http_request import (
+    JSON,
+    JSON_CONTENT_TYPES,
+    cancellation_of,
+    counted,
+    deadline_of,
+    decode_body,
+)
+from service.signature import Signature, TensorInfo, quoted
+from wire.dtypes import DEFAULT_SIGNATURE, V2_NAMES
+
+if TYPE_CHECKING:
+    from service.http import InferenceAPI
+
+SERVER_NAME = "kleinserve"
+EXTENSIONS = ("binary_tensor_data",)
+OCTET_STREAM = b"application/octet-stream"
+INFER_CONTENT_TYPES = JSON_CONTENT_TYPES | {OCTET_STREAM}
+INFER_HINT = "send JSON (application/json), or JSON and tensor bytes (application/octet-stream)"
+_HEADER_LENGTH = v2_codec.HEADER_LENGTH.lower().encode()
+
+
+def server_version() -> str:
+    try:
+        return package_metadata.version(SERVER_NAME)
+    except package_metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "0+unknown"
+
+
+_SERVER_METADATA = codec.encode_json(
+    {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
+)
+
+
+def mount(app: Klein) -> None:
+    """Add the v2 routes to ``app`` (``InferenceAPI.app``; handlers get the InferenceAPI)."""
+    model, version = "/v2/models/<name>", "/v2/models/<name>/versions/<version>"
+    app.route("/v2", methods=["GET"])(v2_server_metadata)
+    app.route("/v2/health/live", methods=["GET"])(v2_live)
+    app.route("/v2/health/ready", methods=["GET"])(v2_ready)
+    for prefix in (model, version):
+        app.route(prefix, methods=["GET"])(v2_model_metadata)
+        app.route(prefix + "/ready", methods=["GET"])(v2_model_ready)
+        app.route(prefix + "/infer", methods=["POST"])(v2_infer)
+    for path in ("/v2/", "/v2/<path:path>"):
+        app.route(path, methods=["GET", "POST"])(v2_other)
+
+
+def _answer(request: IRequest, doc: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON)
+    return codec.encode_json(doc)
+
+
+@counted("v2_server_metadata")
+def v2_server_metadata(api: InferenceAPI, request: IRequest) -> bytes:
+    request.setHeader(b"content-type", JSON)
+    return _SERVER_METADATA
+
+
+@counted("v2_live")
+def v2_live(api: InferenceAPI, request: IRequest) -> bytes:
+    """Liveness, as ``/healthz``: false while an inference thread or a queue is stuck."""
+    problem = api.health.problem()
+    if problem is not None:
+        return _answer(request, {"live": False, "error": problem}, 503)
+    return _answer(request, {"live": True})
+
+
+@counted("v2_ready")
+def v2_ready(api: InferenceAPI, request: IRequest) -> bytes:
+    """Readiness, as ``/readyz`` (without its 429: an overloaded server is still ready)."""
+    problem = api.health.problem()
+    if api.health.draining:
+        problem = "the server is stopping (draining)"
+    elif problem is None and not api.repository.ready:
+        problem = "models are still loading"
+    if problem is not None:
+        return _answer(request, {"ready": False, "error": problem}, 503)
+    return _answer(request, {"ready": True})
+
+
+def _target(name: str, version: str | None) -> ModelTarget:
+    if version is None:
+        return ModelTarget(name)
+    number = parse_version(version)
+    if number is None:
+        raise InvalidArgument(
+            f"model {echo(name)!r}: the version in the URL must be a decimal number (digits "
+            f"0-9) that fits in 64 bits, not {echo(version)!r}"
+        )
+    return ModelTarget(name, version=number)
+
+
+def signature_name(signatures: Mapping[str, Any]) -> str:
+    """The signature the v2 API serves: ``serving_default``, else the only one."""
+    if DEFAULT_SIGNATURE not in signatures and len(signatures) == 1:
+        (only,) = signatures
+        return str(only)
+    return DEFAULT_SIGNATURE  # absent: the lookup says which signatures there are
+
+
+@counted("v2_model_metadata")
+def v2_model_metadata(
+    api: InferenceAPI, request: IRequest, name: str, version: str | None = None
+) -> bytes:
+    found = api.plane.metadata(_target(name, version))
+    key = signature_name(found.signatures)
+    signature = found.signatures.get(key)
+    if signature is None:
+        raise InvalidArgument(
+            f"model {name!r} has no signature {key!r} and several others "
+            f"({quoted(sorted(found.signatures))}); the v2 API serves {key!r} or the only one"
+        )
+    return _answer(
+        request,
+        {
+            "name": found.name,
+            "versions": [str(v) for v in found.versions],
+            "platform": found.platform,
+            "inputs": [_tensor_metadata(t) for t in signature.inputs.values()],
+            "outputs": [_tensor_metadata(t) for t in signature.outputs.values()],
+        },
+    )
+
+
+def _tensor_metadata(info: TensorInfo) -> dict[str, Any]:
+    """Name, datatype and shape (-1 for an unknown dimension; [-1] for an unknown rank)."""
+    shape = [-1] if info.shape is None else [-1 if d is None else d for d in info.shape]
+    return {"name": info.name, "datatype": V2_NAMES[info.dtype], "shape": shape}
+
+
+@counted("v2_model_ready")
+def v2_model_ready(
+    api: InferenceAPI, request: IRequest, name: str, version: str | None = None
+) -> bytes:
+    """200 once the version (or, without one, some version) is AVAILABLE; 503 before."""
+    target = _target(name, version)
+    try:
+        with api.plane.lease(target):
+            pass
+    except Unavailable as error:
+        return _answer(request, {"name": name, "ready": False, "error": error.message}, 503)
+    return _answer(request, {"name": name, "ready": True})
+
+
+@counted("v2_infer")
+async def v2_infer(
+    api: InferenceAPI, request: server.Request, name: str, version: str | None = None
+) -> bytes:
+    target = _target(name, version)
+    header_length = _header_length(request)
+    deadline = deadline_of(request, api.plane.clock)
+    with api.plane.lease(target) as model:  # a swap unloads it only after the answer
+        key = signature_name(model.signature_defs())
+        decoded = await decode_body(
+            request,
+            api.decoder,
+            lambda body: v2_codec.decode_infer(body, header_length),
+            INFER_CONTENT_TYPES,
+            INFER_HINT,
+        )
+        signature = model.signature(key)
+        wanted = _wanted_outputs(decoded, signature)
+        if decoded.timeout_us is not None:
+            timeout = float(api.plane.clock.seconds()) + decoded.timeout_us / 1e6
+            deadline = timeout if deadline is None else min(deadline, timeout)
+        outputs = await model.predict(
+            key, decoded.inputs, deadline=deadline, cancellation=cancellation_of(request)
+        )
+    missing = [output for output, _ in wanted if output not in outputs]
+    if missing:  # the model did not produce what its signature promised
+        raise Internal(f"the model returned no output(s) {quoted(missing)}")
+    body, json_length = v2_codec.encode_infer(
+        model.name,
+        model.version,
+        decoded.id,
+        [(output, outputs[output], binary) for output, binary in wanted],
+    )
+    if json_length is None:
+        request.setHeader(b"content-type", JSON)
+    else:
+        request.setHeader(b"content-type", OCTET_STREAM)
+        request.setHeader(v2_codec.HEADER_LENGTH.encode(), str(json_length).encode())
+    return body
+
+
+def _header_length(request: IRequest) -> int | None:
+    header = request.getHeader(_HEADER_LENGTH)
+    if header is None:
+        return None
+    text = header.decode("latin-1").strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise InvalidArgument(
+            f"{v2_codec.HEADER_LENGTH} must be the length in bytes of the body's JSON, "
+            f"not {echo(text)!r}"
+        )
+    return int(text)
+
+
+def _wanted_outputs(decoded: v2_codec.InferRequest, signature: Signature) -> list[tuple[str, bool]]:
+    """The outputs to answer, in order, each with whether it goes as binary data."""
+    if decoded.outputs is None:
+        return [(name, decoded.binary_output) for name in signature.outputs]
+    unknown = [o.name for o in decoded.outputs if o.name not in signature.outputs]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown output(s) {quoted(unknown)} requested; the model's outputs are "
+            f"{quoted(list(signature.outputs))}"
+        )
+    return [
+        (o.name, decoded.binary_output if o.binary is None else o.binary) for o in decoded.outputs
+    ]
+
+
+@counted("v2_other")
+def v2_other(api: InferenceAPI, request: IRequest, path: str = "") -> bytes:
+    """Any other /v2 URL: a 404 naming the endpoints there are."""
+    method = request.method.decode(errors="replace")
+    raise NotFound(
+        f"no such endpoint: {method} /v2/{echo(path)}; the v2 API has GET /v2, "
+        "GET /v2/health/live, GET /v2/health/ready, GET /v2/models/NAME[/versions/N], "
+        "GET /v2/models/NAME[/versions/N]/ready, POST /v2/models/NAME[/versions/N]/infer"
+    )
