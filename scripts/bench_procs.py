@@ -34,10 +34,19 @@ class BenchError(RuntimeError):
     """Something the bench could not measure; the message says what, with the log's tail."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, and not one this process handed out before: the kernel
+    may offer the same free port twice in a row (a server's HTTP and gRPC ports, say)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

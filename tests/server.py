@@ -36,10 +36,19 @@ def poll(read: Callable[[], T], until: Callable[[T], bool], timeout: float) -> T
         time.sleep(0.1)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, and not one this process handed out before: the kernel
+    may offer the same free port twice in a row (a server's HTTP and gRPC ports, say)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 ERROR_MARKERS = (
