@@ -56,7 +56,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from discovery.backoff import Backoff
 from service import memory
 from service.batching import BatchingQueue
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
@@ -67,6 +66,7 @@ from service.model_folders import ModelScan, VersionFolder, os_fault, ready_vers
 from service.servables import Servable
 from service.servables.registry import load_servable
 from service.signature import Signature
+from wire.backoff import Backoff
 
 __all__ = [
     "AVAILABLE",
