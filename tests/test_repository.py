@@ -9,6 +9,7 @@ looked at. Time is a ``task.Clock``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,15 @@ from twisted.logger import LogLevel
 from service.batching import BatchingParameters
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from service.model_config import ModelConfig, VersionPolicy
-from service.repository import AVAILABLE, END, LOADING, UNLOADING, ModelRepository
+from service.repository import (
+    AVAILABLE,
+    END,
+    LOADING,
+    UNLOADING,
+    LoadedVersion,
+    ModelRepository,
+    State,
+)
 from service.signature import Signature, TensorInfo
 from tests.deferreds import result_of
 
@@ -157,6 +166,22 @@ def start(models: list[ModelConfig], *, work: bool = True, **kw: Any) -> Harness
 
 def model(base: Path, name: str = "m", **kw: Any) -> ModelConfig:
     return ModelConfig(name, base, batching=BatchingParameters(enabled=False), **kw)
+
+
+def test_states_are_tf_servings_names_as_text() -> None:
+    """A version's state is an enum whose members are TF Serving's state names as ``str``: they
+    compare equal to the names and are written as them in JSON, logs and metric labels."""
+    assert [str(s) for s in State] == ["LOADING", "AVAILABLE", "UNLOADING", "END"]
+    version = LoadedVersion("m", 1, state="AVAILABLE")  # type: ignore[arg-type]
+    assert version.state is AVAILABLE and version.state == "AVAILABLE"
+    assert f"{version.state}" == "AVAILABLE"
+    assert json.dumps(version.status()) == (
+        '{"version": "1", "state": "AVAILABLE", '
+        '"status": {"error_code": "OK", "error_message": ""}}'
+    )
+    assert type(version.status()["state"]) is str
+    with pytest.raises(ValueError):
+        LoadedVersion("m", 1, state="SERVING")  # type: ignore[arg-type]
 
 
 def test_start_loads_the_highest_complete_version(tmp_path: Path) -> None:

@@ -39,18 +39,15 @@ and once when they clear, never every poll:
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import attrs
-import numpy as np
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -59,40 +56,28 @@ from twisted.python.threadpool import ThreadPool
 from service import memory
 from service.batching import BatchingQueue
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
-from service.lifecycle import InFlight
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.model_folders import ModelScan, VersionFolder, os_fault, ready_versions, scan_model
+from service.repository.versions import (
+    AVAILABLE,
+    END,
+    LOADING,
+    UNLOADING,
+    LoadedVersion,
+    Threads,
+    version_status,
+)
 from service.servables import Servable
 from service.servables.registry import load_servable
-from service.signature import Signature
 from wire.backoff import Backoff
 
-__all__ = [
-    "AVAILABLE",
-    "END",
-    "LOADING",
-    "UNLOADING",
-    "LoadedVersion",
-    "ModelConfig",
-    "ModelRepository",
-]
+__all__ = ["ModelRepository", "PoolThreads"]
 
 log = Logger()
 
 # Models load after the repository froze TensorFlow's own objects: no unfreeze needed.
 RELEASE_MEMORY = partial(memory.release_memory, unfreeze=False)
-
-# TF Serving's ModelVersionStatus states.
-LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
-
-
-class Threads(Protocol):
-    """Where one version's blocking work runs: its loading, warm-up and batches."""
-
-    def run(self, f: Callable[..., Any], *args: Any) -> Deferred: ...
-
-    def stop(self) -> None: ...
 
 
 class PoolThreads:
@@ -109,92 +94,6 @@ class PoolThreads:
 
     def stop(self) -> None:
         self._pool.stop()  # joins idle threads: the queues have drained before this is called
-
-
-@attrs.define(eq=False)
-class LoadedVersion:
-    """One version of a model: its state, and while it serves its servable, threads and queues."""
-
-    name: str
-    version: int
-    state: str = LOADING
-    error: str = ""
-    error_code: str = "UNKNOWN"  # TF Serving's code for ``error``, when there is one
-    servable: Servable | None = None
-    queues: dict[str, BatchingQueue] = attrs.Factory(dict)
-    threads: Threads | None = None
-    path: Path | None = None
-    fingerprint: int | None = None  # of the folder this version was (last) loaded from
-    attempts: int = 0  # failed loads of this folder so far
-    retry: IDelayedCall | None = None  # a pending retry of a failed load
-    holders: InFlight = attrs.Factory(InFlight)  # requests that hold this version (lease())
-
-    def signature(self, name: str | None) -> Signature:
-        return self.require().signature(name)
-
-    def predict(
-        self,
-        signature_name: str | None,
-        inputs: Mapping[str, np.ndarray],
-        deadline: float | None = None,
-    ) -> Deferred:
-        """Queue one request; the Deferred fires on the reactor with the request's own outputs.
-
-        ``deadline`` (clock seconds): past it, a request still queued fails with 504 unrun.
-        """
-        servable = self.require()
-        signature = servable.signature(signature_name)
-        return self.queues[signature.name].submit(inputs, batch_rows(signature, inputs), deadline)
-
-    def require(self) -> Servable:
-        """The servable; a request holding a lease may still use it while it is UNLOADING."""
-        if self.servable is None or self.state not in (AVAILABLE, UNLOADING):
-            raise Unavailable(
-                f"model {self.name!r} version {self.version} is {self.state}, not AVAILABLE",
-                retry_after=1,
-            )
-        return self.servable
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[LoadedVersion]:
-        """Hold this version for one request: it is not unloaded before the request is done.
-
-        Taken right after the lookup (no await in between), so a request that found the
-        version AVAILABLE can always finish on it, however long its body takes to decode.
-        """
-        self.holders.started()
-        try:
-            yield self
-        finally:
-            self.holders.finished()
-
-    def status(self, fault: ServingError | None = None) -> dict[str, Any]:
-        """TF Serving's ModelVersionStatus; ``fault``: a model store fault to show instead of
-        this version's own error (or its OK)."""
-        if fault is not None:
-            return version_status(self.version, self.state, fault.code, fault.message)
-        return version_status(
-            self.version, self.state, self.error_code if self.error else "OK", self.error
-        )
-
-
-def version_status(version: int, state: str, error_code: str, message: str) -> dict[str, Any]:
-    return {
-        "version": str(version),
-        "state": state,
-        "status": {"error_code": error_code, "error_message": message},
-    }
-
-
-def batch_rows(signature: Signature, inputs: Mapping[str, np.ndarray]) -> int | None:
-    """The request's batch size if it can be merged with others along axis 0, else None."""
-    if not signature.batchable:
-        return None
-    sizes = {value.shape[0] if value.ndim else None for value in inputs.values()}
-    if len(sizes) != 1 or None in sizes:
-        return None
-    (rows,) = sizes
-    return rows if rows else None  # an empty request runs alone rather than as a 0-row slice
 
 
 class ModelRepository(Service):
@@ -256,7 +155,7 @@ class ModelRepository(Service):
         self._rng = random.Random()
         self._metrics.watch_versions(
             lambda: [
-                (name, number, v.state)
+                (name, number, str(v.state))
                 for name, versions in list(self.versions.items())
                 for number, v in list(versions.items())
             ]
