@@ -2,6 +2,8 @@
 
 - ``repository``: ``ModelRepository``, the Service: the configured models, their scans,
   carrying out the reconcile plan, readiness, start and stop.
+- ``reconcile``: the reconcile policy as a pure function, ``plan(config, folders, held,
+  served_labels)`` -> ``Load`` / ``Unload`` / ``CancelRetry`` / ``Forget`` actions.
 - ``versions``: ``LoadedVersion``, a served version (``State``, ``lease``, ``predict``, its
   status entry), and ``batch_rows``.
 

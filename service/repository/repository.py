@@ -59,6 +59,7 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound, Servin
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.model_folders import ModelScan, VersionFolder, os_fault, ready_versions, scan_model
+from service.repository.reconcile import CancelRetry, Forget, Held, Load, Unload, plan
 from service.repository.versions import (
     AVAILABLE,
     END,
@@ -547,61 +548,48 @@ class ModelRepository(Service):
     # -- reconciling what is loaded with what is aspired ----------------------------------------
 
     def _reconcile(self, name: str) -> None:
+        """Carry out the reconcile plan of model ``name`` (``service.repository.reconcile``)."""
         if not self.running:
             return
         config = self.configs.get(name)
         versions = self.versions.get(name, {})
         folders = self._ready.get(name, {}) if config is not None else {}
-        aspired = config.policy.select(folders) if config is not None else set()
-        for number in sorted(aspired, reverse=True):
-            folder = folders[number]
-            current = versions.get(number)
-            if current is None:
-                self._start_load(name, folder)
-            elif current.path != folder.path and current.state == AVAILABLE:
-                self._start_unload(current)  # the base path moved: reload from the new one
-            elif current.state == END and (
-                not current.error or current.fingerprint != folder.fingerprint
-            ):
-                self._start_load(name, folder)  # unloaded before, or failed and then replaced
-        serving = any(
-            versions[n].state == AVAILABLE and versions[n].path == folders[n].path
-            for n in aspired
-            if n in versions
-        )
-        # A label moved to a version that is not AVAILABLE yet keeps serving from the version it
-        # served before: that one stays loaded until the label's new version is.
-        pinned = set()
-        if config is not None:
-            for label, number in config.labels.items():
-                if number not in versions or versions[number].state != AVAILABLE:
-                    pinned.add(self._label_targets.get(name, {}).get(label))
-        for number, version in list(versions.items()):
-            if number in aspired or number in pinned:
-                continue
-            if version.retry is not None:  # a failed load waiting to retry: no longer wanted
-                version.retry.cancel()
-                version.retry, version.state = None, END
-                self._note_gone(version, "its load is not retried")
-            elif version.state == AVAILABLE and (config is None or serving or not aspired):
-                for label, target in (config.labels if config is not None else {}).items():
-                    if target == number:
-                        log.warn(
-                            "model {name}: label {label!r} points at version {v}, which the "
-                            "version policy ({policy}) no longer serves; /labels/{label} fails "
-                            "until the label moves",
-                            name=name,
-                            label=label,
-                            v=number,
-                            policy=config.policy.describe() if config is not None else "",
-                        )
-                self._note_gone(version, "unloading it")
-                self._start_unload(version)
-        if config is None and all(v.state == END for v in versions.values()):
-            self.versions.pop(name, None)
-            self._label_targets.pop(name, None)
-            self._forget_scans(name)
+        held = {number: Held.of(version) for number, version in versions.items()}
+        for action in plan(config, folders, held, self._label_targets.get(name, {})):
+            match action:
+                case Load(folder):
+                    self._start_load(name, folder)
+                case Unload(number, moved=True):
+                    self._start_unload(versions[number])  # reloaded from the new path once END
+                case Unload(number):
+                    self._retire(config, versions[number])
+                case CancelRetry(number):
+                    version = versions[number]
+                    if version.retry is not None:
+                        version.retry.cancel()
+                    version.retry, version.state = None, END
+                    self._note_gone(version, "its load is not retried")
+                case Forget():
+                    self.versions.pop(name, None)
+                    self._label_targets.pop(name, None)
+                    self._forget_scans(name)
         self._changed()
+
+    def _retire(self, config: ModelConfig | None, version: LoadedVersion) -> None:
+        """Unload a version that is no longer wanted, saying why."""
+        for label, target in (config.labels if config is not None else {}).items():
+            if target == version.version:
+                log.warn(
+                    "model {name}: label {label!r} points at version {v}, which the "
+                    "version policy ({policy}) no longer serves; /labels/{label} fails "
+                    "until the label moves",
+                    name=version.name,
+                    label=label,
+                    v=version.version,
+                    policy=config.policy.describe() if config is not None else "",
+                )
+        self._note_gone(version, "unloading it")
+        self._start_unload(version)
 
     def _start_load(self, name: str, folder: VersionFolder) -> None:
         config = self.configs[name]
