@@ -2,6 +2,8 @@
 
 - ``repository``: ``ModelRepository``, the Service: the configured models, their scans,
   carrying out the reconcile plan, readiness, start and stop.
+- ``loader``: ``Loader``, a version's load and warm-up on its threads (``PoolThreads``), the
+  retry of a failed load with backoff, its unload, and giving its memory back.
 - ``reconcile``: the reconcile policy as a pure function, ``plan(config, folders, held,
   served_labels)`` -> ``Load`` / ``Unload`` / ``CancelRetry`` / ``Forget`` actions.
 - ``versions``: ``LoadedVersion``, a served version (``State``, ``lease``, ``predict``, its
@@ -11,7 +13,8 @@ Everything the rest of the server uses is importable from here.
 """
 
 from service.model_config import ModelConfig
-from service.repository.repository import ModelRepository, PoolThreads
+from service.repository.loader import PoolThreads
+from service.repository.repository import ModelRepository
 from service.repository.versions import (
     AVAILABLE,
     END,

@@ -39,7 +39,6 @@ and once when they clear, never every poll:
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -59,42 +58,22 @@ from service.errors import FailedPrecondition, InvalidArgument, NotFound, Servin
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.model_folders import ModelScan, VersionFolder, os_fault, ready_versions, scan_model
+from service.repository.loader import RELEASE_MEMORY, Hooks, Loader, PoolThreads, next_attempt
 from service.repository.reconcile import CancelRetry, Forget, Held, Load, Unload, plan
 from service.repository.versions import (
     AVAILABLE,
     END,
     LOADING,
-    UNLOADING,
     LoadedVersion,
     Threads,
     version_status,
 )
 from service.servables import Servable
 from service.servables.registry import load_servable
-from wire.backoff import Backoff
 
-__all__ = ["ModelRepository", "PoolThreads"]
+__all__ = ["ModelRepository"]
 
-log = Logger()
-
-# Models load after the repository froze TensorFlow's own objects: no unfreeze needed.
-RELEASE_MEMORY = partial(memory.release_memory, unfreeze=False)
-
-
-class PoolThreads:
-    """``Threads`` on a ThreadPool of its own (blocking work runs on a pool the service owns,
-    never on the reactor thread), started on creation."""
-
-    def __init__(self, reactor: Any, size: int, name: str) -> None:
-        self._reactor = reactor
-        self._pool = ThreadPool(size, size, name)
-        self._pool.start()
-
-    def run(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
-
-    def stop(self) -> None:
-        self._pool.stop()  # joins idle threads: the queues have drained before this is called
+log = Logger(namespace="service.repository")
 
 
 class ModelRepository(Service):
@@ -127,18 +106,27 @@ class ModelRepository(Service):
         self.clock: IReactorTime = reactor
         self._reactor = reactor
         self._metrics = metrics or Metrics()
-        self._load = load
         self._poll_wait = file_system_poll_wait
-        self._max_retries = max_load_retries
-        self._retry_backoff = Backoff(
-            initial=load_retry_interval, maximum=load_retry_interval * 8, jitter=0.2
+        self._loader = Loader(
+            reactor=reactor,
+            metrics=self._metrics,
+            load=load,
+            make_threads=make_threads or partial(PoolThreads, reactor),
+            max_retries=max_load_retries,
+            retry_interval=load_retry_interval,
+            release_memory=release_memory,
+            hooks=Hooks(
+                running=lambda: bool(self.running),
+                changed=self._changed,
+                settled=self._reconcile,
+                attempted=self._check_ready,
+                retry=self._retry,
+            ),
         )
-        self._make_threads = make_threads or partial(PoolThreads, reactor)
         self._scan_pool: ThreadPool | None = None
         self._own_scan_pool = scan is None  # else injected (tests scan inline)
         self._scan = scan or self._scan_in_pool  # (f, *args) -> Deferred, off the reactor
         self._scan_folders = scan_folders
-        self._release_memory = release_memory
         self._freeze = freeze
         self._scans: dict[str, dict[int, VersionFolder]] = {}  # the last scan of each model
         self._ready: dict[str, dict[int, VersionFolder]] = {}  # folders that may be loaded
@@ -151,9 +139,7 @@ class ModelRepository(Service):
         self._waiting_ready: list[Deferred] = []
         self._listeners: list[Callable[[], object]] = []
         self._served: frozenset[tuple[str, int]] = frozenset()
-        self._busy: set[Deferred] = set()  # loads and unloads in progress
         self._poller: LoopingCall | None = None
-        self._rng = random.Random()
         self._metrics.watch_versions(
             lambda: [
                 (name, number, str(v.state))
@@ -397,10 +383,9 @@ class ModelRepository(Service):
                 if version.retry is not None and version.retry.active():
                     version.retry.cancel()
                 version.retry = None
-        while self._busy:  # loads finish (and see the service stopped); unloads finish
-            await DeferredList(list(self._busy))
+        await self._loader.settle()  # loads finish (and see the service stopped); unloads finish
         unloads = [
-            Deferred.fromCoroutine(self._unload(version))
+            Deferred.fromCoroutine(self._loader.unloading(version))
             for versions in self.versions.values()
             for version in list(versions.values())
             if version.state == AVAILABLE
@@ -592,102 +577,15 @@ class ModelRepository(Service):
         self._start_unload(version)
 
     def _start_load(self, name: str, folder: VersionFolder) -> None:
-        config = self.configs[name]
-        version = self.versions[name].get(folder.number)
-        if version is None or version.state == END and version.fingerprint != folder.fingerprint:
-            attempts = 0
-        else:
-            attempts = version.attempts
-        version = LoadedVersion(
-            name, folder.number, path=folder.path, fingerprint=folder.fingerprint, attempts=attempts
-        )
+        version = next_attempt(name, folder, self.versions[name].get(folder.number))
         self.versions[name][folder.number] = version
-        self._track(Deferred.fromCoroutine(self._load_version(config, version)))
+        self._loader.load(self.configs[name], version)
 
     def _start_unload(self, version: LoadedVersion) -> None:
-        self._track(Deferred.fromCoroutine(self._unload(version)))
-
-    def _track(self, d: Deferred) -> None:
-        self._busy.add(d)
-
-        def done(result: object) -> object:
-            self._busy.discard(d)
-            return result
-
-        d.addBoth(done)
-        d.addErrback(lambda f: log.failure("model lifecycle step failed", f))
-
-    async def _load_version(self, config: ModelConfig, version: LoadedVersion) -> None:
-        name, number, path = config.name, version.version, version.path
-        params = config.batching
-        threads = self._make_threads(params.num_batch_threads, f"inference-{name}-{number}")
-        version.threads = threads
-        log.info("model {name} version {v}: loading {path}", name=name, v=number, path=path)
-        started = self.clock.seconds()
-        try:
-            servable = await threads.run(self._load, name, number, path)
-            await threads.run(servable.warm_up, params.allowed_batch_sizes)
-        except Exception as e:  # any load failure goes to the status and is retried, not raised
-            threads.stop()
-            version.threads = None
-            self._metrics.model_loads.labels(name, "failure").inc()
-            self._load_failed(config, version, e)
-            self._check_ready()  # a failed first attempt no longer holds start-up back
-            return
-        self._metrics.model_loads.labels(name, "success").inc()
-        self._metrics.model_load_seconds.labels(name).observe(self.clock.seconds() - started)
-        if not self.running:  # stopping: the server will not serve it
-            await threads.run(servable.close)
-            threads.stop()
-            version.state, version.threads = END, None
-            return
-        for key in servable.signatures:
-            queue = BatchingQueue(
-                partial(servable.run, key),
-                params,
-                clock=self._reactor,
-                executor=threads.run,
-                observer=self._metrics.batch_observer(name, number, key),
-            )
-            self._metrics.watch_queue(name, number, key, queue)
-            version.queues[key] = queue
-        version.servable, version.state, version.error = servable, AVAILABLE, ""
-        version.attempts = 0
-        log.info(
-            "model {name} version {v}: AVAILABLE (loaded and warmed up in {s:.2f} s)",
-            name=name,
-            v=number,
-            s=self.clock.seconds() - started,
-        )
-        self._reconcile(name)  # unloads what this version replaces
-        self._check_ready()
-
-    def _load_failed(self, config: ModelConfig, version: LoadedVersion, error: Exception) -> None:
-        version.attempts += 1
-        version.error_code = "UNKNOWN"
-        reason = f"{type(error).__name__}: {error}"
-        total = self._max_retries + 1
-        if version.attempts < total and self.running:
-            delay = self._retry_backoff.delay(version.attempts - 1, self._rng)
-            version.error = (
-                f"load attempt {version.attempts} of {total} failed: {reason}; "
-                f"retrying in {delay:.3g} s"
-            )
-            version.retry = self._reactor.callLater(delay, self._retry, version)
-        else:
-            version.state = END
-            version.error = f"failed to load after {version.attempts} attempts: {reason}"
-        log.critical(
-            "model {name} version {v} failed to load from {path}: {error}",
-            name=config.name,
-            v=version.version,
-            path=version.path,
-            error=version.error,
-        )
-        self._changed()
+        self._loader.unload(version)
 
     def _retry(self, version: LoadedVersion) -> None:
-        version.retry = None
+        """A failed load's retry is due: load its folder again, if it is still wanted there."""
         folder = self._ready.get(version.name, {}).get(version.version)
         if folder is None or version.name not in self.configs:
             version.state = END
@@ -695,29 +593,6 @@ class ModelRepository(Service):
             self._reconcile(version.name)
             return
         self._start_load(version.name, folder)
-
-    async def _unload(self, version: LoadedVersion) -> None:
-        if version.state != AVAILABLE:
-            return
-        name, number = version.name, version.version
-        version.state = UNLOADING
-        log.info("model {name} version {v}: UNLOADING", name=name, v=number)
-        self._changed()
-        await version.holders.idle()
-        for queue in version.queues.values():
-            await queue.drain()
-        for key in version.queues:
-            self._metrics.forget(name, number, key)
-        servable, threads = version.servable, version.threads
-        version.servable, version.queues, version.threads = None, {}, None
-        if threads is not None and servable is not None:
-            await threads.run(servable.close)
-            threads.stop()
-        del servable
-        version.state = END
-        self._release_memory()
-        log.info("model {name} version {v}: END (unloaded)", name=name, v=number)
-        self._reconcile(name)
 
     # -- notifications --------------------------------------------------------------------------
 
