@@ -2,6 +2,9 @@
 
 - ``repository``: ``ModelRepository``, the Service: the configured models, their scans,
   carrying out the reconcile plan, readiness, start and stop.
+- ``routing``: ``Routes``, the lookup of a version by number, label or latest, the errors
+  that say why there is none, and TF Serving's version status.
+- ``store``: ``ModelStore``, what the scans found and the model store's faults (logged once).
 - ``loader``: ``Loader``, a version's load and warm-up on its threads (``PoolThreads``), the
   retry of a failed load with backoff, its unload, and giving its memory back.
 - ``reconcile``: the reconcile policy as a pure function, ``plan(config, folders, held,

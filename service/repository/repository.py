@@ -1,40 +1,23 @@
-"""The model repository: which models and versions this server holds, and in what state.
+"""ModelRepository: the Service that keeps the configured models' aspired versions loaded.
 
-A model is a base path in TF Serving's layout (numeric version folders) with a
-version policy and labels (``service.model_config``). Each version the policy
-wants is a ``LoadedVersion``: the servable, its own inference threads and one
-batching queue per signature. This module runs on the reactor thread; files are
-scanned on the repository's scan thread and TensorFlow only ever runs on a
-version's own threads.
+A model is a base path in TF Serving's layout (numeric version folders) with a version
+policy and labels (``service.model_config``). Each version held is a ``LoadedVersion``
+(``versions``): its servable, its own inference threads and one batching queue per
+signature. This module runs on the reactor thread; files are scanned on the repository's
+scan thread and TensorFlow only ever runs on a version's own threads.
 
 How the set of versions changes (TF Serving's availability-preserving policy):
 
-* A scan (every ``file_system_poll_wait`` seconds) finds the ready version
-  folders (``service.model_folders``: complete and no longer being copied); the
-  policy picks the *aspired* ones; ``_reconcile`` loads each aspired version
-  that is not loaded and unloads each loaded one that is not aspired.
-* A version takes traffic only once loaded *and warmed up*: until then it is
-  LOADING and lookups never return it.
-* A version that is no longer aspired is unloaded only once an aspired version
-  of its model is AVAILABLE (or nothing is aspired any more): a new version that
-  is still loading, or failed to load, leaves the old one serving.
-* Unloading: UNLOADING (no new lookups), wait for the requests that hold the
-  version (``lease``) and for its queues to drain, stop its threads, close the
-  servable, give the memory back (``service.memory``), END.
-* A failed load is retried with backoff up to ``max_load_retries`` times; the
-  error is in the status meanwhile, and after the last attempt the version is
-  END with its error until its folder changes.
-
-Faults of the model store show in the status and are logged once when they appear
-and once when they clear, never every poll:
-
-* a version unloaded because its folder is gone from the base path is END with a
-  NOT_FOUND error naming the folder;
-* a numeric entry that is not a readable version folder (a broken symlink, a file,
-  permission denied) is listed with its error (END if nothing was loaded from it; a
-  version loaded from it before keeps serving), and the scan goes on with the others;
-* a base path that cannot be scanned (missing, a file, unreadable) is the error of
-  every version without one of its own, and of a 404 when the model has no version.
+* A scan (every ``file_system_poll_wait`` seconds) finds the ready version folders
+  (``service.model_folders``: complete and no longer being copied) and its faults
+  (``store``); a config reload (``apply``) changes models, policies and labels.
+* After each scan, load or unload, ``_reconcile`` asks the pure policy
+  (``reconcile.plan``) for the loads and unloads that bring what is held to what the
+  config wants, and carries them out through the ``loader``: a version takes traffic only
+  once loaded *and warmed up*, an old one unloads only once its replacement is AVAILABLE,
+  a failed load is retried with backoff.
+* Lookups and status (``routing``) read the same state; the Consul tags and ``/readyz``
+  follow ``served()`` and ``ready``.
 """
 
 from __future__ import annotations
@@ -54,19 +37,20 @@ from twisted.python.threadpool import ThreadPool
 
 from service import memory
 from service.batching import BatchingQueue
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
+from service.errors import ServingError
 from service.metrics import Metrics
 from service.model_config import ModelConfig
-from service.model_folders import ModelScan, VersionFolder, os_fault, ready_versions, scan_model
+from service.model_folders import ModelScan, VersionFolder, os_fault, scan_model
 from service.repository.loader import RELEASE_MEMORY, Hooks, Loader, PoolThreads, next_attempt
 from service.repository.reconcile import CancelRetry, Forget, Held, Load, Unload, plan
+from service.repository.routing import Routes
+from service.repository.store import ModelStore
 from service.repository.versions import (
     AVAILABLE,
     END,
     LOADING,
     LoadedVersion,
     Threads,
-    version_status,
 )
 from service.servables import Servable
 from service.servables.registry import load_servable
@@ -128,12 +112,9 @@ class ModelRepository(Service):
         self._scan = scan or self._scan_in_pool  # (f, *args) -> Deferred, off the reactor
         self._scan_folders = scan_folders
         self._freeze = freeze
-        self._scans: dict[str, dict[int, VersionFolder]] = {}  # the last scan of each model
-        self._ready: dict[str, dict[int, VersionFolder]] = {}  # folders that may be loaded
-        self._scan_errors: dict[str, ServingError] = {}  # base paths the last scan could not read
-        self._faults: dict[str, dict[int, ServingError]] = {}  # unreadable version entries
-        self._gone: dict[str, set[int]] = {}  # versions unloaded because their folder went
+        self._store = ModelStore()  # what the scans found, and the faults they showed
         self._label_targets: dict[str, dict[str, int]] = {}  # label -> version last served
+        self._routes = Routes(self.configs, self.versions, self._store, self._label_targets)
         self._required = set(self.configs)  # models /readyz waits for (see ready)
         self._started = False  # ready once: later loads (hot swaps) never make it unready
         self._waiting_ready: list[Deferred] = []
@@ -153,125 +134,16 @@ class ModelRepository(Service):
     def lookup(
         self, name: str, version: int | None = None, label: str | None = None
     ) -> LoadedVersion:
-        """The version a request names: a number, a label, or (neither) the highest AVAILABLE.
-
-        Only AVAILABLE versions are returned; take ``lease()`` on the result before any await.
-        """
-        versions = self.versions.get(name)
-        config = self.configs.get(name)
-        if versions is None or config is None:
-            raise NotFound(
-                f"Servable not found for request: Latest({name}): no model named {name!r}"
-            )
-        if label is not None:
-            return self._by_label(config, versions, label)
-        if version is not None:
-            found = versions.get(version)
-            if found is None:
-                raise self._no_version(name, version)
-            found.require()
-            if found.state != AVAILABLE:
-                raise Unavailable(
-                    f"model {name!r} version {version} is {found.state}, not AVAILABLE",
-                    retry_after=1,
-                )
-            return found
-        available = [v for v in versions.values() if v.state == AVAILABLE]
-        if not available:
-            states = ", ".join(f"{v.version}: {v.state}" for v in versions.values())
-            problem = self._store_problem(name)
-            raise Unavailable(
-                f"model {name!r} has no AVAILABLE version ({states or problem or 'none found yet'})",
-                retry_after=1,
-            )
-        return max(available, key=lambda v: v.version)
-
-    def _by_label(
-        self, config: ModelConfig, versions: dict[int, LoadedVersion], label: str
-    ) -> LoadedVersion:
-        if label not in config.labels:
-            known = ", ".join(sorted(config.labels)) or "none"
-            raise InvalidArgument(
-                f"Unrecognized servable version label: {label} "
-                f"(model {config.name!r} has labels: {known})"
-            )
-        number = config.labels[label]
-        wanted = versions.get(number)
-        if wanted is not None and wanted.state == AVAILABLE:
-            return wanted
-        # Moving a label to a version that is still loading keeps it on the one it served.
-        previous = versions.get(self._label_targets.get(config.name, {}).get(label, -1))
-        if previous is not None and previous.state == AVAILABLE:
-            return previous
-        if wanted is not None and wanted.state == LOADING:
-            raise Unavailable(
-                f"label {label!r} of model {config.name!r} points at version {number}, which is "
-                f"still LOADING{': ' + wanted.error if wanted.error else ''}",
-                retry_after=1,
-            )
-        if wanted is None:
-            why = f"{config.base_path / str(number)} is not a complete version folder"
-            if number in self._ready.get(config.name, {}):
-                why = f"the version policy ({config.policy.describe()}) does not serve it"
-        else:
-            why = f"it is {wanted.state}" + (f": {wanted.error}" if wanted.error else "")
-        raise FailedPrecondition(
-            f"label {label!r} of model {config.name!r} points at version {number}, which is not "
-            f"loaded ({why}); a label may only point at a loaded version"
-        )
+        """The version a request names: a number, a label, or (neither) the highest AVAILABLE
+        (``service.repository.routing``). Take ``lease()`` on it before any await."""
+        return self._routes.lookup(name, version, label)
 
     def status(
         self, name: str, version: int | None = None, label: str | None = None
     ) -> list[dict[str, Any]]:
         """TF Serving's model_version_status, highest version first, with the model store's
-        faults: an unreadable version entry is listed (END unless loaded before), and a base
-        path that cannot be scanned is the error of each version without one of its own."""
-        if label is not None:
-            version = self.lookup(name, label=label).version
-        entries = self._status_entries(name)
-        if version is not None:
-            if version not in entries:
-                raise self._no_version(name, version)
-            return [entries[version]]
-        if name not in self.versions:
-            raise NotFound(f"Could not find any versions of model {name}")
-        if not entries:
-            problem = self._store_problem(name)
-            raise NotFound(
-                f"Could not find any versions of model {name}" + (f": {problem}" if problem else "")
-            )
-        return [entries[number] for number in sorted(entries, reverse=True)]
-
-    def _status_entries(self, name: str) -> dict[int, dict[str, Any]]:
-        faults = self._faults.get(name, {})
-        scan_error = self._scan_errors.get(name)
-        entries = {}
-        for number, v in self.versions.get(name, {}).items():
-            entries[number] = v.status(faults.get(number) or (None if v.error else scan_error))
-        for number, fault in faults.items():
-            if number not in entries:
-                entries[number] = version_status(number, END, fault.code, fault.message)
-        return entries
-
-    def _store_problem(self, name: str) -> str | None:
-        """Why a model has no version at all, if its store says why."""
-        config = self.configs.get(name)
-        if name in self._scan_errors:
-            return self._scan_errors[name].message
-        if config is None or name not in self._scans:
-            return None  # not scanned yet
-        if not self._scans[name]:
-            return f"{config.base_path} has no numeric version folder"
-        return f"no version folder in {config.base_path} is complete and settled yet"
-
-    def _no_version(self, name: str, version: int) -> NotFound:
-        why = f"model {name!r} has no version {version}"
-        fault = self._faults.get(name, {}).get(version)
-        if fault is not None:
-            why += f" ({fault.message})"
-        elif name in self._scan_errors:
-            why += f" ({self._scan_errors[name].message})"
-        return NotFound(f"Servable not found for request: Specific({name}, {version}): {why}")
+        faults (``service.repository.routing``)."""
+        return self._routes.status(name, version, label)
 
     @property
     def ready(self) -> bool:
@@ -340,7 +212,7 @@ class ModelRepository(Service):
                 log.info("model {name}: added ({path})", name=name, path=config.base_path)
                 self.versions.setdefault(name, {})
             elif old.base_path != config.base_path:
-                self._forget_scans(name)
+                self._store.forget(name)
             self.configs[name] = config
             changed.append(name)
         for name in changed:
@@ -424,10 +296,7 @@ class ModelRepository(Service):
         error = failure.value
         if not isinstance(error, ServingError):
             error = os_fault(error, f"model base path {base_path}")
-        old = self._scan_errors.get(name)
-        if old is None or old.message != error.message:  # log a lasting problem once
-            log.error("model {name}: {error}", name=name, error=error.message)
-        self._scan_errors[name] = error
+        self._store.scan_failed(name, error)
         # The folders that were there stay aspired: an unreadable base path (a network file
         # system hiccup) must not unload what serves.
 
@@ -435,100 +304,11 @@ class ModelRepository(Service):
         config = self.configs.get(name)
         if config is None or config.base_path != base_path or not self.running:
             return  # removed or moved while we scanned
-        old = self._scan_errors.pop(name, None)
-        if old is not None:
-            log.info(
-                "model {name}: {path} can be scanned again (it was: {error})",
-                name=name,
-                path=base_path,
-                error=old.message,
-            )
-        found = scan.folders
-        if not found and not scan.faults and name not in self._scans:
-            log.error(
-                "model {name}: no numeric version folder in {path}", name=name, path=base_path
-            )
-        self._note_faults(name, base_path, scan)
-        self._note_returned(name, base_path, found)
-        ready = ready_versions(
-            found, self._scans.get(name), self._ready.get(name, {}), unreadable=scan.faults
-        )
-        self._scans[name] = found
-        self._ready[name] = ready
+        self._store.scanned(name, base_path, scan, self.versions.get(name, {}))
         self._reconcile(name)
 
-    def _note_faults(self, name: str, base_path: Path, scan: ModelScan) -> None:
-        """Log each unreadable version entry once when it appears, and once when it clears."""
-        before = self._faults.get(name, {})
-        for number, fault in sorted(scan.faults.items()):
-            if number not in before or before[number].message != fault.message:
-                log.error(
-                    "model {name} version {v}: {error} (the other versions are scanned as usual)",
-                    name=name,
-                    v=number,
-                    error=fault.message,
-                )
-        for number in sorted(set(before) - set(scan.faults)):
-            now = "is readable again" if number in scan.folders else "was removed"
-            log.info(
-                "model {name} version {v}: {path} {now} (it was: {error})",
-                name=name,
-                v=number,
-                path=base_path / str(number),
-                now=now,
-                error=before[number].message,
-            )
-        self._faults[name] = dict(scan.faults)
-
-    def _note_returned(self, name: str, base_path: Path, found: dict[int, VersionFolder]) -> None:
-        """A version folder that had gone is back: log it once, and clear its NOT_FOUND error
-        (so that, like any version unloaded before, it loads again if the policy wants it)."""
-        gone = self._gone.get(name, set())
-        for number in sorted(gone & set(found)):
-            gone.discard(number)
-            log.info(
-                "model {name} version {v}: {path} is back",
-                name=name,
-                v=number,
-                path=found[number].path,
-            )
-            version = self.versions.get(name, {}).get(number)
-            if version is not None and version.error_code == NotFound.code:
-                version.error, version.error_code = "", "UNKNOWN"
-
     def _note_gone(self, version: LoadedVersion, doing: str) -> None:
-        """If ``version`` is no longer wanted because its folder is gone from its model's last
-        scan (not left out by the policy, not merely unreadable), say so in its status and log
-        it once."""
-        name, number = version.name, version.version
-        config, found = self.configs.get(name), self._scans.get(name)
-        if (
-            config is None
-            or found is None
-            or number in found
-            or number in self._faults.get(name, {})
-        ):
-            return
-        folder = config.base_path / str(number)
-        version.error = (
-            f"version folder {folder} is gone from the model base path {config.base_path}"
-        )
-        version.error_code = NotFound.code
-        self._gone.setdefault(name, set()).add(number)
-        log.warn(
-            "model {name} version {v}: {error}; {doing}",
-            name=name,
-            v=number,
-            error=version.error,
-            doing=doing,
-        )
-
-    def _forget_scans(self, name: str) -> None:
-        self._scans.pop(name, None)
-        self._ready.pop(name, None)
-        self._scan_errors.pop(name, None)
-        self._faults.pop(name, None)
-        self._gone.pop(name, None)
+        self._store.note_gone(self.configs.get(version.name), version, doing)
 
     # -- reconciling what is loaded with what is aspired ----------------------------------------
 
@@ -538,7 +318,7 @@ class ModelRepository(Service):
             return
         config = self.configs.get(name)
         versions = self.versions.get(name, {})
-        folders = self._ready.get(name, {}) if config is not None else {}
+        folders = self._store.ready.get(name, {}) if config is not None else {}
         held = {number: Held.of(version) for number, version in versions.items()}
         for action in plan(config, folders, held, self._label_targets.get(name, {})):
             match action:
@@ -557,7 +337,7 @@ class ModelRepository(Service):
                 case Forget():
                     self.versions.pop(name, None)
                     self._label_targets.pop(name, None)
-                    self._forget_scans(name)
+                    self._store.forget(name)
         self._changed()
 
     def _retire(self, config: ModelConfig | None, version: LoadedVersion) -> None:
@@ -586,7 +366,7 @@ class ModelRepository(Service):
 
     def _retry(self, version: LoadedVersion) -> None:
         """A failed load's retry is due: load its folder again, if it is still wanted there."""
-        folder = self._ready.get(version.name, {}).get(version.version)
+        folder = self._store.ready.get(version.name, {}).get(version.version)
         if folder is None or version.name not in self.configs:
             version.state = END
             self._note_gone(version, "its load is not retried")
