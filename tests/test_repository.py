@@ -184,6 +184,24 @@ def test_states_are_tf_servings_names_as_text() -> None:
         LoadedVersion("m", 1, state="SERVING")  # type: ignore[arg-type]
 
 
+def test_add_version_is_the_seam_to_hold_a_version_made_elsewhere() -> None:
+    """add_version holds a version as it is: lookups, labels, served() and listeners follow;
+    an unknown model, or a number already held, is refused."""
+    repository = ModelRepository(
+        [ModelConfig("m", Path("/nonexistent"), labels={"stable": 1})], reactor=Clock()
+    )
+    heard: list = []
+    repository.subscribe(lambda: heard.append(repository.served()))
+    version = LoadedVersion("m", 1, state=AVAILABLE, servable=FakeServable("m", 1, Path("/x")))  # type: ignore[arg-type]
+    repository.add_version(version)
+    assert repository.lookup("m") is version and repository.lookup("m", label="stable") is version
+    assert heard == [frozenset({("m", 1)})] and repository.ready
+    with pytest.raises(ValueError, match="holds version 1 already"):
+        repository.add_version(LoadedVersion("m", 1))
+    with pytest.raises(ValueError, match="not configured"):
+        repository.add_version(LoadedVersion("other", 1))
+
+
 def test_start_loads_the_highest_complete_version(tmp_path: Path) -> None:
     """At start the highest complete version folder is loaded, warmed up and made AVAILABLE."""
     version_folder(tmp_path, 1)

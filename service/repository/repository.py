@@ -189,6 +189,19 @@ class ModelRepository(Service):
             for q in v.queues.values()
         ]
 
+    def add_version(self, version: LoadedVersion) -> None:
+        """Hold ``version`` as it is, in whatever state (a seam: tests, or a tool, serve a
+        version they made without the loader). Its model must be configured and not hold that
+        version number already; labels, listeners and readiness follow as after a load."""
+        versions = self.versions.get(version.name)
+        if versions is None or version.name not in self.configs:
+            raise ValueError(f"model {version.name!r} is not configured")
+        if version.version in versions:
+            raise ValueError(f"model {version.name!r} holds version {version.version} already")
+        versions[version.version] = version
+        self._changed()
+        self._check_ready()
+
     # -- configuration --------------------------------------------------------------------------
 
     def apply(self, models: Sequence[ModelConfig]) -> None:
