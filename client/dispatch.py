@@ -54,8 +54,9 @@ from client.sources import Sources
 from client.transport import FailureKind, HTTPRequest, HTTPResponse, HTTPTransport, describe
 from client.transport import failure_kind as kind_of
 from discovery.backends import Backend, Backends
-from discovery.backoff import Backoff, now, sleep
+from discovery.backoff import now, sleep
 from discovery.watch import BackendSource
+from wire.backoff import Backoff
 from wire.consul_tags import model_tag
 from wire.http import DEADLINE_HEADER
 

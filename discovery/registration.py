@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from discovery.backoff import Backoff, sleep
+from discovery.backoff import sleep
 from discovery.consul import (
     CheckNotFound,
     CheckStatus,
@@ -39,6 +39,7 @@ from discovery.consul import (
     ServiceDefinition,
     TTLCheck,
 )
+from wire.backoff import Backoff
 
 __all__ = ["ConsulRegistration", "RegistrationSpec", "default_service_id"]
 

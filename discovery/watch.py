@@ -24,8 +24,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from discovery.backends import Backend, Backends, snapshot
-from discovery.backoff import Backoff, now, sleep
+from discovery.backoff import now, sleep
 from discovery.consul import ConsulClient, ConsulFailure, next_index
+from wire.backoff import Backoff
 
 __all__ = ["Backend", "BackendSource", "Backends", "HealthWatch", "StaticBackends"]
 

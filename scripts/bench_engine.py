@@ -9,7 +9,7 @@
 
     python scripts/bench_engine.py engine MODEL_BASE --seconds S --submitters 64 [--batching-file F]
         ``service.batching.BatchingQueue`` on a real reactor, running the real ``Servable``
-        on a real dedicated ThreadPool, built as ``service/repository.py`` builds them, with
+        on a real dedicated ThreadPool, built as ``service/repository/loader.py`` builds them, with
         the parameters of the server's --batching_parameters_file F (batching off without).
         ``--submitters`` coroutines each submit one row, await its answer and repeat; after
         ``--warmup`` seconds, instances/s is measured for ``--seconds``.

@@ -444,7 +444,7 @@ def method(results: dict[str, Any]) -> list[str]:
         " the inference thread does), one batch size at a time after 1 to 3 warm-up calls. One request"
         " carries one instance, so requests/s compares directly to instances/s.",
         "- **Engine**: `scripts/bench_engine.py engine`: the real `BatchingQueue`, `Servable` and a"
-        " dedicated `ThreadPool` on a real reactor, as `service/repository.py` wires them; 64"
+        " dedicated `ThreadPool` on a real reactor, as `service/repository/loader.py` wires them; 64"
         " coroutines each submit one row, await it and repeat. instances/s is counted over whole"
         " batches after a warm-up.",
         "- **Empty route**: `scripts/bench_empty_app.py`, a Klein app on a Site set up as"

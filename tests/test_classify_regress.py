@@ -410,7 +410,7 @@ def make_api(executor=maybeDeferred, labels=None) -> tuple[StubTreq, ModelReposi
                 executor=executor,
                 observer=metrics.batch_observer("m", number, key),
             )
-        repository.versions["m"][number] = version
+        repository.add_version(version)
     api = InferenceAPI(repository, metrics=metrics)
     return StubTreq(api.resource()), repository, calls
 
@@ -504,7 +504,7 @@ def test_bad_bodies_are_400_and_the_route_keeps_serving() -> None:
     ]:
         code, answer = post(treq, "/v1/models/m:classify", doc)
         assert code == 400 and message in answer["error"], doc
-    assert calls == [] and repository.versions["m"][2].holders.count == 0
+    assert calls == [] and repository.lookup("m", version=2).holders.count == 0
     assert post(treq, "/v1/models/m:classify", BODY)[0] == 200
 
 
@@ -518,7 +518,7 @@ def test_concurrent_classify_calls_share_a_batch_and_hold_their_version() -> Non
         return d
 
     treq, repository, calls = make_api(executor=hold)
-    version = repository.versions["m"][2]
+    version = repository.lookup("m", version=2)
 
     def send(doc: Any) -> Deferred:
         return treq.request("POST", "http://server/v1/models/m:classify", data=json.dumps(doc))

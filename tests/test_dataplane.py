@@ -82,7 +82,7 @@ def make_plane(
     version.queues["serving_default"] = BatchingQueue(
         double, BatchingParameters(max_batch_size=1), clock=clock, executor=executor
     )
-    repository.versions["m"][3] = version
+    repository.add_version(version)
     return DataPlane(repository), version, clock
 
 
@@ -212,7 +212,7 @@ def make_examples_plane() -> tuple[DataPlane, list[int]]:
             clock=Clock(),
             executor=maybeDeferred,
         )
-    repository.versions["m"][1] = version
+    repository.add_version(version)
     return DataPlane(repository), calls
 
 
@@ -257,7 +257,7 @@ def make_image_plane() -> tuple[DataPlane, list[tuple]]:
     version.queues["serving_default"] = BatchingQueue(
         model, BatchingParameters(max_batch_size=8), clock=clock, executor=maybeDeferred
     )
-    repository.versions["m"][3] = version
+    repository.add_version(version)
     images = ImageDecoder(reactor=clock, executor=maybeDeferred)
     return DataPlane(repository, images=images), shapes
 

@@ -32,7 +32,6 @@ from twisted.logger import LogEvent, LogLevel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from discovery.backoff import Backoff
 from discovery.consul import (
     ConsulAddress,
     ConsulClient,
@@ -43,6 +42,7 @@ from discovery.consul import (
 from discovery.registration import ConsulRegistration, RegistrationSpec
 from discovery.watch import HealthWatch
 from tests.server import poll as poll_until
+from wire.backoff import Backoff
 
 pytestmark = [
     pytest.mark.integration,

@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from discovery.backends import Backend, aggregate_status, snapshot
-from discovery.backoff import Backoff, sleep
+from discovery.backoff import sleep
 from discovery.consul import (
     CheckNotFound,
     CheckStatus,
@@ -51,6 +51,7 @@ from discovery.consul import (
 )
 from discovery.registration import ConsulRegistration, RegistrationSpec, default_service_id
 from discovery.watch import HealthWatch, StaticBackends
+from wire.backoff import Backoff
 
 _trial = SynchronousTestCase()
 result_of = _trial.successResultOf

@@ -245,7 +245,7 @@ def serve(servable: Any) -> tuple[StubTreq, list]:
     version.queues["serving_default"] = BatchingQueue(
         run, BatchingParameters(max_batch_size=8), clock=Clock(), executor=maybeDeferred
     )
-    repository.versions["flowers"][1] = version
+    repository.add_version(version)
     api = InferenceAPI(
         repository,
         metrics=Metrics(),

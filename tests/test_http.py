@@ -68,7 +68,7 @@ def make_api(executor=maybeDeferred, params=SMALL_BATCHES, labels=None):
         executor=executor,
         observer=metrics.batch_observer("m", 3, "serving_default"),
     )
-    repository.versions["m"][3] = version
+    repository.add_version(version)
     api = InferenceAPI(repository, metrics=metrics)
     return api, StubTreq(api.resource()), repository
 
@@ -164,7 +164,7 @@ def test_malformed_paths_are_400() -> None:
 def test_not_yet_loaded_is_503_with_retry_after() -> None:
     """A model still LOADING answers 503 with Retry-After, and /readyz says 503."""
     _, treq, repository = make_api()
-    repository.versions["m"][3].state = LOADING
+    repository.lookup("m", version=3).state = LOADING
     response, doc = call(treq, "POST", "/v1/models/m:predict", b'{"instances": [[1, 2]]}')
     assert response.code == 503 and response.headers.getRawHeaders("retry-after") == ["1"]
     assert "LOADING" in doc["error"]
@@ -298,7 +298,7 @@ def test_deadline_header_drops_a_request_that_waited_too_long() -> None:
     clock = Clock()
     api, treq, repository = make_api(executor=hold, params=BatchingParameters(max_batch_size=1))
     repository.clock = clock
-    repository.versions["m"][3].queues["serving_default"]._clock = clock
+    repository.lookup("m", version=3).queues["serving_default"]._clock = clock
     first = treq.request(
         "POST", "http://server/v1/models/m:predict", data=b'{"instances": [[1, 2]]}'
     )

@@ -54,6 +54,8 @@ def test_any_model_path_is_a_target_or_a_malformed_request(path: str) -> None:
         return  # Not Found (e.g. an empty name): the routing error handler's JSON 404
     if endpoint == "no_model_url":  # the empty path: "/v1/models/" itself
         assert path == ""
+    elif endpoint == "other_v1_url":  # an empty name ("/v1/models//…"): the catch-all's 400
+        assert path.startswith("/")
     elif endpoint == "other_model_url":
         error = malformed("POST", values["path"])
         assert isinstance(error, InvalidArgument) and error.message.startswith("Malformed")

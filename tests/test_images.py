@@ -722,7 +722,7 @@ def make_api(
         version.queues["serving_default"] = BatchingQueue(
             model, BatchingParameters(max_batch_size=8), clock=Clock(), executor=maybeDeferred
         )
-        repository.versions[name][3] = version
+        repository.add_version(version)
     decoder = ImageDecoder(reactor=Clock(), max_enqueued=max_enqueued, executor=decoder_executor)
     api = InferenceAPI(repository, metrics=metrics, images=decoder)
     treq = StubTreq(api.resource())
@@ -898,7 +898,7 @@ def test_a_full_batching_queue_drops_the_uploads_already_queued() -> None:
         executor=hold,
     )
     version.queues["serving_default"] = queue
-    repository.versions["m"][1] = version
+    repository.add_version(version)
     api = InferenceAPI(
         repository, metrics=Metrics(), images=ImageDecoder(reactor=Clock(), executor=maybeDeferred)
     )

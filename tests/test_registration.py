@@ -24,7 +24,7 @@ def test_model_tags_announce_only_available_versions() -> None:
         reactor=Clock(),
     )
     for name, number, state in [("a", 1, UNLOADING), ("a", 2, AVAILABLE), ("b", 1, LOADING)]:
-        repository.versions[name][number] = LoadedVersion(name, number, state=state)
+        repository.add_version(LoadedVersion(name, number, state=state))
     tags, meta = model_tags(repository)
     assert tags == ["api:tfserving-rest", "api:v2", "model:a", "model:a:2"]
     assert meta == {"api": "tfserving-rest", "models": "a:2"}

@@ -9,6 +9,7 @@ looked at. Time is a ``task.Clock``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,15 @@ from twisted.logger import LogLevel
 from service.batching import BatchingParameters
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from service.model_config import ModelConfig, VersionPolicy
-from service.repository import AVAILABLE, END, LOADING, UNLOADING, ModelRepository
+from service.repository import (
+    AVAILABLE,
+    END,
+    LOADING,
+    UNLOADING,
+    LoadedVersion,
+    ModelRepository,
+    State,
+)
 from service.signature import Signature, TensorInfo
 from tests.deferreds import result_of
 
@@ -157,6 +166,40 @@ def start(models: list[ModelConfig], *, work: bool = True, **kw: Any) -> Harness
 
 def model(base: Path, name: str = "m", **kw: Any) -> ModelConfig:
     return ModelConfig(name, base, batching=BatchingParameters(enabled=False), **kw)
+
+
+def test_states_are_tf_servings_names_as_text() -> None:
+    """A version's state is an enum whose members are TF Serving's state names as ``str``: they
+    compare equal to the names and are written as them in JSON, logs and metric labels."""
+    assert [str(s) for s in State] == ["LOADING", "AVAILABLE", "UNLOADING", "END"]
+    version = LoadedVersion("m", 1, state="AVAILABLE")  # type: ignore[arg-type]
+    assert version.state is AVAILABLE and version.state == "AVAILABLE"
+    assert f"{version.state}" == "AVAILABLE"
+    assert json.dumps(version.status()) == (
+        '{"version": "1", "state": "AVAILABLE", '
+        '"status": {"error_code": "OK", "error_message": ""}}'
+    )
+    assert type(version.status()["state"]) is str
+    with pytest.raises(ValueError):
+        LoadedVersion("m", 1, state="SERVING")  # type: ignore[arg-type]
+
+
+def test_add_version_is_the_seam_to_hold_a_version_made_elsewhere() -> None:
+    """add_version holds a version as it is: lookups, labels, served() and listeners follow;
+    an unknown model, or a number already held, is refused."""
+    repository = ModelRepository(
+        [ModelConfig("m", Path("/nonexistent"), labels={"stable": 1})], reactor=Clock()
+    )
+    heard: list = []
+    repository.subscribe(lambda: heard.append(repository.served()))
+    version = LoadedVersion("m", 1, state=AVAILABLE, servable=FakeServable("m", 1, Path("/x")))  # type: ignore[arg-type]
+    repository.add_version(version)
+    assert repository.lookup("m") is version and repository.lookup("m", label="stable") is version
+    assert heard == [frozenset({("m", 1)})] and repository.ready
+    with pytest.raises(ValueError, match="holds version 1 already"):
+        repository.add_version(LoadedVersion("m", 1))
+    with pytest.raises(ValueError, match="not configured"):
+        repository.add_version(LoadedVersion("other", 1))
 
 
 def test_start_loads_the_highest_complete_version(tmp_path: Path) -> None:

@@ -212,7 +212,7 @@ class Server:
             clock=Clock(),
             executor=maybeDeferred,
         )
-        repository.versions["m"][1] = version
+        repository.add_version(version)
         self.decodes: list[tuple[Deferred, Any, bytes]] = []
         self.released: list[int] = []
         self.clock = Clock()

@@ -66,7 +66,7 @@ def make_api(executor=maybeDeferred, params=BATCHES):
         model, params, clock=Clock(), executor=executor,
         observer=metrics.batch_observer("m", 3, "serving_default"),
     )  # fmt: skip
-    repository.versions["m"][3] = version
+    repository.add_version(version)
     api = InferenceAPI(repository, metrics=metrics)
     return api, StubTreq(api.resource()), repository
 
@@ -173,7 +173,7 @@ def test_v2_and_tf_serving_requests_share_a_batch() -> None:
         return d
 
     _, treq, repository = make_api(executor=hold)
-    queue = repository.versions["m"][3].queues["serving_default"]
+    queue = repository.lookup("m", version=3).queues["serving_default"]
     post = lambda path, doc: treq.request(  # noqa: E731
         "POST", "http://server" + path, data=json.dumps(doc).encode()
     )
@@ -234,7 +234,7 @@ def test_metadata_health_and_ready_routes() -> None:
     ]:
         response, content = call(treq, "GET", path)
         assert (response.code, doc_of(content)) == (200, body), path
-    repository.versions["m"][3].state = LOADING
+    repository.lookup("m", version=3).state = LOADING
     for path, key in [("/v2/health/ready", "ready"), ("/v2/models/m/ready", "ready")]:
         response, content = call(treq, "GET", path)
         assert response.code == 503 and doc_of(content)[key] is False, path
@@ -282,7 +282,7 @@ def test_errors_have_the_spec_statuses_and_say_what_was_wrong() -> None:
         treq, "POST", "/v2/models/m/infer", body, {"Content-Type": ["image/png"]}
     )
     assert response.code == 415 and "application/octet-stream" in doc_of(content)["error"]
-    repository.versions["m"][3].state = LOADING
+    repository.lookup("m", version=3).state = LOADING
     response, content = call(treq, "POST", "/v2/models/m/infer", body)
     assert response.code == 503 and response.headers.getRawHeaders("retry-after") == ["1"]
 

@@ -110,3 +110,12 @@ def test_client_never_imports_the_server_and_wire_only_the_standard_library() ->
     for path in sorted((ROOT / "wire").glob("*.py")):
         outside = _imports(path) - sys.stdlib_module_names - {"__future__", "wire"}
         assert not outside, (path, outside)
+
+
+def test_the_server_imports_discovery_only_where_it_is_wired() -> None:
+    """service/ imports discovery/ only where Consul is configured and the tree is built (the
+    flags, the registration, the composition root); the rest of the server does not know it."""
+    wiring = {"options.py", "registration.py", "tap.py"}
+    for path in sorted((ROOT / "service").rglob("*.py")):
+        if path.name not in wiring or path.parent != ROOT / "service":
+            assert "discovery" not in _imports(path), path

@@ -9,4 +9,6 @@ library, so either side can depend on it without pulling in the other (or Tensor
   grammar, with version numbers limited to int64.
 - ``wire.http``: header names, and the ``{"error": "…"}`` shape of every error body.
 - ``wire.consul_tags``: the tags and meta a server registers in Consul and a client selects by.
+- ``wire.backoff``: capped, jittered exponential backoff, the pacing of every retry (Consul
+  registration and watches, the client's requests, the repository's failed loads).
 """
