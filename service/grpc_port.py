@@ -26,18 +26,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 from twisted.application.service import Service
-from twisted.internet import task, threads
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from service.dataplane import DataPlane
 from service.grpc_api import ModelService, PredictionService, ReactorCalls
-from service.lifecycle import EXIT_CANNOT_LISTEN, exit_after_stop, within
+from service.lifecycle import EXIT_CANNOT_LISTEN, exit_after_stop
 from service.shutdown import CUT_MARGIN, StopDeadline
 
 log = Logger()
 
 HEALTH_INTERVAL = 0.5
+STOP_POLL = 0.05  # seconds between looks at whether grpcio has stopped
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 
 
@@ -139,8 +140,6 @@ class GrpcPort(Service):
         await task.deferLater(self._reactor, self._deadline.drain_delay_left(), lambda: None)
         grace = max(0.0, self._deadline.remaining(CUT_MARGIN))
         stopped = self._server.stop(grace)  # no new calls; those in flight get ``grace``
-        await within(
-            self._reactor,
-            self._deadline.remaining(),
-            threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), stopped.wait),
-        )
+        # Polled on the reactor rather than waited for on a thread: nothing here blocks.
+        while not stopped.is_set() and self._deadline.remaining() > 0:
+            await task.deferLater(self._reactor, STOP_POLL, lambda: None)
