@@ -36,8 +36,8 @@ decoding on ``ImageDecoder``'s threads.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import attrs
 import numpy as np
@@ -54,10 +54,28 @@ from service.images import (
     class_scores,
     top_predictions,
 )
+from service.model_hooks import (
+    HookRequest,
+    ModelHooks,
+    VersionHooks,
+    blocking_predict,
+    coerce_inputs,
+    hook_failure,
+)
 from service.repository import AVAILABLE, LoadedVersion, ModelRepository, batch_rows
 from service.signature import Signature, check_inputs
 
 Tensors = dict[str, np.ndarray]
+# A front door's decoding for ``through_hooks``: signature name, inputs, how to answer.
+Decoded = tuple[str | None, Tensors, Any]
+
+
+@attrs.frozen
+class Encoded:
+    """An answer's body, ready to send, and its content type."""
+
+    body: bytes
+    content_type: bytes
 
 
 @attrs.frozen
@@ -124,6 +142,7 @@ class DataPlane:
     """The operations of the server, on the repository's models (and images, if enabled).
 
     ``images``: the image decoder; None when image uploads are not enabled.
+    ``hooks``: the versions' Python hooks (``service.model_hooks``); None when not enabled.
     ``default_model``: the model an upload without a model goes to (else the only one served).
     """
 
@@ -133,9 +152,11 @@ class DataPlane:
         *,
         images: ImageDecoder | None = None,
         default_model: str | None = None,
+        hooks: ModelHooks | None = None,
     ) -> None:
         self.repository = repository
         self.images = images
+        self.hooks = hooks
         self._default_model = default_model
 
     @property
@@ -190,6 +211,12 @@ class DataPlane:
             "this server serves several models and has no --default_model: "
             "POST to /v1/models/NAME:classify_image"
         )
+
+    def require_hooks(self) -> ModelHooks:
+        """The hooks; 503 when the server runs without --enable_model_hooks."""
+        if self.hooks is None:
+            raise Unavailable("model hooks are not enabled on this server")
+        return self.hooks
 
     def require_images(self) -> ImageDecoder:
         """The image decoder; 503 when image uploads are not enabled."""
@@ -282,6 +309,112 @@ class VersionLease:
 
     def signature_defs(self) -> Mapping[str, Any]:
         return self._version.require().signature_defs
+
+    @property
+    def hooks(self) -> VersionHooks | None:
+        """The version's hooks (``service.model_hooks``), if it has a hooks file and the server
+        runs with ``--enable_model_hooks``."""
+        return self._version.hooks
+
+    async def through_hooks(
+        self,
+        request: HookRequest,
+        *,
+        decode: Callable[[HookRequest], Awaitable[Decoded]],
+        encode: Callable[[Tensors, Any], Encoded],
+        encode_answer: Callable[[Any], Encoded],
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Encoded:
+        """Answer ``request`` through the version's hooks, on the hook threads:
+
+        ``handle(request, ctx, predict)`` if it has one; else ``preprocess`` (or ``decode``,
+        the front door's own decoding, on the reactor), the batching queue, and
+        ``postprocess`` (or ``encode``, the front door's own answer for the outputs). A hook's
+        answer becomes a body with ``encode_answer``, on the hook thread that made it.
+        """
+        hooks = self._version.hooks
+        assert hooks is not None, "through_hooks needs a version with hooks"
+        pool = self._plane.require_hooks().pool
+        context = hooks.context
+
+        def cancelled() -> bool:
+            return cancellation is not None and cancellation.cancelled
+
+        async def call(hook: str, *args: Any) -> Any:
+            what = hooks.name(hook)
+            calling = pool.call(what, *args, deadline=deadline, cancelled=cancelled)
+            if cancellation is not None:
+                cancellation.on_cancel(calling.cancel)
+            try:
+                return await calling
+            except Exception:
+                raise hook_failure(what, Failure()) from None
+
+        handle = hooks.get("handle")
+        if handle is not None:
+            predict = blocking_predict(
+                self._plane.clock,
+                lambda inputs, **target: Deferred.fromCoroutine(
+                    self._predict_for_hook(inputs, target, deadline, cancellation)
+                ),
+                cancelled,
+            )
+            return cast(
+                Encoded,
+                await call("handle", lambda: encode_answer(handle(request, context, predict))),
+            )
+        preprocess = hooks.get("preprocess")
+        if preprocess is not None:
+            signature = self.signature(None)
+
+            def inputs_of() -> Tensors:
+                inputs = coerce_inputs(signature, preprocess(request, context))
+                check_inputs(signature, inputs)
+                return inputs
+
+            inputs = await call("preprocess", inputs_of)
+            signature_name, answer_format = None, None
+        else:
+            signature_name, inputs, answer_format = await decode(request)
+        outputs = await self.predict(
+            signature_name, inputs, deadline=deadline, cancellation=cancellation
+        )
+        postprocess = hooks.get("postprocess")
+        if postprocess is None:
+            return encode(outputs, answer_format)
+        return cast(
+            Encoded,
+            await call(
+                "postprocess", lambda: encode_answer(postprocess(outputs, request, context))
+            ),
+        )
+
+    async def _predict_for_hook(
+        self,
+        inputs: Mapping[str, Any],
+        target: Mapping[str, Any],
+        deadline: float | None,
+        cancellation: Cancellation | None,
+    ) -> Tensors:
+        """``handle``'s ``predict(inputs, model=, version=, label=, signature_name=)``: this
+        version (no model named, or this one with no version or label), or any other model."""
+        unknown = set(target) - {"model", "version", "label", "signature_name"}
+        if unknown:
+            raise TypeError(f"predict() got unexpected keyword(s) {sorted(unknown)}")
+        signature_name = target.get("signature_name")
+        model = target.get("model")
+        if model in (None, self.name) and not target.get("version") and not target.get("label"):
+            signature = self.signature(signature_name) if signature_name else self.signature(None)
+            return await self._run(
+                signature, _hook_inputs(signature, inputs), deadline, cancellation
+            )
+        other = ModelTarget(model or self.name, target.get("version"), target.get("label"))
+        with self._plane.lease(other) as lease:
+            signature = lease.signature(signature_name)
+            return await lease._run(
+                signature, _hook_inputs(signature, inputs), deadline, cancellation
+            )
 
     async def predict(
         self,
@@ -424,3 +557,10 @@ class VersionLease:
             for i, row in zip(group, class_scores(value[plan.output], len(group)), strict=True):
                 scores[i] = row
         return scores
+
+
+def _hook_inputs(signature: Signature, values: Mapping[str, Any]) -> Tensors:
+    """What ``handle`` passed to ``predict``, as checked tensors of the signature."""
+    inputs = coerce_inputs(signature, values)
+    check_inputs(signature, inputs)
+    return inputs

@@ -6,6 +6,8 @@ Routes, one per verb (TF Serving's REST API, plus uploads and operations); TARGE
   POST /v1/models/TARGET:classify         tf.Examples (service.examples)
   POST /v1/models/TARGET:regress          tf.Examples (service.examples)
   POST /v1/models/TARGET:classify_image   an image upload (service.images)
+  POST /v1/models/TARGET:invoke           any body, for the version's own Python hooks
+                                          (service.model_hooks; :predict goes through them too)
   POST /          the same, for the default model (--default_model, or the only one served)
   GET  /v1/models/TARGET                  version status
   GET  /v1/models/TARGET/metadata         signatures
@@ -53,12 +55,13 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from service import codec, examples, v2
-from service.dataplane import DataPlane, ModelTarget
+from service.dataplane import DataPlane, Decoded, Encoded, ModelTarget, VersionLease
 from service.decoding import BodyDecoder
-from service.errors import InvalidArgument, ServingError
+from service.errors import FailedPrecondition, InvalidArgument, ServingError
 from service.health import Health
 from service.http_paths import MalformedPath, ModelTargetConverter, echo, malformed
 from service.http_request import (
+    ANY_CONTENT_TYPE,
     JSON,
     JSON_CONTENT_TYPES,
     cancellation_of,
@@ -70,6 +73,7 @@ from service.http_request import (
 from service.http_site import OTHER_ROUTE, InferenceSite
 from service.images import ImageDecoder, parse_upload
 from service.metrics import Metrics
+from service.model_hooks import HOOKS_FILE, HookRequest
 from service.repository import ModelRepository
 from wire.http import error_body
 from wire.paths import PREFIX
@@ -176,6 +180,8 @@ class InferenceAPI:
     @counted("predict")
     async def predict(self, request: server.Request, target: ModelTarget) -> bytes:
         with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+            if model.hooks is not None:
+                return await self._through_hooks(request, model, "predict")
             decoded = await self._decode_json(
                 request, lambda body: codec.decode_body(body, model.signature)
             )
@@ -187,6 +193,66 @@ class InferenceAPI:
             )
         request.setHeader(b"content-type", JSON)
         return codec.encode_predict(outputs, decoded.row_format)
+
+    @app.route("/v1/models/<target:target>:invoke", methods=["POST"])
+    @counted("invoke")
+    async def invoke(self, request: server.Request, target: ModelTarget) -> bytes:
+        """A body of any content type for the version's ``preprocess`` or ``handle`` hook."""
+        with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+            if model.hooks is None or not model.hooks.takes_raw_bodies:
+                raise FailedPrecondition(
+                    f"model {model.name!r} version {model.version} has no preprocess or handle "
+                    f"hook to take this body ({HOOKS_FILE}, served with --enable_model_hooks); "
+                    "send JSON tensors to :predict"
+                )
+            return await self._through_hooks(request, model, "invoke")
+
+    async def _through_hooks(
+        self, request: server.Request, model: VersionLease, verb: str
+    ) -> bytes:
+        """Answer through the version's hooks (``service.model_hooks``): the body goes to them
+        as it came when they decode it (preprocess, handle), else it is decoded as JSON."""
+        assert model.hooks is not None
+        raw = model.hooks.takes_raw_bodies
+        body = read_body(request, ANY_CONTENT_TYPE if raw else JSON_CONTENT_TYPES)
+        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        args: dict[bytes, list[bytes]] = request.args or {}
+        hook_request = HookRequest(
+            model=model.name,
+            version=model.version,
+            verb=verb,
+            body=body,
+            content_type=content_type.split(";")[0].strip().lower(),
+            content_type_header=content_type,
+            headers={
+                name.decode("latin-1").lower(): values[-1].decode("latin-1")
+                for name, values in request.requestHeaders.getAllRawHeaders()
+            },
+            query={
+                key.decode("utf-8", "replace"): tuple(v.decode("utf-8", "replace") for v in values)
+                for key, values in args.items()
+            },
+        )
+        del body
+
+        async def decode(hook_request: HookRequest) -> Decoded:
+            decoded = await self.decoder.decode(
+                hook_request.body, lambda b: codec.decode_body(b, model.signature)
+            )
+            return decoded.signature_name, decoded.inputs, decoded.row_format
+
+        answer = await model.through_hooks(
+            hook_request,
+            decode=decode,
+            encode=lambda outputs, row_format: Encoded(
+                codec.encode_predict(outputs, row_format is not False), JSON
+            ),
+            encode_answer=encode_answer,
+            deadline=self._deadline(request),
+            cancellation=cancellation_of(request),
+        )
+        request.setHeader(b"content-type", answer.content_type)
+        return answer.body
 
     @app.route("/v1/models/<target:target>:classify", methods=["POST"])
     @counted("classify")
@@ -356,6 +422,13 @@ class InferenceAPI:
 
 
 v2.mount(InferenceAPI.app)  # the Open Inference Protocol's routes (service.v2)
+
+
+def encode_answer(answer: Any) -> Encoded:
+    """A hook's answer as a body: ``bytes`` as they are, anything else as JSON (numpy too)."""
+    if isinstance(answer, bytes | bytearray | memoryview):
+        return Encoded(bytes(answer), b"application/octet-stream")
+    return Encoded(codec.encode_json(answer), JSON)
 
 
 def _error_response(request: IRequest, error: ServingError) -> bytes:

@@ -79,6 +79,10 @@ def deadline_of(request: IRequest, clock: Any) -> float | None:
     return float(clock.seconds()) + remaining / 1000
 
 
+# ``read_body`` with this takes a body of any content type (a hook decodes it).
+ANY_CONTENT_TYPE: set[bytes] = {b"*/*"}
+
+
 def read_body(
     request: IRequest, content_types: set[bytes], *, hint: str = "send JSON (application/json)"
 ) -> bytes:
@@ -89,9 +93,12 @@ def read_body(
     """
     content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     wildcard = content_type.partition(b"/")[0] + b"/*"
-    if content_type not in content_types and (
-        b"/" not in content_type or wildcard not in content_types
-    ):
+    accepted = (
+        content_types is ANY_CONTENT_TYPE
+        or content_type in content_types
+        or (b"/" in content_type and wildcard in content_types)
+    )
+    if not accepted:
         raise UnsupportedMediaType(
             f"content type {content_type.decode(errors='replace')!r} is not accepted here; {hint}"
         )

@@ -192,7 +192,7 @@ def parse_upload(body: bytes, content_type: str, query_top_k: str | None = None)
     images: list[UploadedImage] = []
     top_k = query_top_k
     others: list[str] = []
-    for name, filename, data in _form_parts(body, boundary):
+    for name, filename, data in form_parts(body, boundary):
         if name in IMAGE_FIELDS:
             image = UploadedImage(name, filename, data)
             if not data:
@@ -214,7 +214,7 @@ def parse_upload(body: bytes, content_type: str, query_top_k: str | None = None)
     return Upload(tuple(images), parse_top_k(top_k))
 
 
-def _form_parts(body: bytes, boundary: str) -> list[tuple[str, str | None, bytes]]:
+def form_parts(body: bytes, boundary: str) -> list[tuple[str, str | None, bytes]]:
     """(name, filename, content) of every part of a multipart/form-data body, in order."""
     parts: list[tuple[str, str | None, bytes]] = []
     try:

@@ -95,6 +95,10 @@ class ServerConfig:
     grpc_max_receive_bytes: int = 0  # 0: unbounded, as TF Serving
     # Times each record of a version's assets.extra/tf_serving_warmup_requests is replayed.
     warmup_iterations: int = 1
+    # Versions' own Python (assets.extra/kleinserve_hooks.py, service.model_hooks): off unless
+    # asked for, as a hooks file is code the model store then runs with the server's rights.
+    enable_model_hooks: bool = False
+    hook_threads: int = 4
 
 
 def _default(field: str, of: type = ServerConfig) -> Any:
@@ -331,6 +335,13 @@ class Options(usage.Options):
             int,
         ),
         _flag(
+            "hook_threads",
+            _default("hook_threads"),
+            "Threads that run the versions' hooks (--enable_model_hooks), off the reactor and "
+            "inference threads; 64 calls per thread may wait, then a request gets 503.",
+            int,
+        ),
+        _flag(
             "max_image_pixels",
             _default("max_image_pixels"),
             "Largest uploaded image in pixels (width x height); larger ones (and decompression "
@@ -340,6 +351,13 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["enable_batching", None, "Merge concurrent requests into batches (TF Serving's flag)."],
+        [
+            "enable_model_hooks",
+            None,
+            "Run each version's own Python, VERSION/assets.extra/kleinserve_hooks.py (setup, "
+            "preprocess, postprocess, handle, teardown). A hooks file is code: only with a model "
+            "store you trust as you trust the server's code.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -384,6 +402,8 @@ def config_from_options(opts: Any) -> ServerConfig:
         grpc_threads=opts["grpc_threads"],
         grpc_max_receive_bytes=opts["grpc_max_receive_bytes"],
         warmup_iterations=opts["num_request_iterations_for_warmup"],
+        enable_model_hooks=bool(opts["enable_model_hooks"]),
+        hook_threads=opts["hook_threads"],
     )
 
 
@@ -473,7 +493,12 @@ def _check_numbers(opts: Any) -> None:
     for flag in ("tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
         if opts[flag] < 0:
             raise usage.UsageError(f"--{flag} must be 0 or more")
-    for flag in ("image_decode_threads", "max_enqueued_image_decodes", "max_image_pixels"):
+    for flag in (
+        "image_decode_threads",
+        "max_enqueued_image_decodes",
+        "max_image_pixels",
+        "hook_threads",
+    ):
         if opts[flag] <= 0:
             raise usage.UsageError(f"--{flag} must be positive")
 

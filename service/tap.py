@@ -22,6 +22,7 @@ __all__ = ["Options", "makeService"]
 def makeService(options: Options) -> MultiService:
     """Build the service tree, started in this order and stopped in reverse, one at a time:
 
+    0. the hook threads (versions' own Python, set up as they load; stopped last),
     1. the model repository (scans the model folders and loads on inference threads;
        readiness says 503 until the models are AVAILABLE),
     2. the reloader (SIGHUP rescans the model folders and re-reads --model_config_file, which
@@ -58,6 +59,7 @@ def makeService(options: Options) -> MultiService:
         _grpc_port(parts, config, deadline, reactor).setServiceParent(ports)
     top = OrderedServices(deadline, clock=reactor)
     for service in (
+        parts.hooks.pool,  # before the loads, which set hooks up on it; stopped last
         parts.repository,
         _reloader(parts, config, reactor),
         parts.images,
@@ -74,7 +76,7 @@ def makeService(options: Options) -> MultiService:
 
 
 class _Parts:
-    """The serving parts every later step wires: repository, health, decoders, the site."""
+    """The serving parts every later step wires: hooks, repository, health, decoders, the site."""
 
     def __init__(self, config: ServerConfig, reactor: Any) -> None:
         from service.budget import RequestBudget
@@ -84,10 +86,16 @@ class _Parts:
         from service.http import InferenceAPI, InferenceSite
         from service.images import ImageDecoder
         from service.metrics import Metrics
+        from service.model_hooks import HookPool, ModelHooks
         from service.repository import ModelRepository
         from service.servables.registry import load_servable
 
         metrics = Metrics()
+        self.hooks = ModelHooks(
+            pool=HookPool(reactor=reactor, threads=config.hook_threads),
+            registry=metrics.registry,
+            enabled=config.enable_model_hooks,
+        )
         self.repository = ModelRepository(
             config.models,
             reactor=reactor,
@@ -96,6 +104,7 @@ class _Parts:
             file_system_poll_wait=config.file_system_poll_wait,
             max_load_retries=config.max_load_retries,
             load_retry_interval=config.load_retry_interval,
+            model_hooks=self.hooks,
         )
         self.images = ImageDecoder(
             reactor=reactor,
@@ -107,7 +116,10 @@ class _Parts:
         self.decoder = BodyDecoder(reactor=reactor)  # large JSON bodies; gives memory back after
         # The operations every front door calls (REST here, gRPC in _grpc_port).
         self.plane = DataPlane(
-            self.repository, images=self.images, default_model=config.default_model
+            self.repository,
+            images=self.images,
+            default_model=config.default_model,
+            hooks=self.hooks,
         )
         api = InferenceAPI(
             self.repository,

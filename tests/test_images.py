@@ -1040,9 +1040,11 @@ def test_make_service_starts_the_decoder_before_the_port(tmp_path: Path) -> None
     options.parseOptions([f"--model_base_path={tmp_path}", "--listen=tcp:0:interface=127.0.0.1"])
     from service.decoding import BodyDecoder
     from service.grpc_port import GrpcPort
+    from service.model_hooks import HookPool
     from service.reload import ConfigReloader
 
     children = list(makeService(options))
     kinds = [type(child) for child in children]
-    assert kinds[:4] == [Repository, ConfigReloader, ImageDecoder, BodyDecoder]
-    assert [type(port) for port in children[4]] == [HTTPPort, GrpcPort]  # stopped together
+    # The hook threads first: loads set hooks up on them, and they stop last.
+    assert kinds[:5] == [HookPool, Repository, ConfigReloader, ImageDecoder, BodyDecoder]
+    assert [type(port) for port in children[5]] == [HTTPPort, GrpcPort]  # stopped together

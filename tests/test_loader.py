@@ -1,6 +1,6 @@
 """The loader on its own: a version's load on its threads, the retry of a failed load with
 backoff, its unload once the requests holding it are done. The repository is stood in for by
-``Hooks`` that record what the loader tells it; threads run inline; time is a ``task.Clock``."""
+``Events`` that record what the loader tells it; threads run inline; time is a ``task.Clock``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.model_folders import VersionFolder
-from service.repository.loader import Hooks, Loader, next_attempt
+from service.repository.loader import Events, Loader, next_attempt
 from service.repository.versions import AVAILABLE, END, LOADING, UNLOADING, LoadedVersion
 from tests.deferreds import result_of
 from tests.test_repository import FakeServable
@@ -40,8 +40,8 @@ class Told:
     said: list = attrs.Factory(list)
     retries: list = attrs.Factory(list)
 
-    def hooks(self) -> Hooks:
-        return Hooks(
+    def events(self) -> Events:
+        return Events(
             running=lambda: self.running,
             changed=lambda: self.said.append("changed"),
             settled=lambda name: self.said.append(f"settled {name}"),
@@ -59,7 +59,7 @@ def loader(told: Told, clock: Clock, load: Callable, released: list) -> Loader:
         max_retries=2,
         retry_interval=10.0,
         release_memory=lambda: released.append(True),
-        hooks=told.hooks(),
+        events=told.events(),
     )
 
 

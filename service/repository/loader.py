@@ -3,16 +3,17 @@ backoff, its unload, and giving its memory back.
 
 Reactor thread only; TensorFlow only ever runs on the version's threads (``Threads``). The
 loader moves a ``LoadedVersion`` through its states and tells the repository through
-``Hooks``; which versions to load or unload is the repository's (``reconcile.plan``).
+``Events``; which versions to load or unload is the repository's (``reconcile.plan``).
 
-* Load: LOADING; load the servable and warm it up on the version's threads; then one batching
+* Load: LOADING; load the servable and warm it up on the version's threads; open its hooks
+  file, if hooks are enabled (``service.model_hooks``, on the hook threads); then one batching
   queue per signature, AVAILABLE. A load that ends after the repository stopped is closed.
 * A failed load: the error is in the status, logged at critical level, and the load is tried
   again after a jittered, doubling delay (``wire.backoff``), up to ``max_retries`` times;
   then END with its error.
 * Unload: UNLOADING (no new lookups); wait for the requests that hold the version (``lease``)
-  and for its queues to drain; close the servable on its threads, stop them, give the memory
-  back (``service.memory``); END.
+  and for its queues to drain; tear its hooks down; close the servable on its threads, stop
+  them, give the memory back (``service.memory``); END.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from service.batching import BatchingQueue
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.model_folders import VersionFolder
+from service.model_hooks import ModelHooks
 from service.repository.versions import AVAILABLE, END, UNLOADING, LoadedVersion, Threads
 from service.servables import Servable
 from wire.backoff import Backoff
 
-__all__ = ["RELEASE_MEMORY", "Hooks", "Loader", "PoolThreads", "next_attempt"]
+__all__ = ["RELEASE_MEMORY", "Events", "Loader", "PoolThreads", "next_attempt"]
 
 log = Logger(namespace="service.repository")
 
@@ -63,7 +65,7 @@ class PoolThreads:
 
 
 @attrs.frozen
-class Hooks:
+class Events:
     """What the loader tells the repository, on the reactor thread."""
 
     running: Callable[[], bool]  # a load is put to use, and a failed one retried, only if so
@@ -98,7 +100,8 @@ class Loader:
         max_retries: int,
         retry_interval: float,
         release_memory: Callable[[], object],
-        hooks: Hooks,
+        events: Events,
+        model_hooks: ModelHooks | None = None,
     ) -> None:
         self._reactor = reactor
         self._metrics = metrics
@@ -109,7 +112,8 @@ class Loader:
             initial=retry_interval, maximum=retry_interval * 8, jitter=0.2
         )
         self._release_memory = release_memory
-        self._hooks = hooks
+        self._events = events
+        self._model_hooks = model_hooks  # None: versions' hooks files are not looked at
         self._rng = random.Random()
         self.busy: set[Deferred] = set()
 
@@ -143,19 +147,25 @@ class Loader:
         version.threads = threads
         log.info("model {name} version {v}: loading {path}", name=name, v=number, path=path)
         started = self._reactor.seconds()
+        servable: Servable | None = None
         try:
             servable = await threads.run(self._load, name, number, path)
             await threads.run(servable.warm_up, params.allowed_batch_sizes)
+            if self._model_hooks is not None and path is not None:  # service.model_hooks
+                version.hooks = await self._model_hooks.open(name, number, path, servable)
         except Exception as e:  # any load failure goes to the status and is retried, not raised
+            if servable is not None:
+                await threads.run(servable.close)
             threads.stop()
             version.threads = None
             self._metrics.model_loads.labels(name, "failure").inc()
             self._load_failed(config, version, e)
-            self._hooks.attempted()  # a failed first attempt no longer holds start-up back
+            self._events.attempted()  # a failed first attempt no longer holds start-up back
             return
         self._metrics.model_loads.labels(name, "success").inc()
         self._metrics.model_load_seconds.labels(name).observe(self._reactor.seconds() - started)
-        if not self._hooks.running():  # stopping: the server will not serve it
+        if not self._events.running():  # stopping: the server will not serve it
+            await self._close_hooks(version)
             await threads.run(servable.close)
             threads.stop()
             version.state, version.threads = END, None
@@ -178,15 +188,15 @@ class Loader:
             v=number,
             s=self._reactor.seconds() - started,
         )
-        self._hooks.settled(name)  # unloads what this version replaces
-        self._hooks.attempted()
+        self._events.settled(name)  # unloads what this version replaces
+        self._events.attempted()
 
     def _load_failed(self, config: ModelConfig, version: LoadedVersion, error: Exception) -> None:
         version.attempts += 1
         version.error_code = "UNKNOWN"
         reason = f"{type(error).__name__}: {error}"
         total = self._max_retries + 1
-        if version.attempts < total and self._hooks.running():
+        if version.attempts < total and self._events.running():
             delay = self._retry_backoff.delay(version.attempts - 1, self._rng)
             version.error = (
                 f"load attempt {version.attempts} of {total} failed: {reason}; "
@@ -203,11 +213,11 @@ class Loader:
             path=version.path,
             error=version.error,
         )
-        self._hooks.changed()
+        self._events.changed()
 
     def _retry_due(self, version: LoadedVersion) -> None:
         version.retry = None
-        self._hooks.retry(version)
+        self._events.retry(version)
 
     async def unloading(self, version: LoadedVersion) -> None:
         """Unload ``version`` if it is AVAILABLE; done once it is END."""
@@ -216,12 +226,13 @@ class Loader:
         name, number = version.name, version.version
         version.state = UNLOADING
         log.info("model {name} version {v}: UNLOADING", name=name, v=number)
-        self._hooks.changed()
+        self._events.changed()
         await version.holders.idle()
         for queue in version.queues.values():
             await queue.drain()
         for key in version.queues:
             self._metrics.forget(name, number, key)
+        await self._close_hooks(version)
         servable, threads = version.servable, version.threads
         version.servable, version.queues, version.threads = None, {}, None
         if threads is not None and servable is not None:
@@ -231,4 +242,10 @@ class Loader:
         version.state = END
         self._release_memory()
         log.info("model {name} version {v}: END (unloaded)", name=name, v=number)
-        self._hooks.settled(name)
+        self._events.settled(name)
+
+    async def _close_hooks(self, version: LoadedVersion) -> None:
+        """Tear the version's hooks down (after its last request) and drop their metrics."""
+        hooks, version.hooks = version.hooks, None
+        if hooks is not None and self._model_hooks is not None:
+            await self._model_hooks.close(hooks)

@@ -41,7 +41,8 @@ from service.errors import ServingError
 from service.metrics import Metrics
 from service.model_config import ModelConfig
 from service.model_folders import ModelScan, VersionFolder, os_fault, scan_model
-from service.repository.loader import RELEASE_MEMORY, Hooks, Loader, PoolThreads, next_attempt
+from service.model_hooks import ModelHooks
+from service.repository.loader import RELEASE_MEMORY, Events, Loader, PoolThreads, next_attempt
 from service.repository.reconcile import CancelRetry, Forget, Held, Load, Unload, plan
 from service.repository.routing import Routes
 from service.repository.store import ModelStore
@@ -84,6 +85,7 @@ class ModelRepository(Service):
         scan_folders: Callable[[Path], ModelScan] = scan_model,
         release_memory: Callable[[], object] = RELEASE_MEMORY,
         freeze: Callable[[], object] = memory.freeze_startup_objects,
+        model_hooks: ModelHooks | None = None,
     ) -> None:
         self.configs: dict[str, ModelConfig] = {m.name: m for m in models}
         self.versions: dict[str, dict[int, LoadedVersion]] = {m.name: {} for m in models}
@@ -99,13 +101,14 @@ class ModelRepository(Service):
             max_retries=max_load_retries,
             retry_interval=load_retry_interval,
             release_memory=release_memory,
-            hooks=Hooks(
+            events=Events(
                 running=lambda: bool(self.running),
                 changed=self._changed,
                 settled=self._reconcile,
                 attempted=self._check_ready,
                 retry=self._retry,
             ),
+            model_hooks=model_hooks,
         )
         self._scan_pool: ThreadPool | None = None
         self._own_scan_pool = scan is None  # else injected (tests scan inline)

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall
 from service.batching import BatchingQueue
 from service.errors import ServingError, Unavailable
 from service.lifecycle import InFlight
+from service.model_hooks import VersionHooks
 from service.servables import Servable
 from service.signature import Signature
 
@@ -76,6 +77,7 @@ class LoadedVersion:
     attempts: int = 0  # failed loads of this folder so far
     retry: IDelayedCall | None = None  # a pending retry of a failed load
     holders: InFlight = attrs.Factory(InFlight)  # requests that hold this version (lease())
+    hooks: VersionHooks | None = None  # its hooks file's functions (service.model_hooks)
 
     def signature(self, name: str | None) -> Signature:
         return self.require().signature(name)
