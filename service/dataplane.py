@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import attrs
 import numpy as np
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.python.failure import Failure
 
 from service import examples
@@ -66,6 +66,7 @@ from service.repository import AVAILABLE, LoadedVersion, ModelRepository, batch_
 from service.signature import Signature, check_inputs
 
 Tensors = dict[str, np.ndarray]
+Answer = TypeVar("Answer")  # what a front door makes of an answer (``through_hooks``)
 # A front door's decoding for ``through_hooks``: signature name, inputs, how to answer.
 Decoded = tuple[str | None, Tensors, Any]
 
@@ -76,6 +77,7 @@ class Encoded:
 
     body: bytes
     content_type: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # any other headers the answer needs
 
 
 @attrs.frozen
@@ -321,11 +323,11 @@ class VersionLease:
         request: HookRequest,
         *,
         decode: Callable[[HookRequest], Awaitable[Decoded]],
-        encode: Callable[[Tensors, Any], Encoded],
-        encode_answer: Callable[[Any], Encoded],
+        encode: Callable[[Tensors, Any], Answer],
+        encode_answer: Callable[[Any], Answer],
         deadline: float | None = None,
         cancellation: Cancellation | None = None,
-    ) -> Encoded:
+    ) -> Answer:
         """Answer ``request`` through the version's hooks, on the hook threads:
 
         ``handle(request, ctx, predict)`` if it has one; else ``preprocess`` (or ``decode``,
@@ -348,6 +350,8 @@ class VersionLease:
                 cancellation.on_cancel(calling.cancel)
             try:
                 return await calling
+            except CancelledError:
+                raise  # the client left: Klein drops the request quietly
             except Exception:
                 raise hook_failure(what, Failure()) from None
 
@@ -361,7 +365,7 @@ class VersionLease:
                 cancelled,
             )
             return cast(
-                Encoded,
+                Answer,
                 await call("handle", lambda: encode_answer(handle(request, context, predict))),
             )
         preprocess = hooks.get("preprocess")
@@ -384,7 +388,7 @@ class VersionLease:
         if postprocess is None:
             return encode(outputs, answer_format)
         return cast(
-            Encoded,
+            Answer,
             await call(
                 "postprocess", lambda: encode_answer(postprocess(outputs, request, context))
             ),

@@ -42,8 +42,9 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
 from service import examples
-from service.dataplane import Cancellation, DataPlane, ModelTarget
+from service.dataplane import Cancellation, DataPlane, Decoded, ModelTarget, VersionLease
 from service.errors import Cancelled, InvalidArgument, ServingError
+from service.model_hooks import HookRequest, answer_tensors
 from service.tensor_proto import to_array, to_proto
 
 log = Logger()
@@ -147,13 +148,21 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         wanted = list(request.output_filter)
         signature_name = request.model_spec.signature_name or None
 
+        headers = {key: value for key, value in context.invocation_metadata() or ()}
+
         async def predict(deadline: float | None, cancellation: Cancellation) -> Any:
             with self._plane.lease(target) as model:
                 signature = model.signature(signature_name)
-                _check_filter(wanted, signature.outputs)
-                outputs = await model.predict(
-                    signature_name, inputs, deadline=deadline, cancellation=cancellation
-                )
+                if model.hooks is not None:  # the version's own Python (service.model_hooks)
+                    outputs = await self._through_hooks(
+                        model, signature.name, inputs, headers, deadline, cancellation
+                    )
+                    _check_filter(wanted, outputs)
+                else:
+                    _check_filter(wanted, signature.outputs)
+                    outputs = await model.predict(
+                        signature_name, inputs, deadline=deadline, cancellation=cancellation
+                    )
                 return model.name, model.version, signature.name, outputs
 
         name, version, resolved, outputs = self._calls.run(context, predict)
@@ -161,6 +170,40 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for key in wanted or outputs:
             response.outputs[key].CopyFrom(to_proto(outputs[key], key))
         return response
+
+    @staticmethod
+    async def _through_hooks(
+        model: VersionLease,
+        signature_name: str,
+        inputs: dict[str, np.ndarray],
+        headers: dict[str, Any],
+        deadline: float | None,
+        cancellation: Cancellation,
+    ) -> dict[str, np.ndarray]:
+        """Predict through the version's hooks: they get the request's tensors as
+        ``request.inputs`` and answer with tensors, a dict of output name -> array."""
+
+        async def decode(_: Any) -> Decoded:
+            return signature_name, inputs, None
+
+        request = HookRequest(
+            model.name,
+            model.version,
+            "Predict",
+            b"",
+            content_type="application/grpc",
+            headers={k: v for k, v in headers.items() if isinstance(v, str)},
+            inputs=inputs,
+        )
+        outputs: dict[str, np.ndarray] = await model.through_hooks(
+            request,
+            decode=decode,
+            encode=lambda outputs, _: outputs,
+            encode_answer=lambda answer: answer_tensors(answer, "TF Serving's Predict"),
+            deadline=deadline,
+            cancellation=cancellation,
+        )
+        return outputs
 
     @_handled
     def Classify(self, request: classification_pb2.ClassificationRequest, context: Any) -> Any:

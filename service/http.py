@@ -68,12 +68,14 @@ from service.http_request import (
     counted,
     deadline_of,
     decode_body,
+    hook_request_of,
     read_body,
+    send_encoded,
 )
 from service.http_site import OTHER_ROUTE, InferenceSite
 from service.images import ImageDecoder, parse_upload
 from service.metrics import Metrics
-from service.model_hooks import HOOKS_FILE, HookRequest
+from service.model_hooks import HOOKS_FILE
 from service.repository import ModelRepository
 from wire.http import error_body
 from wire.paths import PREFIX
@@ -215,27 +217,10 @@ class InferenceAPI:
         assert model.hooks is not None
         raw = model.hooks.takes_raw_bodies
         body = read_body(request, ANY_CONTENT_TYPE if raw else JSON_CONTENT_TYPES)
-        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
-        args: dict[bytes, list[bytes]] = request.args or {}
-        hook_request = HookRequest(
-            model=model.name,
-            version=model.version,
-            verb=verb,
-            body=body,
-            content_type=content_type.split(";")[0].strip().lower(),
-            content_type_header=content_type,
-            headers={
-                name.decode("latin-1").lower(): values[-1].decode("latin-1")
-                for name, values in request.requestHeaders.getAllRawHeaders()
-            },
-            query={
-                key.decode("utf-8", "replace"): tuple(v.decode("utf-8", "replace") for v in values)
-                for key, values in args.items()
-            },
-        )
+        hook_request = hook_request_of(request, model, verb, body)
         del body
 
-        async def decode(hook_request: HookRequest) -> Decoded:
+        async def decode(hook_request: Any) -> Decoded:
             decoded = await self.decoder.decode(
                 hook_request.body, lambda b: codec.decode_body(b, model.signature)
             )
@@ -251,8 +236,7 @@ class InferenceAPI:
             deadline=self._deadline(request),
             cancellation=cancellation_of(request),
         )
-        request.setHeader(b"content-type", answer.content_type)
-        return answer.body
+        return send_encoded(request, answer)
 
     @app.route("/v1/models/<target:target>:classify", methods=["POST"])
     @counted("classify")

@@ -8,24 +8,28 @@ Shared by TF Serving's REST routes (``service.http``) and the Open Inference Pro
 - ``deadline_of``: the client's ``X-Request-Deadline-Ms``, as clock time;
 - ``read_body``: the body, after checking its content type;
 - ``decode_body``: read and decode a body, a large one on the body decoder's thread, its
-  bytes held against the request budget until the decode ends.
+  bytes held against the request budget until the decode ends;
+- ``hook_request_of``: the request as a version's hooks see it; ``send_encoded``: an answer
+  made by ``DataPlane``'s ``through_hooks``.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
+import numpy as np
 from twisted.internet.defer import Deferred
 from twisted.web import server
 from twisted.web.iweb import IRequest
 
 from service.budget import BodyHold
-from service.dataplane import Cancellation
+from service.dataplane import Cancellation, Encoded, VersionLease
 from service.decoding import BodyDecoder
 from service.errors import InvalidArgument, UnsupportedMediaType
+from service.model_hooks import HookRequest
 
 T = TypeVar("T")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -128,3 +132,40 @@ async def decode_body(
         decoding = hold.decoding(decoding)
     decoded: T = await decoding
     return decoded
+
+
+def hook_request_of(
+    request: server.Request,
+    model: VersionLease,
+    verb: str,
+    body: bytes,
+    inputs: Mapping[str, np.ndarray] | None = None,
+) -> HookRequest:
+    """What a version's hooks see of an HTTP request (``service.model_hooks.HookRequest``)."""
+    content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+    args: dict[bytes, list[bytes]] = request.args or {}
+    return HookRequest(
+        model=model.name,
+        version=model.version,
+        verb=verb,
+        body=body,
+        content_type=content_type.split(";")[0].strip().lower(),
+        content_type_header=content_type,
+        headers={
+            name.decode("latin-1").lower(): values[-1].decode("latin-1")
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        },
+        query={
+            key.decode("utf-8", "replace"): tuple(v.decode("utf-8", "replace") for v in values)
+            for key, values in args.items()
+        },
+        inputs=inputs,
+    )
+
+
+def send_encoded(request: IRequest, answer: Encoded) -> bytes:
+    """Set the status line's headers of an encoded answer; its body, to return from a route."""
+    request.setHeader(b"content-type", answer.content_type)
+    for name, value in answer.headers:
+        request.setHeader(name, value)
+    return answer.body

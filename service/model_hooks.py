@@ -98,9 +98,11 @@ def hook_name(hook: str, model: str, version: int) -> str:
 class HookRequest:
     """What the client sent, as a hook sees it.
 
-    ``verb``: ``predict`` or ``invoke``; ``content_type``: the media type, lower case,
-    without parameters (``content_type_header`` has them); ``headers``: lower-case names,
-    the last value of each; ``query``: every value of each query parameter.
+    ``verb``: ``predict`` or ``invoke`` (TF Serving's REST API), ``infer`` (the Open Inference
+    Protocol); ``body``: the body as it came (REST; empty for ``infer``, whose tensors are
+    decoded into ``inputs``); ``content_type``: the media type, lower case, without
+    parameters (``content_type_header`` has them); ``headers``: lower-case names, the last
+    value of each; ``query``: every value of each query parameter.
     """
 
     model: str
@@ -111,6 +113,7 @@ class HookRequest:
     content_type_header: str = ""
     headers: Mapping[str, str] = attrs.field(factory=dict)
     query: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    inputs: Mapping[str, np.ndarray] | None = None  # tensors, for protocols that send them
 
     def json(self) -> Any:
         """The body parsed as JSON; 400 if it is not JSON."""
@@ -487,6 +490,24 @@ def coerce_inputs(signature: Signature, values: Any) -> dict[str, np.ndarray]:
         except (TypeError, ValueError) as e:
             raise InvalidArgument(f"input {name!r} does not convert to {info.dtype}: {e}") from None
     return inputs
+
+
+def answer_tensors(answer: Any, protocol: str) -> dict[str, np.ndarray]:
+    """A hook's answer to a protocol that answers tensors (the Open Inference Protocol, TF
+    Serving's gRPC Predict) as output tensors: lists and numbers become arrays, text BYTES.
+    500 unless it is a dict of output names to values."""
+    if not isinstance(answer, Mapping) or not all(isinstance(k, str) for k in answer):
+        raise Internal(
+            f"the answer is a {type(answer).__name__}; {protocol} answers tensors: "
+            "return a dict of output name -> array"
+        )
+    outputs = {}
+    for output, value in answer.items():
+        array = np.asarray(value)
+        if array.dtype.kind == "U":
+            array = np.vectorize(str.encode, otypes=[object])(array)
+        outputs[output] = array
+    return outputs
 
 
 def _as_bytes(value: Any) -> bytes:

@@ -28,12 +28,13 @@ from collections.abc import Mapping
 from importlib import metadata as package_metadata
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from klein import Klein
 from twisted.web import server
 from twisted.web.iweb import IRequest
 
 from service import codec, v2_codec
-from service.dataplane import ModelTarget
+from service.dataplane import Decoded, Encoded, ModelTarget, VersionLease
 from service.errors import Internal, InvalidArgument, NotFound, Unavailable
 from service.http_paths import echo, parse_version
 from service.http_request import (
@@ -43,8 +44,11 @@ from service.http_request import (
     counted,
     deadline_of,
     decode_body,
+    hook_request_of,
+    send_encoded,
 )
-from service.signature import Signature, TensorInfo, quoted
+from service.model_hooks import answer_tensors
+from service.signature import TensorInfo, quoted
 from wire.dtypes import DEFAULT_SIGNATURE, V2_NAMES
 
 if TYPE_CHECKING:
@@ -199,16 +203,59 @@ async def v2_infer(
             INFER_HINT,
         )
         signature = model.signature(key)
-        wanted = _wanted_outputs(decoded, signature)
         if decoded.timeout_us is not None:
             timeout = float(api.plane.clock.seconds()) + decoded.timeout_us / 1e6
             deadline = timeout if deadline is None else min(deadline, timeout)
+        if model.hooks is not None:
+            return send_encoded(
+                request, await _through_hooks(request, model, key, decoded, deadline)
+            )
+        wanted = _wanted_outputs(decoded, list(signature.outputs))
         outputs = await model.predict(
             key, decoded.inputs, deadline=deadline, cancellation=cancellation_of(request)
         )
     missing = [output for output, _ in wanted if output not in outputs]
     if missing:  # the model did not produce what its signature promised
         raise Internal(f"the model returned no output(s) {quoted(missing)}")
+    return send_encoded(request, _encoded(model, decoded, wanted, outputs))
+
+
+async def _through_hooks(
+    request: server.Request,
+    model: VersionLease,
+    key: str,
+    decoded: v2_codec.InferRequest,
+    deadline: float | None,
+) -> Encoded:
+    """Answer through the version's hooks (``service.model_hooks``): they get the decoded
+    tensors as ``request.inputs`` and answer with tensors, a dict of output name -> array."""
+
+    async def decode(_: Any) -> Decoded:
+        return key, dict(decoded.inputs), None
+
+    def encode(outputs: Mapping[str, np.ndarray], _: Any) -> Encoded:
+        return _encoded(model, decoded, _wanted_outputs(decoded, list(outputs)), outputs)
+
+    def encode_answer(answer: Any) -> Encoded:
+        outputs = answer_tensors(answer, "the Open Inference Protocol")
+        return _encoded(model, decoded, _wanted_outputs(decoded, list(outputs)), outputs)
+
+    return await model.through_hooks(
+        hook_request_of(request, model, "infer", b"", decoded.inputs),
+        decode=decode,
+        encode=encode,
+        encode_answer=encode_answer,
+        deadline=deadline,
+        cancellation=cancellation_of(request),
+    )
+
+
+def _encoded(
+    model: VersionLease,
+    decoded: v2_codec.InferRequest,
+    wanted: list[tuple[str, bool]],
+    outputs: Mapping[str, np.ndarray],
+) -> Encoded:
     body, json_length = v2_codec.encode_infer(
         model.name,
         model.version,
@@ -216,11 +263,10 @@ async def v2_infer(
         [(output, outputs[output], binary) for output, binary in wanted],
     )
     if json_length is None:
-        request.setHeader(b"content-type", JSON)
-    else:
-        request.setHeader(b"content-type", OCTET_STREAM)
-        request.setHeader(v2_codec.HEADER_LENGTH.encode(), str(json_length).encode())
-    return body
+        return Encoded(body, JSON)
+    return Encoded(
+        body, OCTET_STREAM, ((v2_codec.HEADER_LENGTH.encode(), str(json_length).encode()),)
+    )
 
 
 def _header_length(request: IRequest) -> int | None:
@@ -236,15 +282,16 @@ def _header_length(request: IRequest) -> int | None:
     return int(text)
 
 
-def _wanted_outputs(decoded: v2_codec.InferRequest, signature: Signature) -> list[tuple[str, bool]]:
-    """The outputs to answer, in order, each with whether it goes as binary data."""
+def _wanted_outputs(decoded: v2_codec.InferRequest, names: list[str]) -> list[tuple[str, bool]]:
+    """The outputs to answer, of ``names`` (the signature's, or a hook's answer's), in order,
+    each with whether it goes as binary data."""
     if decoded.outputs is None:
-        return [(name, decoded.binary_output) for name in signature.outputs]
-    unknown = [o.name for o in decoded.outputs if o.name not in signature.outputs]
+        return [(name, decoded.binary_output) for name in names]
+    unknown = [o.name for o in decoded.outputs if o.name not in names]
     if unknown:
         raise InvalidArgument(
             f"unknown output(s) {quoted(unknown)} requested; the model's outputs are "
-            f"{quoted(list(signature.outputs))}"
+            f"{quoted(names)}"
         )
     return [
         (o.name, decoded.binary_output if o.binary is None else o.binary) for o in decoded.outputs

@@ -85,6 +85,30 @@ def postprocess(outputs, request, ctx):
 """
 
 
+TENSOR_HOOKS = """
+import numpy as np
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def preprocess(request, ctx):
+    if request.inputs is None:  # TF Serving's REST API: JSON
+        return ctx.decode_json(request)
+    return {"image": request.inputs["image"]}  # v2 and gRPC: tensors
+
+
+def postprocess(outputs, request, ctx):
+    if request.headers.get("x-fail") == "1":
+        return "not tensors"
+    best = np.argmax(outputs["probabilities"], axis=1)
+    return {
+        "digit": best.astype(np.int64),
+        "word": [WORDS[i] for i in best],
+        "verb": [request.verb] * len(best),
+    }
+"""
+
+
 def digits_version(base: Path, number: int, hooks: str | None) -> Path:
     """A copy of the digits model as version ``number`` of ``base``, with ``hooks`` as its
     hooks file (the text, or None for none). Copied into a staging folder and renamed into
@@ -137,7 +161,8 @@ EXPECTED_ERRORS = [
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     root = tmp_path_factory.mktemp("hooks")
     bases = {
-        name: root / name for name in ("labels", "twice", "counted", "faulty", "swap", "plain")
+        name: root / name
+        for name in ("labels", "twice", "counted", "faulty", "swap", "plain", "tensors")
     }
     digits_version(bases["labels"], 1, example("digit_labels"))
     digits_version(bases["twice"], 1, example("two_passes"))
@@ -145,6 +170,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     digits_version(bases["faulty"], 1, FAULTY_HOOKS)
     digits_version(bases["swap"], 1, TAGGED_HOOKS.format(tag="A"))
     digits_version(bases["plain"], 1, None)
+    digits_version(bases["tensors"], 1, TENSOR_HOOKS)
     batching = root / "batching.txt"
     # A long batch timeout, so that concurrent requests surely meet in one batch.
     batching.write_text(
@@ -282,6 +308,58 @@ def test_a_model_without_hooks_answers_as_before_and_refuses_invoke(server: Twis
     )
     assert status == 400
     assert "has no preprocess or handle hook" in json.loads(body)["error"]
+
+
+# -- the other protocols: tensors in, tensors out ------------------------------------------
+
+
+def test_open_inference_protocol_infer_goes_through_the_hooks(server: TwistdServer) -> None:
+    """The real tritonclient: binary tensors in, the hook's tensors out."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    images = np.asarray(digit_instances("seven", "two"), dtype=np.float32)
+    image = httpclient.InferInput("image", list(images.shape), "FP32")
+    image.set_data_from_numpy(images)
+    result = client.infer("tensors", [image])
+    assert result.as_numpy("digit").tolist() == [7, 2]
+    assert result.as_numpy("word").tolist() == [b"seven", b"two"]
+    assert result.as_numpy("verb").tolist() == [b"infer", b"infer"]
+    only = client.infer("tensors", [image], outputs=[httpclient.InferRequestedOutput("word")])
+    assert only.get_response()["outputs"][0]["name"] == "word"
+    assert only.as_numpy("digit") is None
+    utils = pytest.importorskip("tritonclient.utils")
+    with pytest.raises(utils.InferenceServerException, match="answers tensors") as error:
+        client.infer("tensors", [image], headers={"x-fail": "1"})
+    assert error.value.status() == "500"
+
+
+def test_grpc_predict_goes_through_the_hooks(server: TwistdServer) -> None:
+    """TF Serving's own gRPC stubs, as its clients call it."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    images = np.asarray(digit_instances("four"), dtype=np.float32)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tensors"
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(images))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = stub.Predict(request, timeout=30)
+        assert tf.make_ndarray(response.outputs["digit"]).tolist() == [4]
+        assert tf.make_ndarray(response.outputs["verb"]).tolist() == [b"Predict"]
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Predict(request, timeout=30, metadata=(("x-fail", "1"),))
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert "hook postprocess of model 'tensors' version 1" in error.value.details()
+
+
+def test_rest_predict_of_the_same_hooks_answers_json(server: TwistdServer) -> None:
+    status, answer = server.post_json(
+        "/v1/models/tensors:predict", {"instances": digit_instances("nine")}
+    )
+    assert status == 200, answer
+    assert answer == {"digit": [9], "word": ["nine"], "verb": ["predict"]}
 
 
 # -- hooks that fail ------------------------------------------------------------------------
