@@ -305,6 +305,7 @@ class HTTPCheck:
     interval: float
     timeout: float | None = None
     deregister_critical_after: float | None = None
+    tls_skip_verify: bool = False  # for an https url whose certificate the agent cannot verify
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -314,6 +315,8 @@ class HTTPCheck:
             "Method": "GET",
             "Interval": go_duration(self.interval),
         }
+        if self.tls_skip_verify:
+            body["TLSSkipVerify"] = True
         if self.timeout is not None:
             body["Timeout"] = go_duration(self.timeout)
         if self.deregister_critical_after is not None:
@@ -448,6 +451,11 @@ def build_agent_checks() -> ConsulRequest:
     return ConsulRequest("GET", "/v1/agent/checks")
 
 
+def build_agent_self() -> ConsulRequest:
+    """``GET /v1/agent/self``: the local agent's configuration and its member entry."""
+    return ConsulRequest("GET", "/v1/agent/self")
+
+
 def build_status_leader() -> ConsulRequest:
     """``GET /v1/status/leader``: the Raft leader's address, ``""`` while there is none."""
     return ConsulRequest("GET", "/v1/status/leader")
@@ -576,6 +584,24 @@ def parse_agent_services(response: ConsulResponse) -> Mapping[str, Mapping[str, 
 def parse_agent_checks(response: ConsulResponse) -> Mapping[str, Mapping[str, Any]]:
     """``/v1/agent/checks``: check ID → Consul's check object (Status, Output, ServiceID…)."""
     return _object_of_objects(response)
+
+
+def parse_agent_address(response: ConsulResponse) -> str:
+    """``/v1/agent/self``: the address the agent advertises to its cluster (``Member.Addr``,
+    else ``DebugConfig.AdvertiseAddrLAN``), which a service registered without one shares."""
+    _raise_for_status(response)
+    data = _json(response)
+    if not isinstance(data, dict):
+        raise MalformedResponse(response.code, response.text(), "expected a JSON object")
+    member, debug = data.get("Member") or {}, data.get("DebugConfig") or {}
+    address = (member.get("Addr") if isinstance(member, dict) else None) or (
+        debug.get("AdvertiseAddrLAN") if isinstance(debug, dict) else None
+    )
+    if not isinstance(address, str) or not address:
+        raise MalformedResponse(
+            response.code, response.text()[:200], "agent/self names no advertise address"
+        )
+    return address
 
 
 def parse_leader(response: ConsulResponse) -> str:
@@ -752,3 +778,7 @@ class ConsulClient:
 
     async def leader(self) -> str:
         return parse_leader(await self.transport.send(build_status_leader()))
+
+    async def agent_address(self) -> str:
+        """The address the local agent advertises (what a service without one shares)."""
+        return parse_agent_address(await self.transport.send(build_agent_self()))

@@ -104,6 +104,7 @@ class RegistrationSpec:
         default=CONSUL_MIN_DEREGISTER_AFTER, validator=_positive
     )
     drain_delay: float = field(default=5.0, validator=_not_negative)
+    tls_skip_verify: bool = False  # the agent checks an https readiness_url unverified
 
     @property
     def readiness_check_id(self) -> str:
@@ -138,6 +139,7 @@ class RegistrationSpec:
                     interval=self.check_interval,
                     timeout=timeout,
                     deregister_critical_after=self.deregister_critical_after,
+                    tls_skip_verify=self.tls_skip_verify,
                 ),
                 TTLCheck(
                     check_id=self.liveness_check_id,

@@ -53,13 +53,15 @@ class DiscoveryConfig:
     """Where and how this server announces itself in Consul (see service.registration)."""
 
     consul: ConsulAddress
-    advertise_host: str
+    advertise_host: str | None  # None: the address the local Consul agent advertises
     advertise_port: int | None  # None: the port actually listened on
     service_name: str = "inference"
     check_interval: float = 5.0
     ttl: float = 15.0
     deregister_critical_after: float = 60.0
     drain_delay: float = 5.0  # ServerConfig.drain_delay, which it is always given
+    check_scheme: str = "http"  # of the readiness check's URL: https for an ssl: --listen
+    check_tls_skip_verify: bool = False  # the agent does not verify the server's certificate
 
 
 @attrs.frozen
@@ -258,8 +260,9 @@ class Options(usage.Options):
         _flag(
             "advertise",
             None,
-            "HOST[:PORT] clients should call, as registered in Consul. Default: the --listen interface "
-            "and port (a wildcard interface needs --advertise).",
+            "HOST[:PORT] clients should call, as registered in Consul. Default: the --listen "
+            "interface and port; listening on all interfaces, the address the local Consul agent "
+            "advertises (its /v1/agent/self), as Consul's own services do.",
         ),
         _flag(
             "consul_check_interval",
@@ -351,6 +354,12 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["enable_batching", None, "Merge concurrent requests into batches (TF Serving's flag)."],
+        [
+            "consul_check_tls_skip_verify",
+            None,
+            "With an ssl: --listen, Consul's https readiness check does not verify the server's "
+            "certificate (for a certificate the agent has no CA for).",
+        ],
         [
             "enable_model_hooks",
             None,
@@ -587,11 +596,14 @@ def _discovery_config(opts: Any, listen: str) -> DiscoveryConfig | None:
         ttl=opts["consul_ttl"],
         deregister_critical_after=opts["deregister_critical_after"],
         drain_delay=opts["drain_delay"],
+        check_scheme="https" if listen.split(":", 1)[0] == "ssl" else "http",
+        check_tls_skip_verify=bool(opts["consul_check_tls_skip_verify"]),
     )
 
 
-def _advertised(advertise: str | None, listen: str) -> tuple[str, int | None]:
-    """The host (and port, if given) to register: --advertise, or the listening interface.
+def _advertised(advertise: str | None, listen: str) -> tuple[str | None, int | None]:
+    """The host (and port, if given) to register: --advertise, or the listening interface, or
+    None for a server on all interfaces (it registers the local agent's address then).
 
     --advertise takes ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; the interface of
     --listen is read with Twisted's ``\\:`` escapes undone.
@@ -609,8 +621,10 @@ def _advertised(advertise: str | None, listen: str) -> tuple[str, int | None]:
         return match["v6"] or match["host"], int(port) if port else None
     parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", listen)]
     interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")), "")
-    if parts[0] not in ("tcp", "ssl") or interface in ("", "0.0.0.0", "::"):
+    if parts[0] not in ("tcp", "ssl"):
         raise usage.UsageError(
-            f"registering in Consul needs --advertise=HOST: --listen={listen} does not name one address"
+            f"registering in Consul needs --advertise=HOST: --listen={listen} is not a TCP port"
         )
+    if interface in ("", "0.0.0.0", "::"):
+        return None, None
     return interface, None

@@ -235,11 +235,21 @@ def _registration(
     parts: _Parts, discovery: DiscoveryConfig, port: Any, reactor: Any, grpc_port: int | None
 ) -> IService:
     """The Consul registration, started once the models are ready and the port listens."""
+    from twisted.internet.defer import Deferred
+
     from service.lifecycle import AfterReady
-    from service.registration import registration_factory
+    from service.registration import advertised_host, consul_client, registration_factory
+
+    async def address() -> str:  # --advertise's, else the local agent's (wildcard --listen)
+        return await advertised_host(discovery, consul_client(discovery, reactor), reactor)
+
+    async def both_ready() -> tuple[Any, str]:
+        await parts.repository.when_ready()
+        listening = await port.listening
+        return listening, await address()
 
     def ready() -> Any:
-        return parts.repository.when_ready().addCallback(lambda _: port.listening)
+        return Deferred.fromCoroutine(both_ready())
 
     register = registration_factory(
         discovery, parts.repository, parts.health, reactor, grpc_port=grpc_port

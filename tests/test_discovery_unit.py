@@ -10,6 +10,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, cast
 
+import attrs
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -43,6 +44,7 @@ from discovery.consul import (
     build_register,
     go_duration,
     next_index,
+    parse_agent_address,
     parse_check_update,
     parse_health_entry,
     parse_health_service,
@@ -499,6 +501,26 @@ def test_leader_parses_a_json_string() -> None:
     assert parse_leader(response(200, "")) == ""
     with pytest.raises(MalformedResponse):
         parse_leader(response(200, [1]))
+
+
+def test_agent_address_is_the_members_address_else_the_advertised_lan_address() -> None:
+    """/v1/agent/self: what a service registered without an address would share."""
+    assert parse_agent_address(response(200, {"Member": {"Addr": "10.0.0.7"}})) == "10.0.0.7"
+    doc = {"Member": {}, "DebugConfig": {"AdvertiseAddrLAN": "10.0.0.8"}}
+    assert parse_agent_address(response(200, doc)) == "10.0.0.8"
+    with pytest.raises(MalformedResponse, match="names no advertise address"):
+        parse_agent_address(response(200, {"Config": {}}))
+    with pytest.raises(ConsulError):
+        parse_agent_address(response(403, "Permission denied"))
+
+
+def test_an_https_readiness_check_skips_verification_only_when_asked() -> None:
+    checks = attrs.evolve(SPEC, readiness_url="https://10.0.0.5:8501/readyz").definition()
+    http_check = checks.to_json()["Checks"][0]
+    assert http_check["HTTP"] == "https://10.0.0.5:8501/readyz"
+    assert "TLSSkipVerify" not in http_check
+    skipping = attrs.evolve(SPEC, tls_skip_verify=True).definition().to_json()["Checks"][0]
+    assert skipping["TLSSkipVerify"] is True
 
 
 # --- the treq transport -------------------------------------------------------------------------

@@ -148,6 +148,10 @@ def test_twistd_help_does_not_import_tensorflow() -> None:
     [
         (None, "tcp:8501:interface=127.0.0.1", ("127.0.0.1", None)),
         (None, r"tcp:8501:interface=\:\:1", ("::1", None)),
+        # All interfaces: the local Consul agent's address is registered (None until asked).
+        (None, "tcp:8501", (None, None)),
+        (None, "ssl:8443:interface=0.0.0.0:privateKey=k.pem", (None, None)),
+        (None, r"tcp:8501:interface=\:\:", (None, None)),
         ("10.0.0.5", "tcp:8501", ("10.0.0.5", None)),
         ("10.0.0.5:9000", "tcp:8501", ("10.0.0.5", 9000)),
         ("[::1]:9000", "tcp:8501", ("::1", 9000)),
@@ -158,10 +162,27 @@ def test_advertised_address(advertise, listen, expected) -> None:
     assert _advertised(advertise, listen) == expected
 
 
+def test_a_tls_server_is_checked_over_https_verified_unless_asked(tmp_path) -> None:
+    """Consul's readiness check speaks the port's protocol: https for an ssl: --listen."""
+    plain = parse(
+        f"--model_base_path={tmp_path}", "--consul=127.0.0.1:8500", "--rest_api_port=8501"
+    )
+    assert plain.config.discovery.check_scheme == "http"
+    assert plain.config.discovery.advertise_host is None  # the agent's, asked at start
+    tls = parse(
+        f"--model_base_path={tmp_path}",
+        "--consul=127.0.0.1:8500",
+        "--listen=ssl:8443:privateKey=key.pem:certKey=cert.pem",
+        "--consul_check_tls_skip_verify",
+    )
+    assert tls.config.discovery.check_scheme == "https"
+    assert tls.config.discovery.check_tls_skip_verify
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--consul=127.0.0.1:8500", "--listen=tcp:8501"), "needs --advertise"),
+        (("--consul=127.0.0.1:8500", "--listen=unix:/tmp/inference.sock"), "needs --advertise"),
         (("--consul=127.0.0.1:8500", "--advertise=a:b:c"), "expected HOST"),
         (
             ("--consul=127.0.0.1:8500", "--advertise=h", "--deregister_critical_after=0"),
