@@ -18,7 +18,7 @@ Routes, one per verb (TF Serving's REST API, plus uploads and operations); TARGE
                   served) has an AVAILABLE version, 503 before that, while draining on
                   stop and while /healthz fails,
                   429 while a batching queue is fuller than --overload_fraction
-  GET  /metrics   Prometheus text format
+  GET  /metrics   Prometheus text format (also on --monitoring_config_file's path, as TF Serving)
   /v2/…           the Open Inference Protocol (KServe v2): routes added by ``service.v2``
 
 The model routes are an adapter over the data plane (``service.dataplane``): parse the
@@ -114,17 +114,23 @@ class InferenceAPI:
         health: Health | None = None,
         decoder: BodyDecoder | None = None,
         plane: DataPlane | None = None,
+        prometheus_path: str | None = None,
     ) -> None:
         self.repository = repository
         self.plane = plane or DataPlane(repository, images=images, default_model=default_model)
         self.health = health or Health(repository, stall_seconds=60.0)
         self.metrics = metrics
         self.overload_fraction = overload_fraction
+        # TF Serving's monitoring config path (service.monitoring_config), served as /metrics.
+        self.prometheus_path = prometheus_path
         # Without a pool of its own (tests), every body is decoded where it is read.
         self.decoder = decoder or BodyDecoder(reactor=repository.clock, executor=maybeDeferred)
 
     def resource(self) -> IResource:
-        return UTF8URLs(self.app.resource())
+        resource: IResource = UTF8URLs(self.app.resource())
+        if self.prometheus_path is not None:
+            resource = MetricsAlias(resource, self.prometheus_path.encode(), self.metrics_page)
+        return resource
 
     def route_label(self, method: bytes, path: bytes) -> str:
         """The label of the route a request line would take (for one refused before routing)."""
@@ -421,6 +427,22 @@ def _error_response(request: IRequest, error: ServingError) -> bytes:
     if error.retry_after is not None:
         request.setHeader(b"retry-after", str(error.retry_after).encode())
     return codec.encode_json(error_body(error.message))
+
+
+class MetricsAlias(Resource):
+    """``GET path`` answers as ``/metrics`` (TF Serving's ``prometheus_config.path``); every
+    other request goes to ``inner``."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, path: bytes, render: Callable[[IRequest], bytes]) -> None:
+        super().__init__()
+        self._inner, self._path, self._render = inner, path.rstrip(b"/") or b"/", render
+
+    def render(self, request: IRequest) -> bytes | int:
+        if request.method in (b"GET", b"HEAD") and request.path.rstrip(b"/") == self._path:
+            return self._render(request)
+        return cast(int | bytes, self._inner.render(request))
 
 
 class UTF8URLs(Resource):

@@ -31,6 +31,7 @@ from service.batching_config import (
     load_batching_parameters,
 )
 from service.model_config import ModelConfig, ModelConfigError, load_model_config
+from service.monitoring_config import MonitoringConfigError, read_prometheus_path
 from service.shutdown import CUT_MARGIN
 from wire.paths import is_name
 
@@ -101,6 +102,8 @@ class ServerConfig:
     # asked for, as a hooks file is code the model store then runs with the server's rights.
     enable_model_hooks: bool = False
     hook_threads: int = 4
+    # --monitoring_config_file's Prometheus path, served as /metrics; None for none.
+    prometheus_path: str | None = None
 
 
 def _default(field: str, of: type = ServerConfig) -> Any:
@@ -203,6 +206,12 @@ class Options(usage.Options):
             None,
             "TF Serving's ModelServerConfig text-proto (model_config_list: names, base paths, version "
             "policies, labels), instead of --model_name/--model_base_path.",
+        ),
+        _flag(
+            "monitoring_config_file",
+            None,
+            "TF Serving's MonitoringConfig text-proto: with prometheus_config { enable: true "
+            'path: "…" } metrics are served on that path too (/metrics always).',
         ),
         _flag(
             "model_config_file_poll_wait_seconds",
@@ -413,7 +422,17 @@ def config_from_options(opts: Any) -> ServerConfig:
         warmup_iterations=opts["num_request_iterations_for_warmup"],
         enable_model_hooks=bool(opts["enable_model_hooks"]),
         hook_threads=opts["hook_threads"],
+        prometheus_path=_prometheus_path(opts["monitoring_config_file"]),
     )
+
+
+def _prometheus_path(file: str | None) -> str | None:
+    if not file:
+        return None
+    try:
+        return read_prometheus_path(Path(file))
+    except MonitoringConfigError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def _grpc_listen(port: int, listen: str | None) -> str | None:

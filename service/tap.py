@@ -128,6 +128,7 @@ class _Parts:
             health=self.health,
             decoder=self.decoder,
             plane=self.plane,
+            prometheus_path=config.prometheus_path,
         )
         self.site = InferenceSite(
             api,

@@ -177,9 +177,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
         "max_batch_size { value: 64 }\nbatch_timeout_micros { value: 20000 }\n"
         "max_enqueued_batches { value: 64 }\nnum_batch_threads { value: 1 }\n"
     )
+    monitoring = root / "monitoring.config"
+    monitoring.write_text(
+        'prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }'
+    )
     server = TwistdServer(
         [
             f"--model_config_file={config_file(root / 'models.config', bases)}",
+            f"--monitoring_config_file={monitoring}",
             "--enable_model_hooks",
             "--hook_threads=2",
             "--enable_batching",
@@ -295,6 +300,15 @@ def test_custom_metrics_appear_on_metrics_with_model_and_version(server: TwistdS
     assert counts.get("2", 0) >= 2
     assert counts.get("9", 0) >= 1
     assert "digits_confidence" in metrics(server)
+
+
+def test_tf_servings_monitoring_path_serves_the_same_metrics(server: TwistdServer) -> None:
+    """--monitoring_config_file's prometheus_config.path, as a TF Serving scrape config has it."""
+    status, headers, body = server.request("GET", "/monitoring/prometheus/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {"kleinserve_requests", "kleinserve_batch_size"} <= names
 
 
 def test_a_model_without_hooks_answers_as_before_and_refuses_invoke(server: TwistdServer) -> None:
