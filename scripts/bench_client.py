@@ -37,8 +37,9 @@ from twisted.internet import defer  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 
 from client import AsyncInferenceClient, InferenceError  # noqa: E402
-from tests.consul_agent import CONSUL_BINARY, ConsulAgent  # noqa: E402  (the tests' harness)
-from tests.server import TwistdServer, free_port  # noqa: E402
+from harness.consul import CONSUL_BINARY, ConsulAgent  # noqa: E402
+from harness.ports import free_port  # noqa: E402
+from harness.twistd import TwistdServer  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 NGINX_CONF = """\

@@ -25,8 +25,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.consul_agent import CONSUL_BINARY, ConsulAgent  # noqa: E402  (the tests' harness)
-from tests.server import TwistdServer, free_port  # noqa: E402
+from harness.consul import CONSUL_BINARY, ConsulAgent  # noqa: E402
+from harness.ports import free_port  # noqa: E402
+from harness.twistd import TwistdServer  # noqa: E402
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.server import TwistdServer  # noqa: E402
+from harness.twistd import TwistdServer  # noqa: E402
 
 BATCHING = "max_batch_size { value: 256 }\nmax_enqueued_batches { value: 128 }\n"
 
