@@ -3,7 +3,7 @@
 Everything here is a pure function of the results dict that ``bench.py`` fills (and saves
 as JSON), so a report can be rebuilt from a saved JSON file without measuring again:
 
-    .venv/bin/python scripts/bench_report.py docs/benchmarks.json
+    .venv/bin/python -m scripts.benchmarks.report docs/benchmarks.json
 """
 
 from __future__ import annotations
@@ -381,7 +381,7 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"RSS {big['rss_before_mib']} MiB before, {big['rss_after_mib']} MiB after the last "
             f"({big['ratio_after']:.2f}x), {big['rss_settled_mib']} MiB a few seconds later "
-            f"({big['ratio_settled']:.2f}x). `scripts/request_memory.py` sends them one at a time "
+            f"({big['ratio_settled']:.2f}x). `scripts/bench request-memory` sends them one at a time "
             "to the digits model with batching on.",
             "",
         ]
@@ -439,19 +439,19 @@ def method(results: dict[str, Any]) -> list[str]:
         "- **mean batch, model busy**: from the server's /metrics before and after each point:"
         " real rows per batch, and seconds spent in the model per second of wall time (above 100 %"
         " with two inference threads).",
-        "- **In-process limit**: `scripts/bench_engine.py inprocess` loads the SavedModel and calls"
+        "- **In-process limit**: `scripts/benchmarks/without_http.py inprocess` loads the SavedModel and calls"
         " its `serving_default` function in a loop (numpy in through `tf.constant`, `.numpy()` out, as"
         " the inference thread does), one batch size at a time after 1 to 3 warm-up calls. One request"
         " carries one instance, so requests/s compares directly to instances/s.",
-        "- **Engine**: `scripts/bench_engine.py engine`: the real `BatchingQueue`, `Servable` and a"
+        "- **Engine**: `scripts/benchmarks/without_http.py engine`: the real `BatchingQueue`, `Servable` and a"
         " dedicated `ThreadPool` on a real reactor, as `service/repository/loader.py` wires them; 64"
         " coroutines each submit one row, await it and repeat. instances/s is counted over whole"
         " batches after a warm-up.",
-        "- **Empty route**: `scripts/bench_empty_app.py`, a Klein app on a Site set up as"
+        "- **Empty route**: `scripts/benchmarks/empty_app.py`, a Klein app on a Site set up as"
         " kleinserve's (bodies in memory, no form parsing, no access log) that reads the body and"
         " answers `{}`: the most requests/s the HTTP"
         " stack gives for that body on this machine, through the same wrk.",
-        "- **Flask**: `scripts/bench_flask_app.py` under `gunicorn -w 4` (sync workers, each loading"
+        "- **Flask**: `scripts/benchmarks/flask_app.py` under `gunicorn -w 4` (sync workers, each loading"
         " TensorFlow and the model at import) vs one kleinserve process with batching on. RSS sums"
         " every process of each server (gunicorn's master included) and so counts shared library"
         " pages once per process; PSS shares them out, so its sum is the memory really used (it"
@@ -542,7 +542,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(
-            "usage: bench_report.py RESULTS.json  (rewrites the .md and .png beside it)",
+            "usage: python -m scripts.benchmarks.report RESULTS.json  (rewrites the .md and .png beside it)",
             file=sys.stderr,
         )
         return 2
