@@ -28,3 +28,13 @@ def free_port(*, udp: bool = False) -> int:
         _HANDED_OUT.add(port)
         return port
     raise RuntimeError("no free loopback port found")
+
+
+def is_free(port: int) -> bool:
+    """Whether nothing listens on ``port`` of the loopback address now (the demo's 8501)."""
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
