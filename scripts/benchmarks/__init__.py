@@ -9,7 +9,7 @@
     without_http.py the inprocess and engine measurements, in a child process each
     models.py       the digits and MobileNetV2 models and their request bodies
     procs.py        memory of a process tree, wrk, the batching counters of /metrics
-    report.py       ratios, tables, docs/benchmarks.md and its plot
+    report.py       ratios, tables and docs/benchmarks.md; plot.py its plot
     empty_app.py    the empty Klein route; flask_app.py  Flask under gunicorn
     images.py  swap.py  client.py  request_memory.py  memory_cycles.py
                     measurements of their own: ``scripts/bench images|swap|client|

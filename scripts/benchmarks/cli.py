@@ -48,6 +48,7 @@ from pathlib import Path
 from harness.processes import stop_all
 from harness.twistd import REPO
 from scripts.benchmarks import models as bench_models
+from scripts.benchmarks import plot as bench_plot
 from scripts.benchmarks import report as bench_report
 from scripts.benchmarks.plan import CACHE, SECTIONS, Plan
 from scripts.benchmarks.runner import Bench
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(bench_report.http_table(results))
     plan.out.parent.mkdir(parents=True, exist_ok=True)
-    if bench_report.plot(results, plan.plot):
+    if bench_plot.plot(results, plan.plot):
         results["meta"]["plot"] = os.path.relpath(plan.plot, plan.out.parent)
     plan.json_path.write_text(json.dumps(results, indent=2) + "\n")
     plan.out.write_text(bench_report.markdown(results))
