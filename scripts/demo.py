@@ -1,8 +1,8 @@
 """The demo: a Consul agent, several twistd servers of the demo model, real requests and answers.
 
-Run through ``scripts/demo`` (which bootstraps first). Without ``--check`` it keeps
-serving until Ctrl-C; with ``--check`` it runs the examples, checks every answer and
-exits 0 (all good) or 1.
+Run through ``scripts/demo``, which bootstraps first and then runs ``python -m scripts.demo``
+from the repository root. Without ``--check`` it keeps serving until Ctrl-C; with
+``--check`` it runs the examples, checks every answer and exits 0 (all good) or 1.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.consul_agent import CONSUL_BINARY, ConsulAgent  # noqa: E402  (the tests' harness)
-from tests.server import TwistdServer, free_port  # noqa: E402
+from harness.consul import CONSUL_BINARY, ConsulAgent
+from harness.ports import free_port, is_free
+from harness.twistd import REPO, TwistdServer
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -340,7 +338,7 @@ def main() -> int:
     consul = ConsulAgent(CONSUL_BINARY, logs)
     print(f"== starting a Consul dev agent on {consul.http_addr}")
     consul.start()
-    first = args.port or (8501 if _port_free(8501) else free_port())
+    first = args.port or (8501 if is_free(8501) else free_port())
     # The servers serve a copy of the demo model, so the demo can drop a version 2 into it.
     base = logs / "models" / "digits"
     shutil.rmtree(base, ignore_errors=True)
@@ -410,17 +408,6 @@ def main() -> int:
         for server in servers:
             server.stop()
         consul.stop()
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 if __name__ == "__main__":

@@ -1,172 +1,21 @@
-"""A real Consul agent (``consul agent -dev``) on free loopback ports, for integration tests.
+"""The pytest side of ``harness.consul``: a dev-mode Consul agent per test, skipped without
+the binary.
 
-Import the fixtures into a test module (``from consul_agent import consul_agent``) or a
-conftest. ``restart()`` replaces the agent by a fresh, empty one on the same ports -- what
-a server sees when its local agent is restarted. Readbacks (``get``) use urllib, not the
-code under test, so they check what the agent really holds.
+Import the fixtures into a test module (``from tests.consul_agent import consul_agent``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from discovery.consul import ConsulAddress
-
-REPO = Path(__file__).resolve().parent.parent
-CONSUL_BINARY = REPO / ".tools" / "bin" / "consul"
+from harness.consul import CONSUL_BINARY, ConsulAgent
 
 
-def free_port(*, udp: bool = False) -> int:
-    """A loopback port free now for TCP (and UDP too if asked, as serf needs both)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            if not udp:
-                return port
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram:
-                try:
-                    datagram.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free loopback port found")
-
-
-class ConsulAgent:
-    """One dev-mode agent process: in-memory state, its own ports, its log in ``workdir``."""
-
-    def __init__(self, binary: Path, workdir: Path) -> None:
-        self.binary = binary
-        self.workdir = workdir
-        self.http_port = free_port()
-        self.server_port = free_port()
-        self.serf_lan_port = free_port(udp=True)
-        self.serf_wan_port = free_port(udp=True)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def http_addr(self) -> str:
-        """``host:port``, the ``CONSUL_HTTP_ADDR`` form."""
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def address(self) -> ConsulAddress:
-        return ConsulAddress.parse(self.http_addr)
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"consul-agent-{self.starts}.log"
-
-    def log_text(self) -> str:
-        """The current agent's log so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def command(self) -> list[str]:
-        # Consul 1.8.7 accepts -1 to disable the DNS and gRPC listeners.
-        return [
-            str(self.binary), "agent", "-dev",
-            "-bind", "127.0.0.1", "-client", "127.0.0.1",
-            "-node", "kleinserve-test",
-            "-http-port", str(self.http_port),
-            "-dns-port", "-1", "-grpc-port", "-1",
-            "-server-port", str(self.server_port),
-            "-serf-lan-port", str(self.serf_lan_port),
-            "-serf-wan-port", str(self.serf_wan_port),
-        ]  # fmt: skip
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the agent and wait until it has elected itself leader."""
-        if self.running:
-            raise RuntimeError("the agent is already running")
-        self.starts += 1
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-        self.wait_ready(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise RuntimeError(f"consul exited early; its log:\n{self.log_text()[-3000:]}")
-            try:
-                status, _, leader = self.get("/v1/status/leader")
-            except OSError:
-                status, leader = 0, ""
-            if status == 200 and leader:
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(
-            f"consul had no leader after {timeout} s; log:\n{self.log_text()[-3000:]}"
-        )
-
-    def stop(self, timeout: float = 10.0, *, kill: bool = False) -> None:
-        """Stop the agent (SIGTERM, or SIGKILL if ``kill``); its state goes with it."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout)
-
-    def restart(self, timeout: float = 30.0) -> None:
-        """A fresh, empty agent on the same ports, as after an agent restart."""
-        self.stop()
-        self.start(timeout)
-
-    def get(self, path: str, timeout: float = 5.0) -> tuple[int, dict[str, str], Any]:
-        """``(status, headers, decoded JSON or text)`` of a GET, straight with urllib."""
-        request = urllib.request.Request(f"http://{self.http_addr}{path}")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status, headers, body = response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as e:
-            status, headers, body = e.code, dict(e.headers), e.read()
-        try:
-            return status, headers, json.loads(body)
-        except ValueError:
-            return status, headers, body.decode(errors="replace")
-
-    def put(self, path: str, body: Any = None, timeout: float = 5.0) -> int:
-        """PUT ``body`` as JSON; returns the status."""
-        data = b"" if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://{self.http_addr}{path}", data, method="PUT")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status
-        except urllib.error.HTTPError as e:
-            return e.code
-
-
-def _new_agent(tmp_path: Path) -> ConsulAgent:
+def new_agent(tmp_path: Path) -> ConsulAgent:
+    """An agent with its ports chosen, logging to ``tmp_path``; skips the test without consul."""
     if not CONSUL_BINARY.exists():
         pytest.skip(f"no consul binary at {CONSUL_BINARY}: run scripts/bootstrap to install it")
     return ConsulAgent(CONSUL_BINARY, tmp_path)
@@ -175,7 +24,7 @@ def _new_agent(tmp_path: Path) -> ConsulAgent:
 @pytest.fixture
 def consul_agent(tmp_path: Path) -> Iterator[ConsulAgent]:
     """A running dev agent, stopped after the test."""
-    agent = _new_agent(tmp_path)
+    agent = new_agent(tmp_path)
     agent.start()
     try:
         yield agent
@@ -186,7 +35,7 @@ def consul_agent(tmp_path: Path) -> Iterator[ConsulAgent]:
 @pytest.fixture
 def consul_agent_unstarted(tmp_path: Path) -> Iterator[ConsulAgent]:
     """An agent with its ports chosen but not started: the test calls ``start()``."""
-    agent = _new_agent(tmp_path)
+    agent = new_agent(tmp_path)
     try:
         yield agent
     finally:

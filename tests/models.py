@@ -86,9 +86,6 @@ costs nothing until a model is made.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -416,13 +413,8 @@ def make_frozen_float_graph(
     return _write_frozen(graph, output_name, base, version)
 
 
-@cache
 def load_exporter() -> ModuleType:
-    """``scripts/export_demo_model.py`` as a module (scripts/ is not a package)."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "export_demo_model.py"
-    spec = importlib.util.spec_from_file_location("export_demo_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """``scripts/export_demo_model.py``, imported only when a test needs it."""
+    from scripts import export_demo_model
+
+    return export_demo_model

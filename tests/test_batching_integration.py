@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from harness.twistd import TwistdServer
 from tests import models
-from tests.server import TwistdServer
 
 pytestmark = pytest.mark.integration
 

@@ -25,6 +25,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
+from harness.twistd import TwistdServer
 from service import examples
 from service.batching import BatchingParameters, BatchingQueue
 from service.errors import InvalidArgument
@@ -35,7 +36,6 @@ from service.servables.registry import load_servable
 from service.signature import Signature, TensorInfo
 from tests import models
 from tests.deferreds import result_of
-from tests.server import TwistdServer
 from tests.test_http import call
 from tests.test_lifecycle_integration import model_entry, write_config
 

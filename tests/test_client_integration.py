@@ -27,9 +27,10 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from client import AsyncInferenceClient, Attempt, InferenceClient, InferenceError, InvalidRequest
+from harness.consul import CONSUL_BINARY, ConsulAgent
+from harness.ports import free_port
+from harness.twistd import REPO, TwistdServer
 from tests import models
-from tests.consul_agent import CONSUL_BINARY, ConsulAgent
-from tests.server import REPO, TwistdServer, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import crochet
 import pytest
-from consul_agent import ConsulAgent, consul_agent, consul_agent_unstarted  # noqa: F401
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,7 +40,9 @@ from discovery.consul import (
 )
 from discovery.registration import ConsulRegistration, RegistrationSpec
 from discovery.watch import HealthWatch
-from tests.server import poll as poll_until
+from harness.consul import ConsulAgent
+from harness.twistd import poll as poll_until
+from tests.consul_agent import consul_agent, consul_agent_unstarted  # noqa: F401
 from wire.backoff import Backoff
 
 pytestmark = [

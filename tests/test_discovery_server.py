@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from consul_agent import ConsulAgent, _new_agent
 
+from harness.consul import ConsulAgent
+from harness.twistd import TwistdServer
+from harness.twistd import poll as poll_until
 from tests import models
-from tests.server import TwistdServer
-from tests.server import poll as poll_until
+from tests.consul_agent import new_agent
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +97,7 @@ def wait_passing(agent: ConsulAgent, server: TwistdServer) -> str:
 class Fleet:
     """What the module's tests share.
 
-    The agents come from ``consul_agent._new_agent`` (as the ``consul_agent`` fixtures do,
+    The agents come from ``tests.consul_agent.new_agent`` (as the ``consul_agent`` fixtures do,
     skipping without the binary): those fixtures are function-scoped and so cannot be
     known to a module-scoped fixture that starts every server at once.
     """
@@ -139,7 +140,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     models.make_slow(root / "busy", seconds=0.5)
     (root / "busy-batching.txt").write_text(OVERLOAD_BATCHING)
     consul, late, restarted = (
-        _new_agent(tmp_path_factory.mktemp(f"consul-{role}"))
+        new_agent(tmp_path_factory.mktemp(f"consul-{role}"))
         for role in ("shared", "late", "restarted")
     )
     servers: dict[str, TwistdServer] = {}

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness.twistd import TwistdServer
 from tests import models
-from tests.server import TwistdServer
 from tests.test_images_integration import curl, upload
 
 pytestmark = pytest.mark.integration

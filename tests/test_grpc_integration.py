@@ -35,8 +35,8 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from harness.twistd import TwistdServer
 from tests import models
-from tests.server import TwistdServer
 
 pytestmark = pytest.mark.integration
 

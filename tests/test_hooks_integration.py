@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server import REPO, TwistdServer
+from harness.twistd import REPO, TwistdServer
 
 pytestmark = pytest.mark.integration
 

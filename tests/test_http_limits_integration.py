@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import pytest
 
+from harness.twistd import TwistdServer, poll
 from tests import models
-from tests.server import TwistdServer, poll
 
 pytestmark = pytest.mark.integration
 

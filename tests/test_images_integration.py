@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from harness.twistd import TwistdServer
 from tests import models
-from tests.server import TwistdServer
 
 pytestmark = pytest.mark.integration
 

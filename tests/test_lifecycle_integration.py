@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from consul_agent import ConsulAgent, consul_agent  # noqa: F401
 
+from harness.consul import ConsulAgent
+from harness.twistd import REPO, TWISTD, TwistdServer
+from harness.twistd import poll as poll_until
 from tests import models
-from tests.server import REPO, TWISTD, TwistdServer
-from tests.server import poll as poll_until
+from tests.consul_agent import consul_agent  # noqa: F401
 from tests.test_frozen_graph_integration import picture
 from tests.test_images_integration import upload
 

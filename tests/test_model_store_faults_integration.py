@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.twistd import TwistdServer
+from harness.twistd import poll as poll_until
 from tests import models
-from tests.server import TwistdServer
-from tests.server import poll as poll_until
 from tests.test_lifecycle_integration import (
     linear_y,
     log_lines,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from tests.server import REPO, TwistdServer, poll
+from harness.twistd import REPO, TwistdServer, poll
 
 pytestmark = pytest.mark.integration
 

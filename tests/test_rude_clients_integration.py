@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from consul_agent import consul_agent  # noqa: F401  (fixture)
 
+from harness.ports import free_port
+from harness.twistd import REPO, TwistdServer, poll
 from tests import models
-from tests.server import REPO, TwistdServer, free_port, poll
+from tests.consul_agent import consul_agent  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 

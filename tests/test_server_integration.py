@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.twistd import TwistdServer
 from tests import models
-from tests.server import TwistdServer
 
 pytestmark = pytest.mark.integration
 

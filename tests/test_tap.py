@@ -9,9 +9,9 @@ import attrs
 import pytest
 from twisted.python import usage
 
+from harness.twistd import TWISTD
 from service.model_config import VersionPolicy
 from service.options import DEFAULT_PORT, DiscoveryConfig, Options, ServerConfig, _advertised
-from tests.server import TWISTD
 
 
 def parse(*args: str) -> Options:

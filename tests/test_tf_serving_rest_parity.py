@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from harness.twistd import TwistdServer
 from tests import models
-from tests.server import TwistdServer
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from harness.twistd import TwistdServer
 from tests import models
-from tests.server import TwistdServer
 
 httpclient = pytest.importorskip("tritonclient.http")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException

@@ -11,6 +11,7 @@ import tensorflow as tf
 from tensorflow.core.example import example_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
+from harness.twistd import TwistdServer
 from service.errors import InvalidArgument
 from service.servables.registry import load_servable
 from service.warmup import (
@@ -21,7 +22,6 @@ from service.warmup import (
     replay_warmup_requests,
 )
 from tests import models
-from tests.server import TwistdServer
 
 
 def write_records(version: Path, records: list[bytes]) -> None:

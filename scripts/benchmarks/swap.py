@@ -1,7 +1,7 @@
 """Hot swaps under load: what a new version folder costs the requests in flight, and how long
 it takes to serve.
 
-Run as ``.venv/bin/python scripts/bench_swap.py`` (after ``scripts/export-demo-model``).
+Run as ``scripts/bench swap`` (after ``scripts/export-demo-model``).
 Writes ``docs/benchmarks-lifecycle.md``. For each ``--file_system_poll_wait_seconds`` in
 ``--polls`` (default 1, TF Serving's default, and 0.2) it serves the digits demo model from a
 temporary base path (``1/`` copied from ``models/digits/1``) with ``--enable_batching``, and
@@ -37,14 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.ports import LOOPBACK, free_port
+from harness.processes import start, stop_all
+from harness.twistd import REPO
+from scripts.benchmarks.plan import CACHE
+from scripts.benchmarks.procs import BenchError
 
-from bench_procs import LOOPBACK, BenchError, free_port, start, stop_all  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "digits" / "1"
 BODY = REPO / "samples" / "seven.json"
-CACHE = REPO / ".cache" / "bench"
 STATUS_EVERY = 0.02
 
 
@@ -268,14 +268,16 @@ def table(swaps: list[Swap]) -> list[str]:
     return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench swap", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--polls", default="1,0.2", help="--file_system_poll_wait_seconds values")
     parser.add_argument("--swaps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds before/after a swap")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-lifecycle.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (MODEL / "saved_model.pb").is_file() or not BODY.is_file():
         parser.error(f"{MODEL} or {BODY} is missing: run scripts/export-demo-model")
     body = BODY.read_bytes()
@@ -311,7 +313,7 @@ def write_doc(
     ]
     requests_total = sum(r for r, _ in totals.values())
     failed_total = sum(f for _, f in totals.values())
-    command = ".venv/bin/python scripts/bench_swap.py"
+    command = "scripts/bench swap"
     defaults = ("--polls=1,0.2", "--swaps=3", "--concurrency=16", "--settle=5.0")
     given = [
         f"--polls={args.polls}",

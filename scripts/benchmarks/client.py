@@ -1,7 +1,7 @@
 """Client-side load balancing against a proxy: the same three servers, called directly by
 ``AsyncInferenceClient`` (backends from Consul) or through nginx (round-robin upstream).
 
-    .venv/bin/python scripts/bench_client.py --duration 10
+    scripts/bench client --duration 10
 
 Starts a Consul dev agent and three ``twistd`` servers of the demo digits model
 (``models/digits``; ``scripts/export-demo-model`` makes it) or of the tests' ``make_linear``
@@ -27,20 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import crochet
 import numpy as np
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from client import AsyncInferenceClient, InferenceError
+from harness.consul import CONSUL_BINARY, ConsulAgent
+from harness.ports import LOOPBACK, free_port
+from harness.twistd import REPO, TwistdServer
 
-import crochet  # noqa: E402
-from twisted.internet import defer  # noqa: E402
-from twisted.internet.defer import Deferred  # noqa: E402
-
-from client import AsyncInferenceClient, InferenceError  # noqa: E402
-from tests.consul_agent import CONSUL_BINARY, ConsulAgent  # noqa: E402  (the tests' harness)
-from tests.server import TwistdServer, free_port  # noqa: E402
-
-LOOPBACK = "127.0.0.1"
 NGINX_CONF = """\
 worker_processes 2;
 pid {tmp}/nginx.pid;
@@ -320,13 +316,15 @@ def table(results: dict[str, Any]) -> str:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench client", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per setup")
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight")
     parser.add_argument("--model", choices=("digits", "linear"), default="digits")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the cleanup in run()'s finally
     results = run(args.duration, concurrency=args.concurrency, model=args.model)
     print(

@@ -1,6 +1,6 @@
 """An empty Klein route: what Twisted + Klein alone can answer on this machine.
 
-    python scripts/bench_empty_app.py PORT
+    python -m scripts.benchmarks.empty_app PORT
 
 ``POST /v1/models/<anything>`` reads the body and answers ``{}``; ``GET /readyz`` answers
 200. It listens on 127.0.0.1 only. The bench sends it the same request bodies, through the
@@ -55,7 +55,7 @@ class QuietSite(server.Site):
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: bench_empty_app.py PORT", file=sys.stderr)
+        print("usage: python -m scripts.benchmarks.empty_app PORT", file=sys.stderr)
         return 2
     from twisted.internet import reactor as _reactor
 

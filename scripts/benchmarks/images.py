@@ -1,6 +1,6 @@
 """Image uploads to MobileNetV2: images/s over HTTP vs the in-process decode + model limit.
 
-Run as ``.venv/bin/python scripts/bench_images.py [--duration 20]`` after ``scripts/bench``
+Run as ``scripts/bench images [--duration 20]`` after ``scripts/bench``
 has installed wrk and exported the model once (it reuses ``.cache/bench/models/mobilenet``).
 Writes ``docs/benchmarks-images.md``. One 224×224 JPEG is sent with ``wrk`` as the raw body
 (``Content-Type: image/jpeg``) to ``:classify_image`` at concurrency 8 and 64; the limit is
@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_models import ensure_model  # noqa: E402
-from bench_procs import LOOPBACK, free_port, run_wrk, start, stop_all  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache" / "bench"
+from harness.ports import LOOPBACK, free_port
+from harness.processes import start, stop_all
+from harness.twistd import REPO
+from scripts.benchmarks.models import ensure_model
+from scripts.benchmarks.plan import CACHE
+from scripts.benchmarks.procs import run_wrk
 
 
 def make_jpeg(path: Path) -> bytes:
@@ -73,11 +72,11 @@ def in_process_limit(base: Path, jpeg: bytes, seconds: float) -> dict[int, float
     return rates
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench images", description=__doc__)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per point")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-images.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logs = CACHE / "logs"
     base = ensure_model("mobilenet", CACHE, logs / "export-mobilenet.log")
     jpeg_path = CACHE / "bodies" / "photo.jpg"
@@ -122,7 +121,7 @@ def main() -> int:
     lines = [
         "# Image uploads: MobileNetV2, 224×224 JPEG",
         "",
-        f"- command: `.venv/bin/python scripts/bench_images.py --duration {args.duration:g}`",
+        f"- command: `scripts/bench images --duration {args.duration:g}`",
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} cores; load average "
         f"{os.getloadavg()[0]:.2f} at the end",
         "- server: batching on (max_batch_size 8, 2 batch threads), `--image_decode_threads` 2",

@@ -7,11 +7,11 @@ After every cycle it prints the process's RSS (``VmRSS`` of ``/proc/self/status`
 functions TensorFlow's eager context holds, how many loaded versions are still alive (by
 weak reference) and how long the release step took::
 
-    .venv/bin/python scripts/memory_cycles.py                       # models/digits/1
-    .venv/bin/python scripts/memory_cycles.py --make linear         # tests.models.make_linear
-    .venv/bin/python scripts/memory_cycles.py --make frozen         # a TF1 frozen graph
-    .venv/bin/python scripts/memory_cycles.py --make wide           # 48 MiB of weights
-    .venv/bin/python scripts/memory_cycles.py --freeze --release refreeze
+    scripts/bench memory-cycles                       # models/digits/1
+    scripts/bench memory-cycles --make linear         # tests.models.make_linear
+    scripts/bench memory-cycles --make frozen         # a TF1 frozen graph
+    scripts/bench memory-cycles --make wide           # 48 MiB of weights
+    scripts/bench memory-cycles --freeze --release refreeze
 
 ``--freeze`` calls ``gc.freeze()`` after the first load, as ``ModelRepository`` does once
 its first versions are up (``--freeze before``: before it, with only TensorFlow imported).
@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from harness.twistd import REPO
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import, below
 
 from twisted.python.failure import Failure  # noqa: E402
 from twisted.python.threadpool import ThreadPool  # noqa: E402
@@ -135,7 +135,7 @@ def release(recipe: str, trim: bool) -> None:
 
 def make_model(kind: str, root: Path) -> Path:
     """Make the model in a child process, so saving it leaves nothing in this one's memory."""
-    code = f"from scripts.memory_cycles import _make; _make({kind!r}, {str(root)!r})"
+    code = f"from scripts.benchmarks.memory_cycles import _make; _make({kind!r}, {str(root)!r})"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     return root / kind / "1"
 
@@ -155,7 +155,9 @@ def _make(kind: str, root: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench memory-cycles", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", type=Path, default=REPO / "models" / "digits" / "1")
     parser.add_argument("--make", choices=("linear", "frozen", "wide"), help="make a model instead")
     parser.add_argument("--cycles", type=int, default=20)

@@ -1,12 +1,8 @@
-"""Processes for ``scripts/bench``: servers on free loopback ports, their memory, and ``wrk``.
+"""What ``scripts/bench`` reads off its servers: memory of a process tree, ``wrk``'s load and
+summary, and the batching counters of ``/metrics``.
 
-Every process the bench starts is a ``Proc``: started in a session of its own (so a server
-and its workers, gunicorn's say, are one process group), logged to a file, and stopped by
-group id with SIGTERM, then SIGKILL. ``stop_all`` stops whatever is still running; the
-bench calls it on every way out (normal end, error, Ctrl-C, SIGTERM).
-
-This is not ``tests/server.py``'s ``TwistdServer``: the bench also runs the empty Klein
-app and gunicorn, needs the whole process tree for memory, and must not fail on assertions.
+The servers themselves are started and stopped by ``harness.processes`` (``Proc``, ``start``,
+``stop_all``), on ports from ``harness.ports.free_port``.
 """
 
 from __future__ import annotations
@@ -14,152 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness.processes import http_get
+
 VENV_BIN = Path(sys.executable).parent
-LOOPBACK = "127.0.0.1"  # the only address the bench ever listens on or sends to
 
 
 class BenchError(RuntimeError):
     """Something the bench could not measure; the message says what, with the log's tail."""
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nobody listens on now, and not one this process handed out before: the kernel
-    may offer the same free port twice in a row (a server's HTTP and gRPC ports, say)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((LOOPBACK, 0))
-            port: int = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """GET ``url``: (status, body); (0, b"") when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return 0, b""
-
-
-_LIVE: list[Proc] = []
-
-
-@dataclass(eq=False)
-class Proc:
-    """One started server: its command, port, log file and process group."""
-
-    name: str
-    command: list[str]
-    port: int
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> Proc:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **self.env}
-        for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN"):  # a bench server joins no Consul
-            env.pop(name, None)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stopped as one, spared our Ctrl-C
-            )
-        _LIVE.append(self)
-        return self
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(
-        self,
-        path: str = "/readyz",
-        timeout: float = 180.0,
-        ready: Callable[[bytes], bool] = lambda body: True,
-    ) -> float:
-        """Poll ``GET path`` until 200 (and ``ready(body)``); return the seconds it took."""
-        started = time.monotonic()
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if not self.running():
-                code = self.process.returncode if self.process else None
-                raise BenchError(f"{self.name} exited with {code}:\n{self.log_tail()}")
-            status, body = http_get(self.url + path, timeout=2.0)
-            if status == 200 and ready(body):
-                return time.monotonic() - started
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, then SIGKILL it if it has not exited in ``timeout``."""
-        if self in _LIVE:
-            _LIVE.remove(self)
-        if self.process is None or self.process.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Workers left in the group after the leader exited (gunicorn's, if the master died first).
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def stop_all() -> None:
-    for proc in list(_LIVE):
-        proc.stop()
-
-
-def start(name: str, command: Sequence[str], port: int, logs: Path, **env: str) -> Proc:
-    return Proc(name, list(command), port, logs / f"{name}-{port}.log", dict(env)).start()
 
 
 # -- memory ----------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The comparison ``scripts/bench`` measures kleinserve against: Flask behind ``gunicorn -w 4``.
 
     BENCH_MODEL_DIR=.cache/bench/models/digits/1 \\
-        gunicorn -w 4 -b 127.0.0.1:PORT --chdir scripts bench_flask_app:app
+        gunicorn -w 4 -b 127.0.0.1:PORT scripts.benchmarks.flask_app:app
+
+(from the repository root).
 
 The common way to serve a Keras model from Python: every gunicorn worker imports this
 module and so loads its own copy of TensorFlow and of the SavedModel; each worker answers

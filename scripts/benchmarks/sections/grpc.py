@@ -13,9 +13,10 @@ call), the way wrk sends a fixed body: what it measures is the server.
 
 Children (run by the section, each its own process):
 
-    python scripts/bench_grpc.py payload MODEL OUT      write MODEL's PredictRequest to OUT
-    python scripts/bench_grpc.py load TARGET FILE C S   C calls in flight for S seconds;
-                                                         prints one JSON line
+    python -m scripts.benchmarks.sections.grpc payload MODEL OUT
+        write MODEL's PredictRequest to OUT
+    python -m scripts.benchmarks.sections.grpc load TARGET FILE C S
+        C calls in flight for S seconds; prints one JSON line
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_models  # noqa: E402
-from bench_procs import LOOPBACK, REPO, VENV_BIN, free_port, memory_of, run_wrk, start  # noqa: E402
+from harness.ports import LOOPBACK, free_port
+from harness.processes import start
+from harness.twistd import REPO
+from scripts.benchmarks import models as bench_models
+from scripts.benchmarks.procs import VENV_BIN, memory_of, run_wrk
+from scripts.benchmarks.runner import Bench
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 
@@ -113,13 +116,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_section(bench: Any) -> None:
+def run(bench: Bench) -> None:
     """Start one server per model and measure REST JSON and gRPC at each concurrency."""
     for model in bench.plan.models:
         body = bench.body(model)
         payload = bench_models_cache() / "bodies" / f"{model}.grpc"
         done = subprocess.run(
-            [sys.executable, __file__, "payload", model, str(payload)],
+            [
+                sys.executable,
+                "-m",
+                "scripts.benchmarks.sections.grpc",
+                "payload",
+                model,
+                str(payload),
+            ],
             cwd=REPO,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
             capture_output=True,
@@ -192,7 +202,16 @@ def bench_models_cache() -> Path:
 
 def _grpc_load(target: str, payload: Path, concurrency: int, seconds: float) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, __file__, "load", target, str(payload), str(concurrency), str(seconds)],
+        [
+            sys.executable,
+            "-m",
+            "scripts.benchmarks.sections.grpc",
+            "load",
+            target,
+            str(payload),
+            str(concurrency),
+            str(seconds),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,4 +1,5 @@
-"""Real ``twistd -n inference`` servers for integration tests: start, wait ready, talk, stop."""
+"""Real ``twistd -n inference`` servers for integration tests and the demo: start, wait ready,
+talk, stop."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +15,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from harness.ports import LOOPBACK, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -34,21 +36,6 @@ def poll(read: Callable[[], T], until: Callable[[T], bool], timeout: float) -> T
         if until(value) or time.monotonic() > deadline:
             return value
         time.sleep(0.1)
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nobody listens on now, and not one this process handed out before: the kernel
-    may offer the same free port twice in a row (a server's HTTP and gRPC ports, say)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 ERROR_MARKERS = (
@@ -99,25 +86,25 @@ class TwistdServer:
         self.grpc_port: int | None = None
         if not any(a.startswith(("--port", "--grpc_listen")) for a in args):
             self.grpc_port = free_port()
-            self.args = [*args, f"--grpc_listen=127.0.0.1:{self.grpc_port}"]
+            self.args = [*args, f"--grpc_listen={LOOPBACK}:{self.grpc_port}"]
         self.log_path = log_dir / f"twistd-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.expected_errors = list(expected_errors or [])
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{LOOPBACK}:{self.port}"
 
     @property
     def grpc_target(self) -> str:
         """``host:port`` of its gRPC API, for ``grpc.insecure_channel``."""
         assert self.grpc_port is not None, "this server was started without gRPC"
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{LOOPBACK}:{self.grpc_port}"
 
     def start(self) -> TwistdServer:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
         command = [str(TWISTD), "-n", "--pidfile=", f"--logfile={self.log_path}", "inference"]
-        command += [f"--listen=tcp:{self.port}:interface=127.0.0.1", *self.args]
+        command += [f"--listen=tcp:{self.port}:interface={LOOPBACK}", *self.args]
         self.process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )

@@ -1,13 +1,14 @@
 """The bench's measurements without HTTP, each in a process of its own (one JSON line out).
 
-    python scripts/bench_engine.py inprocess MODEL_BASE --seconds S --sizes 1,8,32,64
+    python -m scripts.benchmarks.without_http inprocess MODEL_BASE --seconds S --sizes 1,8,32,64
         The model's serving signature called directly in a loop, one batch size at a time:
         instances/s and the median time of one call at each size. The call is what the
         server's inference thread does (numpy in, ``tf.constant``, the signature, ``.numpy()``
         out), with no queue, no thread hop and no HTTP: the most this process can get out of
         the model.
 
-    python scripts/bench_engine.py engine MODEL_BASE --seconds S --submitters 64 [--batching-file F]
+    python -m scripts.benchmarks.without_http engine MODEL_BASE --seconds S --submitters 64
+            [--batching-file F]
         ``service.batching.BatchingQueue`` on a real reactor, running the real ``Servable``
         on a real dedicated ThreadPool, built as ``service/repository/loader.py`` builds them, with
         the parameters of the server's --batching_parameters_file F (batching off without).
@@ -29,8 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MAX_CALLS = 1_000_000  # a bound on every loop besides its time limit

@@ -7,8 +7,8 @@ full batches), reads its RSS (``VmRSS`` of ``/proc/PID/status``), then sends ``-
 (``--concurrency`` at once), printing RSS after each and, while each is in flight, the
 slowest ``/healthz`` answer seen::
 
-    .venv/bin/python scripts/request_memory.py                    # 20 requests of 60 MB
-    .venv/bin/python scripts/request_memory.py --requests 4 --concurrency 2 -- --max_inflight_request_bytes=1000000000
+    scripts/bench request-memory                    # 20 requests of 60 MB
+    scripts/bench request-memory --requests 4 --concurrency 2 -- --max_inflight_request_bytes=1000000000
 
 Arguments after ``--`` go to twistd. The last line sums up: RSS before, after the last
 request, and after ``--settle`` seconds more (the server trims memory at most every few
@@ -29,10 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.server import TwistdServer  # noqa: E402
+from harness.twistd import REPO, TwistdServer
 
 BATCHING = "max_batch_size { value: 256 }\nmax_enqueued_batches { value: 128 }\n"
 
@@ -73,14 +70,16 @@ def slowest_healthz(server: TwistdServer, stop: threading.Event, worst: list[flo
     worst.append(slowest)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench request-memory", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--mb", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--settle", type=float, default=6.0)
     parser.add_argument("twistd_args", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     body = make_body(args.mb)
     with tempfile.TemporaryDirectory() as tmp:
         batching = Path(tmp) / "batching.txt"
@@ -131,7 +130,8 @@ def main() -> None:
             )
         finally:
             server.stop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

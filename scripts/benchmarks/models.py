@@ -6,14 +6,13 @@
                image float32 [None, 224, 224, 3] -> probabilities float32 [None, 1000]
 
 Both are cached in TF Serving's layout under ``.cache/bench/models/NAME/1`` and exported
-only when missing. Exporting runs in a child process (``python scripts/bench_models.py NAME
-BASE``): it imports TensorFlow, and the digits export turns on op determinism for the rest
+only when missing. Exporting runs in a child process (``python -m scripts.benchmarks.models
+NAME BASE``): it imports TensorFlow, and the digits export turns on op determinism for the rest
 of its process, which must not leak into anything the bench measures.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness.twistd import REPO
+
 VERSION = 1
 SEED = 20240607
 
@@ -55,7 +55,7 @@ def ensure_model(name: str, cache: Path, log: Path) -> Path:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         done = subprocess.run(
-            [sys.executable, __file__, name, str(base)],
+            [sys.executable, "-m", "scripts.benchmarks.models", name, str(base)],
             cwd=REPO,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
             stdout=out,
@@ -87,13 +87,9 @@ def write_body(spec: ModelSpec, path: Path) -> int:
 
 def export_digits(base: Path) -> None:
     """Train and export the demo CNN with scripts/export_demo_model.py's own ``export``."""
-    path = REPO / "scripts" / "export_demo_model.py"
-    spec = importlib.util.spec_from_file_location("export_demo_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    module.export(base, samples=None)
+    from scripts import export_demo_model
+
+    export_demo_model.export(base, samples=None)
 
 
 def export_mobilenet(base: Path) -> None:
@@ -131,7 +127,10 @@ def export_mobilenet(base: Path) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in MODELS:
-        print(f"usage: bench_models.py {{{','.join(MODELS)}}} BASE_FOLDER", file=sys.stderr)
+        print(
+            f"usage: python -m scripts.benchmarks.models {{{','.join(MODELS)}}} BASE_FOLDER",
+            file=sys.stderr,
+        )
         return 2
     name, base = argv[0], Path(argv[1])
     {"digits": export_digits, "mobilenet": export_mobilenet}[name](base)

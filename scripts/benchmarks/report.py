@@ -1,9 +1,9 @@
-"""Turning ``scripts/bench`` results into ratios, tables, docs/benchmarks.md and a plot.
+"""Turning ``scripts/bench`` results into ratios, tables and docs/benchmarks.md (the plot: plot.py).
 
-Everything here is a pure function of the results dict that ``bench.py`` fills (and saves
+Everything here is a pure function of the results dict that ``runner.Bench`` fills (and saves
 as JSON), so a report can be rebuilt from a saved JSON file without measuring again:
 
-    .venv/bin/python scripts/bench_report.py docs/benchmarks.json
+    .venv/bin/python -m scripts.benchmarks.report docs/benchmarks.json
 """
 
 from __future__ import annotations
@@ -381,7 +381,7 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"RSS {big['rss_before_mib']} MiB before, {big['rss_after_mib']} MiB after the last "
             f"({big['ratio_after']:.2f}x), {big['rss_settled_mib']} MiB a few seconds later "
-            f"({big['ratio_settled']:.2f}x). `scripts/request_memory.py` sends them one at a time "
+            f"({big['ratio_settled']:.2f}x). `scripts/bench request-memory` sends them one at a time "
             "to the digits model with batching on.",
             "",
         ]
@@ -439,19 +439,19 @@ def method(results: dict[str, Any]) -> list[str]:
         "- **mean batch, model busy**: from the server's /metrics before and after each point:"
         " real rows per batch, and seconds spent in the model per second of wall time (above 100 %"
         " with two inference threads).",
-        "- **In-process limit**: `scripts/bench_engine.py inprocess` loads the SavedModel and calls"
+        "- **In-process limit**: `scripts/benchmarks/without_http.py inprocess` loads the SavedModel and calls"
         " its `serving_default` function in a loop (numpy in through `tf.constant`, `.numpy()` out, as"
         " the inference thread does), one batch size at a time after 1 to 3 warm-up calls. One request"
         " carries one instance, so requests/s compares directly to instances/s.",
-        "- **Engine**: `scripts/bench_engine.py engine`: the real `BatchingQueue`, `Servable` and a"
+        "- **Engine**: `scripts/benchmarks/without_http.py engine`: the real `BatchingQueue`, `Servable` and a"
         " dedicated `ThreadPool` on a real reactor, as `service/repository/loader.py` wires them; 64"
         " coroutines each submit one row, await it and repeat. instances/s is counted over whole"
         " batches after a warm-up.",
-        "- **Empty route**: `scripts/bench_empty_app.py`, a Klein app on a Site set up as"
+        "- **Empty route**: `scripts/benchmarks/empty_app.py`, a Klein app on a Site set up as"
         " kleinserve's (bodies in memory, no form parsing, no access log) that reads the body and"
         " answers `{}`: the most requests/s the HTTP"
         " stack gives for that body on this machine, through the same wrk.",
-        "- **Flask**: `scripts/bench_flask_app.py` under `gunicorn -w 4` (sync workers, each loading"
+        "- **Flask**: `scripts/benchmarks/flask_app.py` under `gunicorn -w 4` (sync workers, each loading"
         " TensorFlow and the model at import) vs one kleinserve process with batching on. RSS sums"
         " every process of each server (gunicorn's master included) and so counts shared library"
         " pages once per process; PSS shares them out, so its sum is the memory really used (it"
@@ -465,90 +465,18 @@ def method(results: dict[str, Any]) -> list[str]:
 # -- plot ------------------------------------------------------------------------------------
 
 
-def plot(results: dict[str, Any], path: Path) -> bool:
-    """requests/s by concurrency for each configuration, one panel per model; False if no data."""
-    models = [
-        m
-        for m in _models(results)
-        if any(r["model"] == m for r in results.get("http", []))
-        or m in results.get("inprocess", {})
-    ]
-    if not models:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        rows = [r for r in _sorted_http(results) if r["model"] == model]
-        for config in dict.fromkeys(r["config"] for r in rows):
-            points = [r for r in rows if r["config"] == config]
-            style = "--" if config == "empty" else "-"
-            ax.plot(
-                [r["concurrency"] for r in points],
-                [max(r["rps"], 1e-3) for r in points],
-                style,
-                marker="o",
-                label=points[0]["label"] + (" (HTTP ceiling)" if config == "empty" else ""),
-            )
-        limit = results.get("inprocess", {}).get(model)
-        if limit:
-            ax.axhline(
-                limit["best_instances_per_s"],
-                color="black",
-                linestyle=":",
-                label=f"in-process limit (batch {limit['best_size']}), instances/s",
-            )
-        for key, run in results.get("engine", {}).get(model, {}).items():
-            ax.plot(
-                [64],
-                [max(run["instances_per_s"], 1e-3)],
-                marker="s" if key == "off" else "^",
-                linestyle="none",
-                label=f"engine alone, {run.get('label', key)}",
-            )
-        flask = results.get("flask", {})
-        if model == "digits" and "flask" in flask:
-            ax.plot(
-                [flask["concurrency"]],
-                [max(flask["flask"]["rps"], 1e-3)],
-                marker="x",
-                markersize=9,
-                linestyle="none",
-                color="red",
-                label=f"Flask + gunicorn -w {flask.get('workers', 4)}",
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks([1, 8, 64], labels=["1", "8", "64"])
-        ax.set_xlabel("concurrent requests (engine: submitters)")
-        ax.set_ylabel("requests/s (in-process, engine: instances/s)")
-        ax.set_title(_title(model))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    meta = results["meta"]
-    fig.suptitle(
-        f"kleinserve, {meta['nproc']} cores, {meta['mode']} run, {meta['date']}", fontsize=10
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(
-            "usage: bench_report.py RESULTS.json  (rewrites the .md and .png beside it)",
+            "usage: python -m scripts.benchmarks.report RESULTS.json  (rewrites the .md and .png beside it)",
             file=sys.stderr,
         )
         return 2
     source = Path(argv[0])
     results = json.loads(source.read_text())
     results["ratios"] = ratios(results)
+    from scripts.benchmarks.plot import plot  # matplotlib, only when there is a plot to draw
+
     png = source.with_suffix(".png")
     if plot(results, png):
         results["meta"]["plot"] = png.name
