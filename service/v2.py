@@ -24,6 +24,7 @@ share batches.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from importlib import metadata as package_metadata
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from klein import Klein
 from twisted.web import server
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed
 
 from service import codec, v2_codec
 from service.dataplane import ModelTarget
@@ -251,10 +253,22 @@ def _wanted_outputs(decoded: v2_codec.InferRequest, signature: Signature) -> lis
     ]
 
 
+#: Paths under /v2/ that name an endpoint, with the one method it takes.
+_ENDPOINTS = (
+    (re.compile(r"health/(live|ready)|models/[^/]+(/versions/[^/]+)?(/ready)?"), "GET"),
+    (re.compile(r"models/[^/]+(/versions/[^/]+)?/infer"), "POST"),
+)
+
+
 @counted("v2_other")
 def v2_other(api: InferenceAPI, request: IRequest, path: str = "") -> bytes:
-    """Any other /v2 URL: a 404 naming the endpoints there are."""
+    """Any other /v2 URL: 405 naming the method if the path is an endpoint's (as Triton
+    answers a GET of an infer URL), else a 404 naming the endpoints there are. (This
+    catch-all matches GET and POST on every path, so Klein's own 405 never comes here.)"""
     method = request.method.decode(errors="replace")
+    for pattern, allowed in _ENDPOINTS:
+        if pattern.fullmatch(path):
+            raise MethodNotAllowed(valid_methods=[allowed])
     raise NotFound(
         f"no such endpoint: {method} /v2/{echo(path)}; the v2 API has GET /v2, "
         "GET /v2/health/live, GET /v2/health/ready, GET /v2/models/NAME[/versions/N], "
