@@ -262,9 +262,10 @@ _ENDPOINTS = (
 
 @counted("v2_other")
 def v2_other(api: InferenceAPI, request: IRequest, path: str = "") -> bytes:
-    """Any other /v2 URL: 405 naming the method if the path is an endpoint's (as Triton
-    answers a GET of an infer URL), else a 404 naming the endpoints there are. (This
-    catch-all matches GET and POST on every path, so Klein's own 405 never comes here.)"""
+    """Any other /v2 URL: 405 with ``Allow`` if the path is an endpoint's and only the method
+    is wrong (as Triton answers a GET of an infer URL), else a 404 naming the endpoints
+    there are. Klein would answer that 405 itself, but this catch-all takes GET and POST on
+    every path, so it must tell the two apart."""
     method = request.method.decode(errors="replace")
     for pattern, allowed in _ENDPOINTS:
         if pattern.fullmatch(path):
