@@ -24,6 +24,7 @@ share batches.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from importlib import metadata as package_metadata
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ import numpy as np
 from klein import Klein
 from twisted.web import server
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed
 
 from service import codec, v2_codec
 from service.dataplane import Decoded, Encoded, ModelTarget, VersionLease
@@ -298,10 +300,23 @@ def _wanted_outputs(decoded: v2_codec.InferRequest, names: list[str]) -> list[tu
     ]
 
 
+#: Paths under /v2/ that name an endpoint, with the one method it takes.
+_ENDPOINTS = (
+    (re.compile(r"health/(live|ready)|models/[^/]+(/versions/[^/]+)?(/ready)?"), "GET"),
+    (re.compile(r"models/[^/]+(/versions/[^/]+)?/infer"), "POST"),
+)
+
+
 @counted("v2_other")
 def v2_other(api: InferenceAPI, request: IRequest, path: str = "") -> bytes:
-    """Any other /v2 URL: a 404 naming the endpoints there are."""
+    """Any other /v2 URL: 405 with ``Allow`` if the path is an endpoint's and only the method
+    is wrong (as Triton answers a GET of an infer URL), else a 404 naming the endpoints
+    there are. Klein would answer that 405 itself, but this catch-all takes GET and POST on
+    every path, so it must tell the two apart."""
     method = request.method.decode(errors="replace")
+    for pattern, allowed in _ENDPOINTS:
+        if pattern.fullmatch(path):
+            raise MethodNotAllowed(valid_methods=[allowed])
     raise NotFound(
         f"no such endpoint: {method} /v2/{echo(path)}; the v2 API has GET /v2, "
         "GET /v2/health/live, GET /v2/health/ready, GET /v2/models/NAME[/versions/N], "

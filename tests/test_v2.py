@@ -266,7 +266,9 @@ def test_errors_have_the_spec_statuses_and_say_what_was_wrong() -> None:
         ("POST", "/v2/models/m/infer",
          json.dumps({"inputs": [{**INPUTS[0], "shape": [1, 4]}, *INPUTS[1:]]}).encode(), 400,
          "dimension 1 is 4, expected 2"),
-        ("GET", "/v2/models/m/infer", None, 404, "no such endpoint: GET /v2/models/m/infer"),
+        ("GET", "/v2/models/m/infer", None, 405, "Method Not Allowed: GET /v2/models/m/infer"),
+        ("POST", "/v2/models/m/versions/1/ready", None, 405, "Method Not Allowed: POST"),
+        ("GET", "/v2/models/m/infer/x", None, 404, "no such endpoint: GET /v2/models/m/infer/x"),
         ("GET", "/v2/nothing", None, 404, "POST /v2/models/NAME[/versions/N]/infer"),
     ]  # fmt: skip
     for method, path, data, status, words in cases:
@@ -282,6 +284,8 @@ def test_errors_have_the_spec_statuses_and_say_what_was_wrong() -> None:
         treq, "POST", "/v2/models/m/infer", body, {"Content-Type": ["image/png"]}
     )
     assert response.code == 415 and "application/octet-stream" in doc_of(content)["error"]
+    response, _ = call(treq, "GET", "/v2/models/m/versions/3/infer")
+    assert response.code == 405 and response.headers.getRawHeaders("allow") == ["POST"]
     repository.lookup("m", version=3).state = LOADING
     response, content = call(treq, "POST", "/v2/models/m/infer", body)
     assert response.code == 503 and response.headers.getRawHeaders("retry-after") == ["1"]
