@@ -128,12 +128,48 @@ def run_examples(server: TwistdServer, checks: Checks) -> None:
 MODEL_CONFIG = """\
 model_config_list {{
   config {{ name: 'digits' base_path: '{base}' model_platform: 'tensorflow'{labels} }}
+  config {{ name: 'digit_words' base_path: '{words}' model_platform: 'tensorflow' }}
 }}
 """
 
 
 def write_model_config(path: Path, base: Path, labels: str = "") -> None:
-    path.write_text(MODEL_CONFIG.format(base=base, labels=labels))
+    """digits (its versions in ``base``), and digit_words beside it: the same model with the
+    hooks of examples/hooks/digit_labels."""
+    words = base.parent / "digit_words"
+    path.write_text(MODEL_CONFIG.format(base=base, labels=labels, words=words))
+
+
+def make_digit_words(base: Path) -> None:
+    """digit_words: version 1 of digits with examples/hooks/digit_labels as its hooks file."""
+    words = base.parent / "digit_words"
+    shutil.rmtree(words, ignore_errors=True)
+    shutil.copytree(base / "1", words / "1")
+    hooks = words / "1" / "assets.extra" / "kleinserve_hooks.py"
+    hooks.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "examples" / "hooks" / "digit_labels" / "kleinserve_hooks.py", hooks)
+
+
+def show_hooks(server: TwistdServer, checks: Checks) -> None:
+    print(
+        "\n== your own Python around the model: examples/hooks/digit_labels as digit_words's "
+        "hooks\n   (a picture in, decoded in the hook; batched; a business answer out)"
+    )
+    code, body = curl(
+        "-F", "data=@samples/seven.png", f"{server.url}/v1/models/digit_words:invoke"
+    )  # fmt: skip
+    print(body)
+    answer = json.loads(body) if code == 200 else {}
+    checks.expect(answer.get("digit") == "seven", "the hook answers seven for samples/seven.png")
+    code, body = curl(
+        "-H", "Content-Type: text/plain", "--data-binary", "not a picture",
+        f"{server.url}/v1/models/digit_words:invoke",
+    )  # fmt: skip
+    print(body)
+    checks.expect(
+        code == 400 and "hook preprocess of model 'digit_words'" in body,
+        "a body the hook refuses → 400 naming the hook and the version",
+    )
 
 
 def show_lifecycle(
@@ -343,6 +379,7 @@ def main() -> int:
     base = logs / "models" / "digits"
     shutil.rmtree(base, ignore_errors=True)
     shutil.copytree(REPO / "models" / "digits" / "1", base / "1")
+    make_digit_words(base)
     config = logs / "models.config"
     write_model_config(config, base)
     servers = []
@@ -352,13 +389,15 @@ def main() -> int:
             f"--model_config_file={config}",
             "--file_system_poll_wait_seconds=0.5",
             "--enable_batching",
+            "--enable_model_hooks",
+            "--default_model=digits",  # what POST / classifies (two models are served)
             f"--consul={consul.http_addr}",
             "--consul_check_interval=1",
             "--drain_delay=1",
         ]
         servers.append(TwistdServer(flags, logs, port=port))
         print(
-            f"== starting: twistd -n inference {' '.join(flags[:3])} --consul={consul.http_addr} "
+            f"== starting: twistd -n inference {' '.join(flags[:5])} --consul={consul.http_addr} "
             f"--rest_api_port={port}"
         )
     print(config.read_text().rstrip())
@@ -373,6 +412,7 @@ def main() -> int:
             f"   {len(servers)} servers ready in {time.monotonic() - started:.1f} s; logs in {logs.relative_to(REPO)}"
         )
         run_examples(servers[0], checks)
+        show_hooks(servers[0], checks)
         show_discovery(consul, servers, checks)
         show_client(consul, servers, checks)
         show_lifecycle(servers, config, base, consul, checks)
@@ -386,6 +426,7 @@ def main() -> int:
   curl -d @samples/seven.json {servers[0].url}/v1/models/digits:predict
   curl -F data=@samples/seven.png {servers[0].url}/
   curl -F data=@samples/three.png -F top_k=3 {servers[0].url}/v1/models/digits:classify_image
+  curl -F data=@samples/four.png {servers[0].url}/v1/models/digit_words:invoke
   curl {servers[0].url}/v1/models/digits
   curl {servers[0].url}/v1/models/digits/labels/stable/metadata
   cp -r {base}/2 {base}/3      # picked up while serving

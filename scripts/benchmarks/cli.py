@@ -20,6 +20,9 @@ Sections (``--only``), each a measurement of its own:
     grpc       one server, batching on: REST JSON (wrk) and TF Serving's gRPC Predict with
                tensor_content (sections/grpc.py) at each concurrency: requests/s,
                p50/p99, bytes per request, server CPU per request
+    hooks      one server, batching on, each model as it is and with identity hooks
+               (examples/hooks/identity; sections/hooks.py): requests/s and p50/p99 of
+               both at each concurrency
     empty      an empty Klein route answering {} to the same bodies: the HTTP stack's ceiling
     flask      the digits model in Flask behind gunicorn -w 4 vs one kleinserve process:
                memory of all processes, and throughput at concurrency 64
@@ -57,6 +60,7 @@ from scripts.benchmarks.sections import (
     engine,
     flask,
     grpc,
+    hooks,
     http,
     inprocess,
     memory,
@@ -68,6 +72,7 @@ RUN: dict[str, Callable[[Bench], None]] = {
     "engine": engine.run,
     "http": http.run,
     "grpc": grpc.run,
+    "hooks": hooks.run,
     "empty": empty.run,
     "flask": flask.run,
     "soak": soak.run,

@@ -143,6 +143,28 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             k["rps"],
             "requests/s",
         )
+    hooks = results.get("hooks", [])
+    for row in hooks:
+        if row["hooks"] != "identity":
+            continue
+        plain = next(
+            (
+                r
+                for r in hooks
+                if r["hooks"] == "none"
+                and r["model"] == row["model"]
+                and r["concurrency"] == row["concurrency"]
+            ),
+            None,
+        )
+        if plain is not None:
+            add(
+                f"hooks {_title(row['model'])} c={row['concurrency']}: identity pre/post hooks / "
+                "no hooks",
+                row["rps"],
+                plain["rps"],
+                "requests/s",
+            )
     soak = results.get("soak", {})
     if soak.get("samples"):
         samples = soak["samples"]
@@ -306,6 +328,28 @@ def flask_table(results: dict[str, Any]) -> str:
     return _table(headers, rows, True) if rows else ""
 
 
+def hooks_table(results: dict[str, Any]) -> str:
+    rows = results.get("hooks", [])
+    if not rows:
+        return ""
+    return _table(
+        ["model", "hooks", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors"],
+        [
+            [
+                _title(r["model"]),
+                r["hooks"],
+                str(r["concurrency"]),
+                _num(r["rps"]),
+                _num(r["p50_ms"]),
+                _num(r["p99_ms"]),
+                str(r["errors"]),
+            ]
+            for r in rows
+        ],
+        markdown=True,
+    )
+
+
 def soak_table(results: dict[str, Any]) -> str:
     samples = results.get("soak", {}).get("samples", [])
     rows = [[f"{s['t']:.0f}", f"{s['rss_mb']:.1f}"] for s in samples]
@@ -371,6 +415,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("The batching engine alone: 64 submitters, one row each, no HTTP", engine_table(results)),
         ("Memory: Flask + gunicorn vs one kleinserve process (digits)", flask_table(results)),
         ("RSS stability: batching on, digits, concurrency 64", soak_table(results)),
+        ("Per-version hooks: identity pre/post hooks vs none, one server", hooks_table(results)),
     ):
         if table:
             parts += [f"## {title}", "", table, ""]

@@ -45,7 +45,9 @@ def preprocess(request: Any, ctx: Any) -> dict[str, np.ndarray]:
         image = Image.open(io.BytesIO(picture))
         image.load()
     except Exception as e:  # Pillow raises many types for a file that is not an image
-        raise InvalidArgument(f"the body is not a picture Pillow can read: {e}") from None
+        raise InvalidArgument(
+            f"the body is not a picture Pillow can read ({type(e).__name__})"
+        ) from None
     pixels = np.asarray(image.convert("L").resize((SIZE, SIZE)), dtype=np.float32) / 255
     return {"image": pixels[None, :, :, None]}  # one row: [1, 28, 28, 1]
 
