@@ -33,9 +33,12 @@ a hooks file is ignored, with one warning per version.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import itertools
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -50,10 +53,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
+from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from service import codec
 from service.errors import (
@@ -74,6 +76,7 @@ __all__ = [
     "HookMetrics",
     "HookPool",
     "HookRequest",
+    "HookThreads",
     "ModelHooks",
     "VersionHooks",
 ]
@@ -278,21 +281,17 @@ class HookPool(Service):
         submit: Callable[[Callable[[], Any]], Deferred] | None = None,
     ) -> None:
         self._reactor = reactor
-        self._pool = ThreadPool(0, threads, "model-hooks")  # threads start when first needed
+        self._workers = HookThreads(reactor, threads)
         self._max = max_waiting if max_waiting is not None else threads * WAITING_PER_THREAD
         # Runs a call on a hook thread, its result a Deferred fired on the reactor (tests
         # inject their own, to run calls when they choose).
-        self._submit = submit or (lambda f: deferToThreadPool(reactor, self._pool, f))
+        self._submit = submit or self._workers.submit
         self.size = threads
         self.pending = 0  # calls waiting for a thread or running
 
-    def startService(self) -> None:
-        super().startService()
-        self._pool.start()
-
     def stopService(self) -> None:
         super().stopService()
-        self._pool.stop()
+        self._workers.stop()
 
     def call(
         self,
@@ -349,6 +348,70 @@ class HookPool(Service):
 
         running.addBoth(finished)
         return out
+
+
+class HookThreads:
+    """The hook threads: one queue of calls, ``size`` threads taking them, results handed
+    back to the reactor in bunches.
+
+    A thread that finishes a call puts its result on a list and wakes the reactor only if no
+    wake-up is pending, so under load one reactor turn fires many calls' Deferreds. Threads
+    start with the first call. They are daemon threads and ``stop`` does not join them
+    (Twisted's ThreadPool does, on the reactor thread): a hook that never returns can hold
+    neither the server's stop nor the process's exit.
+    """
+
+    def __init__(self, reactor: Any, size: int) -> None:
+        self._reactor = reactor
+        self._size = size
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Deferred] | None] = (
+            queue.SimpleQueue()
+        )
+        self._done: collections.deque[tuple[Deferred, bool, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, f: Callable[[], Any]) -> Deferred:
+        """``f()`` on a hook thread; a Deferred fired on the reactor with what it returned."""
+        if len(self._threads) < self._size:
+            thread = threading.Thread(
+                target=self._work, name=f"model-hooks-{len(self._threads)}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+        d: Deferred = Deferred()
+        self._calls.put((f, d))
+        return d
+
+    def stop(self) -> None:
+        """Each thread ends after the calls queued before this (none wait for them)."""
+        for _ in self._threads:
+            self._calls.put(None)
+        self._threads = []
+
+    def _work(self) -> None:
+        while (item := self._calls.get()) is not None:
+            f, d = item
+            try:
+                self._done.append((d, True, f()))
+            except BaseException:
+                self._done.append((d, False, Failure()))
+            with self._lock:
+                if self._wake_pending:
+                    continue
+                self._wake_pending = True
+            self._reactor.callFromThread(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._wake_pending = False  # before draining: a result added later wakes again
+        while self._done:
+            d, ok, result = self._done.popleft()
+            if ok:
+                d.callback(result)
+            else:
+                d.errback(result)
 
 
 class HooksFailed(Exception):

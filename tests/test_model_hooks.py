@@ -4,6 +4,8 @@ fails. Time is a ``task.Clock``; the pool's calls run when a test says so."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from service.model_hooks import (
     HookPool,
     HookRequest,
     HooksFailed,
+    HookThreads,
     ModelHooks,
     coerce_inputs,
     hook_failure,
@@ -161,6 +164,55 @@ def test_the_pool_refuses_past_its_waiting_bound_and_takes_calls_again_after() -
     calls.run_next()
     calls.run_next()
     assert result_of(third) == 3
+
+
+class ThreadReactor:
+    """``callFromThread`` as the reactor's: the calls, run when the test says (on its thread)."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.put((f, args))
+
+    def run_one(self) -> None:
+        f, args = self.calls.get(timeout=30)
+        f(*args)
+
+
+def test_hook_threads_run_calls_and_fire_their_deferreds_on_the_reactor() -> None:
+    reactor = ThreadReactor()
+    threads = HookThreads(reactor, 2)
+    release = threading.Event()
+    names: list[str] = []
+
+    def slow() -> str:
+        release.wait(30)
+        return threading.current_thread().name
+
+    first = threads.submit(slow)
+    second = threads.submit(lambda: 1 / 0)
+    reactor.run_one()  # the failing call ended first; the slow one still runs
+    while not second.called:
+        reactor.run_one()
+    with pytest.raises(ZeroDivisionError):
+        result_of(second)
+    assert not first.called
+    release.set()
+    while not first.called:
+        reactor.run_one()
+    names.append(result_of(first))
+    assert names[0].startswith("model-hooks-")
+    threads.stop()
+
+
+def test_stopping_the_hook_threads_does_not_wait_for_a_stuck_hook() -> None:
+    reactor = ThreadReactor()
+    threads = HookThreads(reactor, 1)
+    stuck = threading.Event()
+    threads.submit(lambda: stuck.wait(30))
+    threads.stop()  # returns at once; the daemon thread ends when its hook does
+    stuck.set()
 
 
 # -- inputs a hook returns -------------------------------------------------------------------
