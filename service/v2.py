@@ -204,7 +204,11 @@ async def v2_infer(
             timeout = float(api.plane.clock.seconds()) + decoded.timeout_us / 1e6
             deadline = timeout if deadline is None else min(deadline, timeout)
         outputs = await model.predict(
-            key, decoded.inputs, deadline=deadline, cancellation=cancellation_of(request)
+            key,
+            decoded.inputs,
+            deadline=deadline,
+            cancellation=cancellation_of(request),
+            dtype_names=V2_NAMES,  # a wrong datatype is named FP32, not DT_FLOAT
         )
     missing = [output for output, _ in wanted if output not in outputs]
     if missing:  # the model did not produce what its signature promised
