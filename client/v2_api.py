@@ -70,8 +70,16 @@ def tensor_of(value: Any, spec: TensorSpec | None) -> np.ndarray:
     """An input as the array to send: numbers cast to the signature's dtype where numpy can
     do so without changing their kind (float64 to float32, int64 to int32, not float to
     int); text (``str`` or ``bytes``) as an object array for BYTES."""
-    array = np.asarray(value)
     declared = spec.dtype if spec is not None else None
+    if not isinstance(value, np.ndarray) and declared is not None and declared.kind == "O":
+        array = np.array(value, dtype=object)
+    else:
+        try:
+            array = np.asarray(value)
+        except UnicodeDecodeError:  # str and non-ASCII bytes mixed: numpy finds no one kind
+            array = np.array(value, dtype=object)
+        if array.dtype.kind in "US" and not isinstance(value, np.ndarray):
+            array = np.array(value, dtype=object)  # each element as given: str stays str
     if array.dtype.kind in "USO" or (declared is not None and declared.kind == "O"):
         texts = array.astype(object)
         for item in texts.ravel().tolist():
