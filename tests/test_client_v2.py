@@ -4,6 +4,7 @@ against the server's v2 routes through StubTreq."""
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from twisted.internet import task
 
-from client import v2_api
+from client import cli, cli_tensors, v2_api
 from client.async_client import AsyncInferenceClient
 from client.errors import InvalidRequest, ServerError
 from client.signature import SignatureSpec, TensorSpec
@@ -400,3 +401,58 @@ def test_the_client_over_v2_against_the_servers_routes() -> None:
         settle(treq, client.predict("m", {**inputs, "n": np.array([1.5, 2.5])}))
     assert refused.value.status == 400
     assert refused.value.server_message == "input 'n': expects INT64 but FP64 was provided"
+
+
+# --- the command line's --protocol ---------------------------------------------------------------
+
+
+def test_cli_protocol_is_predicts_and_other_commands_use_rest() -> None:
+    """--protocol (either side of the command, default auto) is the protocol of predict's
+    client; the other commands' clients speak REST; an unknown protocol is refused."""
+    parser = cli.build_parser()
+    body = '{"instances": [[1, 2, 3]]}'
+    args = parser.parse_args(["predict", "m", "--json", body, "--backend", "h:1"])
+    assert cli.make_client(task.Clock(), args).protocol == "auto"
+    for where in (["--protocol", "v2", "predict", "m"], ["predict", "m", "--protocol", "v2"]):
+        args = parser.parse_args([*where, "--json", body, "--backend", "h:1"])
+        assert cli.make_client(task.Clock(), args).protocol == "v2"
+    args = parser.parse_args(["--protocol", "grpc", "status", "m", "--backend", "h:1"])
+    assert cli.make_client(task.Clock(), args).protocol == "rest"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--protocol", "soap", "status", "m"])
+
+
+def test_cli_reads_a_predict_body_as_tensors() -> None:
+    """Columnar inputs (one or named), rows (values or named), {"b64": …} as bytes and the
+    signature_name; a body with both or neither of inputs and instances is refused."""
+    one = cli_tensors.tensors_of({"inputs": [[1.5, 2]]})
+    assert (one.inputs.tolist(), one.rows, one.signature_name) == ([[1.5, 2.0]], False, None)
+    rows = cli_tensors.tensors_of(
+        {"signature_name": "s", "instances": [{"a": 1, "t": {"b64": "/w=="}}, {"a": 2, "t": "x"}]}
+    )
+    assert rows.rows and rows.signature_name == "s"
+    assert rows.inputs["a"].tolist() == [1, 2] and rows.inputs["t"].tolist() == [b"\xff", b"x"]
+    assert cli_tensors.tensors_of({"instances": [[1], [2]]}).inputs.shape == (2, 1)
+    for bad in ({"inputs": 1, "instances": [1]}, {}, {"instances": []}, [1]):
+        with pytest.raises(ValueError):
+            cli_tensors.tensors_of(bad)
+    with pytest.raises(ValueError, match="same inputs"):
+        cli_tensors.tensors_of({"instances": [{"a": 1}, {"b": 2}]})
+
+
+def test_cli_writes_the_answer_as_tf_serving_does() -> None:
+    """Rows answer {"predictions": …} (several outputs: an object per row), columns
+    {"outputs": …}; float32 as its shortest text, NaN as TF Serving's token, text as text
+    and other bytes as {"b64": …}."""
+    y = np.array([[0.1, 2.0]], np.float32)
+    assert cli_tensors.dumps(cli_tensors.answer_doc(y, True)).split() == [
+        b'{', b'"predictions":', b'[', b'[', b'0.1,', b'2.0', b']', b']', b'}'
+    ]  # fmt: skip
+    several = {"y": y, "s": np.array([b"ab"], dtype=object), "n": np.array([np.nan], np.float16)}
+    doc = json.loads(cli_tensors.dumps(cli_tensors.answer_doc(several, True)))
+    assert doc["predictions"][0]["y"] == [0.1, 2.0] and doc["predictions"][0]["s"] == "ab"
+    assert np.isnan(doc["predictions"][0]["n"])
+    columns = json.loads(cli_tensors.dumps(cli_tensors.answer_doc({"s": several["s"]}, False)))
+    assert columns == {"outputs": {"s": ["ab"]}}
+    raw = cli_tensors.answer_doc(np.array([b"\xff"], dtype=object), False)
+    assert json.loads(cli_tensors.dumps(raw)) == {"outputs": [{"b64": "/w=="}]}
