@@ -88,7 +88,9 @@ class AsyncInferenceClient:
     every server; ``"v2"`` the Open Inference Protocol to every server, Consul's or static
     (any v2 server: kleinserve, Triton); ``"grpc"`` TF Serving gRPC calls to each server's
     announced gRPC port (static ``backends`` then name gRPC ports; it needs the
-    ``tensorflow`` and ``tensorflow-serving-api`` packages). The other calls are REST's.
+    ``tensorflow`` and ``tensorflow-serving-api`` packages). The other calls are REST's (over
+    gRPC: to the servers' REST ports found in Consul; with static gRPC ports they raise
+    ValueError).
 
     Without ``reactor`` the global reactor is used; it must be running for calls to make
     progress. ``close()`` stops the Consul watches and closes pooled connections.
@@ -128,9 +130,11 @@ class AsyncInferenceClient:
         self.timeout = timeout
         self._clock: IReactorTime = reactor
         self._rng = rng if rng is not None else random.Random()
+        rest_sources: Sources | None = sources  # where REST calls go (None: nowhere known)
         if sources is None:
             if backends is not None:
                 sources = StaticSources(backends)
+                rest_sources = None if protocol == "grpc" else sources  # it lists gRPC ports
             else:
                 address = (
                     consul
@@ -139,7 +143,7 @@ class AsyncInferenceClient:
                     if consul
                     else ConsulAddress.from_env()
                 )
-                sources = ConsulSources(reactor, address, service, rng=self._rng)
+                sources = rest_sources = ConsulSources(reactor, address, service, rng=self._rng)
                 if protocol == "grpc":  # each server on the gRPC port it announces
                     sources = GrpcSources(sources)
         self._sources = sources
@@ -150,17 +154,33 @@ class AsyncInferenceClient:
                 else TreqTransport.create(reactor, connections_per_backend=connections_per_backend)
             )
         self._transport = transport
-        self._dispatcher = Dispatcher(
-            sources,
-            self._transport,
-            reactor,
-            self._rng,
-            balancer=Balancer(reactor, self._rng, strategy=balancer, ejection=ejection),
-            budget=retry_budget or RetryBudget(reactor),
-            max_attempts=max_attempts,
-            attempt_timeout=attempt_timeout,
-            on_attempt=on_attempt,
-        )
+        budget = retry_budget or RetryBudget(reactor)
+
+        def dispatcher(sources: Sources, transport: HTTPTransport) -> Dispatcher:
+            return Dispatcher(
+                sources,
+                transport,
+                reactor,
+                self._rng,
+                balancer=Balancer(reactor, self._rng, strategy=balancer, ejection=ejection),
+                budget=budget,
+                max_attempts=max_attempts,
+                attempt_timeout=attempt_timeout,
+                on_attempt=on_attempt,
+            )
+
+        self._dispatcher = dispatcher(sources, transport)
+        # REST calls (metadata, status, predict_json, classify_image): the same dispatcher,
+        # except over gRPC, where they need the servers' REST ports and an HTTP transport.
+        self._rest: Dispatcher | None = self._dispatcher
+        self._rest_transport: HTTPTransport | None = None
+        if protocol == "grpc" and rest_sources is not sources:
+            self._rest = None
+            if rest_sources is not None:
+                self._rest_transport = TreqTransport.create(
+                    reactor, connections_per_backend=connections_per_backend
+                )
+                self._rest = dispatcher(rest_sources, self._rest_transport)
         self._metadata: dict[tuple[str, int | None], ModelMetadata] = {}
         self._pending: dict[tuple[str, int | None], list[Deferred[ModelMetadata]]] = {}
 
@@ -177,6 +197,15 @@ class AsyncInferenceClient:
     def attempt_timeout(self) -> float | None:
         """Seconds one attempt waits, or None for a share of each call's timeout."""
         return self._dispatcher.attempt_timeout
+
+    def _rest_calls(self) -> Dispatcher:
+        if self._rest is None:
+            raise ValueError(
+                "with protocol='grpc', static backends are gRPC ports: this REST call has no "
+                "server to go to; make it with a client of protocol='rest' (or find the "
+                "servers in Consul, which announces both ports)"
+            )
+        return self._rest
 
     def _deadline(self, timeout: float | None) -> Deadline:
         return Deadline.after(self._clock, self.timeout if timeout is None else timeout)
@@ -286,7 +315,7 @@ class AsyncInferenceClient:
     ) -> Any:
         headers = _JSON_HEADERS if body is not None else _GET_HEADERS
         request = HTTPRequest(method, model_path(model, version, verb), body, headers)
-        response = await self._dispatcher.call(model, version, request, deadline)
+        response = await self._rest_calls().call(model, version, request, deadline)
         return _read(response, model, lambda: loads(response.body))
 
     def classify_image(
@@ -334,7 +363,7 @@ class AsyncInferenceClient:
         body, content_type = encode_multipart(parts, f"kleinserve-{secrets.token_hex(16)}")
         headers = {**_GET_HEADERS, "Content-Type": content_type}
         path = model_path(model, version, ":classify_image")
-        response = await self._dispatcher.call(
+        response = await self._rest_calls().call(
             model, version, HTTPRequest("POST", path, body, headers), deadline
         )
         results = _read(response, model, lambda: decode_classifications(response.body))
@@ -410,6 +439,8 @@ class AsyncInferenceClient:
     def close(self) -> Deferred[None]:
         """Stop watching Consul and close idle connections."""
         closing = [self._sources.close(), self._transport.close()]
+        if self._rest_transport is not None:
+            closing.append(self._rest_transport.close())
         return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
