@@ -182,7 +182,7 @@ def _requested_outputs(doc: Mapping[str, Any]) -> tuple[RequestedOutput, ...] | 
 
 
 def _datatype(value: Any, where: str) -> str:
-    if value not in NUMPY_DTYPES:
+    if not isinstance(value, str) or value not in NUMPY_DTYPES:  # a list is not hashable
         known = ", ".join(NUMPY_DTYPES)
         raise InvalidArgument(f"{where}: unknown datatype {value!r}; this server takes {known}")
     datatype: str = value
