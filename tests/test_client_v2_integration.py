@@ -260,8 +260,8 @@ def test_auto_speaks_v2_to_servers_tagged_api_v2_and_rest_to_one_without(
 
 
 def test_cli_predicts_over_each_protocol(servers: Servers) -> None:
-    """inference-client predict --protocol v2, auto and rest print the same TF Serving answer;
-    v2 and auto reach the servers over v2, rest sends the body as is."""
+    """inference-client predict --protocol v2, auto, rest and grpc print the same TF Serving
+    answer; v2 and auto reach the servers over v2, rest sends the body as is."""
     addr = servers.consul.http_addr
     body = json.dumps({"instances": [[1, 1, 1]]})
     for protocol, route in (("v2", "v2_infer"), ("auto", "v2_infer"), ("rest", "predict")):
@@ -270,6 +270,9 @@ def test_cli_predicts_over_each_protocol(servers: Servers) -> None:
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {"predictions": [[9.5, 11.5]]}, protocol
         expect(f"a {route} call for --protocol {protocol}", total(servers, route, before), 1)
+    over_grpc = cli("--consul", addr, "--protocol", "grpc", "predict", "linear", "--json", body)
+    assert over_grpc.returncode == 0, over_grpc.stderr
+    assert json.loads(over_grpc.stdout) == {"predictions": [[9.5, 11.5]]}
     columns = json.dumps({"inputs": {"text": ["ab", "c"]}})
     done = cli("--consul", addr, "predict", "strings", "--json", columns, "--protocol", "v2")
     assert done.returncode == 0, done.stderr
