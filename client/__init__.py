@@ -3,6 +3,10 @@
 - ``InferenceClient``: blocking, for scripts and notebooks (runs the async core on a
   reactor thread with crochet).
 - ``AsyncInferenceClient``: the core, for Twisted code; every call returns a Deferred.
+- ``protocol=``: how ``predict`` travels. ``"auto"`` (the default): the Open Inference
+  Protocol with binary tensors (``client.v2_api``) to servers tagged ``api:v2`` in Consul,
+  TF Serving's REST JSON (``client.codec``) to the others; or ``"rest"``, ``"v2"``,
+  ``"grpc"`` (``client.grpc_api``) for every server.
 - ``client.errors``: ``InferenceError`` and its kinds.
 - ``inference-client``: the command line (``client.cli``).
 

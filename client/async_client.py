@@ -2,8 +2,9 @@
 
 It resolves backends per model from Consul (or a static list), spreads calls over them
 (``client.balancer``), retries within a budget and a deadline (``client.dispatch``), and
-turns numpy arrays into TF Serving's JSON and back with the dtypes of the model's
-signature, read once per model and version from ``/metadata`` (``client.codec``).
+turns numpy arrays into the Open Inference Protocol's binary tensors (``client.v2_api``), TF
+Serving's JSON (``client.codec``) or its gRPC messages (``client.grpc_api``) and back, with
+the dtypes of the model's signature, read once per model and version.
 ``client.blocking.InferenceClient`` runs this same object on a reactor thread.
 """
 
@@ -20,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from client import grpc_api
+from client import grpc_api, v2_api
 from client.balancer import BackendLoad, Balancer, EjectionPolicy, Strategy
 from client.budget import RetryBudget
 from client.codec import (
@@ -32,13 +33,13 @@ from client.codec import (
     encode_json,
     loads,
 )
-from client.dispatch import Attempt, Deadline, Dispatcher, DispatchStats, within
+from client.dispatch import Attempt, Deadline, Dispatcher, DispatchStats, Exchange, within
 from client.errors import DeadlineExceeded, ServerError
 from client.grpc_api import GrpcSources, GrpcTransport
 from client.multipart import Part, encode_multipart
-from client.signature import ModelMetadata, SignatureSpec
+from client.signature import DEFAULT_SIGNATURE, ModelMetadata, SignatureSpec
 from client.sources import ConsulSources, Sources, StaticSources
-from client.transport import HTTPRequest, HTTPResponse, HTTPTransport, TreqTransport
+from client.transport import USER_AGENT, HTTPRequest, HTTPResponse, HTTPTransport, TreqTransport
 from discovery.backends import Backend
 from discovery.consul import ConsulAddress
 from wire.consul_tags import served_models
@@ -49,9 +50,12 @@ __all__ = ["AsyncInferenceClient", "BackendInfo", "Image"]
 #: An image to classify: its bytes, or ``(filename, bytes)`` (the name sets the part's type).
 Image = bytes | tuple[str, bytes]
 
-#: How calls travel: TF Serving's REST JSON, or its gRPC API (``client.grpc_api``).
-PROTOCOLS = ("rest", "grpc")
-_GET_HEADERS = {"Accept": "application/json", "User-Agent": "kleinserve-client/0.1"}
+#: How ``predict`` travels: the Open Inference Protocol with binary tensors to each server
+#: that announces it and TF Serving's REST JSON to the others (``auto``, the default), TF
+#: Serving's REST JSON, the Open Inference Protocol to every server (``client.v2_api``), or
+#: TF Serving's gRPC API (``client.grpc_api``).
+PROTOCOLS = ("auto", "rest", "v2", "grpc")
+_GET_HEADERS = {"Accept": "application/json", "User-Agent": USER_AGENT}
 _JSON_HEADERS = {**_GET_HEADERS, "Content-Type": "application/json"}
 
 
@@ -76,9 +80,17 @@ class AsyncInferenceClient:
     always gets the rest of the deadline; see ``client.dispatch``). ``balancer`` is
     ``"p2c"`` (fewest requests in flight of two random backends) or ``"round_robin"``.
     ``on_attempt`` hears about every attempt (an ``Attempt``), on the reactor thread.
-    ``protocol="grpc"`` makes ``predict`` (and the signature lookup) TF Serving gRPC calls to
-    each server's announced gRPC port (static ``backends`` then name gRPC ports); it needs
-    the ``tensorflow`` and ``tensorflow-serving-api`` packages. The other calls are REST's.
+    ``protocol`` says how ``predict`` (and its signature lookup) travels: ``"auto"`` (the
+    default) sends the Open Inference Protocol with binary tensors to each server whose
+    Consul registration has the tag ``api:v2`` and TF Serving's REST JSON to the others (and
+    to static ``backends``, which carry no tags; a call naming a ``signature_name`` other than
+    the default goes as REST JSON too, since v2 serves one signature); ``"rest"`` REST JSON to
+    every server; ``"v2"`` the Open Inference Protocol to every server, Consul's or static
+    (any v2 server: kleinserve, Triton); ``"grpc"`` TF Serving gRPC calls to each server's
+    announced gRPC port (static ``backends`` then name gRPC ports; it needs the
+    ``tensorflow`` and ``tensorflow-serving-api`` packages). The other calls are REST's (over
+    gRPC: to the servers' REST ports found in Consul; with static gRPC ports they raise
+    ValueError).
 
     Without ``reactor`` the global reactor is used; it must be running for calls to make
     progress. ``close()`` stops the Consul watches and closes pooled connections.
@@ -102,7 +114,7 @@ class AsyncInferenceClient:
         on_attempt: Callable[[Attempt], object] | None = None,
         transport: HTTPTransport | None = None,
         sources: Sources | None = None,
-        protocol: str = "rest",
+        protocol: str = "auto",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -118,9 +130,11 @@ class AsyncInferenceClient:
         self.timeout = timeout
         self._clock: IReactorTime = reactor
         self._rng = rng if rng is not None else random.Random()
+        rest_sources: Sources | None = sources  # where REST calls go (None: nowhere known)
         if sources is None:
             if backends is not None:
                 sources = StaticSources(backends)
+                rest_sources = None if protocol == "grpc" else sources  # it lists gRPC ports
             else:
                 address = (
                     consul
@@ -129,7 +143,7 @@ class AsyncInferenceClient:
                     if consul
                     else ConsulAddress.from_env()
                 )
-                sources = ConsulSources(reactor, address, service, rng=self._rng)
+                sources = rest_sources = ConsulSources(reactor, address, service, rng=self._rng)
                 if protocol == "grpc":  # each server on the gRPC port it announces
                     sources = GrpcSources(sources)
         self._sources = sources
@@ -140,17 +154,33 @@ class AsyncInferenceClient:
                 else TreqTransport.create(reactor, connections_per_backend=connections_per_backend)
             )
         self._transport = transport
-        self._dispatcher = Dispatcher(
-            sources,
-            self._transport,
-            reactor,
-            self._rng,
-            balancer=Balancer(reactor, self._rng, strategy=balancer, ejection=ejection),
-            budget=retry_budget or RetryBudget(reactor),
-            max_attempts=max_attempts,
-            attempt_timeout=attempt_timeout,
-            on_attempt=on_attempt,
-        )
+        budget = retry_budget or RetryBudget(reactor)
+
+        def dispatcher(sources: Sources, transport: HTTPTransport) -> Dispatcher:
+            return Dispatcher(
+                sources,
+                transport,
+                reactor,
+                self._rng,
+                balancer=Balancer(reactor, self._rng, strategy=balancer, ejection=ejection),
+                budget=budget,
+                max_attempts=max_attempts,
+                attempt_timeout=attempt_timeout,
+                on_attempt=on_attempt,
+            )
+
+        self._dispatcher = dispatcher(sources, transport)
+        # REST calls (metadata, status, predict_json, classify_image): the same dispatcher,
+        # except over gRPC, where they need the servers' REST ports and an HTTP transport.
+        self._rest: Dispatcher | None = self._dispatcher
+        self._rest_transport: HTTPTransport | None = None
+        if protocol == "grpc" and rest_sources is not sources:
+            self._rest = None
+            if rest_sources is not None:
+                self._rest_transport = TreqTransport.create(
+                    reactor, connections_per_backend=connections_per_backend
+                )
+                self._rest = dispatcher(rest_sources, self._rest_transport)
         self._metadata: dict[tuple[str, int | None], ModelMetadata] = {}
         self._pending: dict[tuple[str, int | None], list[Deferred[ModelMetadata]]] = {}
 
@@ -167,6 +197,15 @@ class AsyncInferenceClient:
     def attempt_timeout(self) -> float | None:
         """Seconds one attempt waits, or None for a share of each call's timeout."""
         return self._dispatcher.attempt_timeout
+
+    def _rest_calls(self) -> Dispatcher:
+        if self._rest is None:
+            raise ValueError(
+                "with protocol='grpc', static backends are gRPC ports: this REST call has no "
+                "server to go to; make it with a client of protocol='rest' (or find the "
+                "servers in Consul, which announces both ports)"
+            )
+        return self._rest
 
     def _deadline(self, timeout: float | None) -> Deadline:
         return Deadline.after(self._clock, self.timeout if timeout is None else timeout)
@@ -199,16 +238,40 @@ class AsyncInferenceClient:
         signature_name: str | None,
         deadline: Deadline,
     ) -> Outputs:
+        named = signature_name not in (None, DEFAULT_SIGNATURE)
+        if named and self.protocol == "v2":
+            raise ValueError(
+                f"protocol='v2' calls the one signature the server's v2 API serves "
+                f"({DEFAULT_SIGNATURE}, or a model's only one), not {signature_name!r}; "
+                "use protocol='rest' or 'auto' to name a signature"
+            )
         signature = await self._signature(model, version, signature_name, deadline)
         if self.protocol == "grpc":
             body = grpc_api.predict_body(model, version, signature_name, inputs, signature)
             call = HTTPRequest("POST", grpc_api.PREDICT, body)
             answer = await self._dispatcher.call(model, version, call, deadline)
             return _read(answer, model, lambda: grpc_api.decode_predict(answer.body, signature))
-        body = encode_inputs(inputs, signature, signature_name)
-        request = HTTPRequest("POST", model_path(model, version, ":predict"), body, _JSON_HEADERS)
-        response = await self._dispatcher.call(model, version, request, deadline)
-        return _read(response, model, lambda: decode_outputs(response.body, signature))
+        written: dict[bool, HTTPRequest] = {}  # each way written once, whatever the retries
+
+        def request_for(backend: Backend) -> HTTPRequest:
+            v2 = self.protocol == "v2" or (
+                self.protocol == "auto" and not named and v2_api.speaks_v2(backend)
+            )
+            if v2 not in written:
+                written[v2] = (
+                    v2_api.infer_request(model, version, inputs, signature)
+                    if v2
+                    else HTTPRequest(
+                        "POST",
+                        model_path(model, version, ":predict"),
+                        encode_inputs(inputs, signature, signature_name),
+                        _JSON_HEADERS,
+                    )
+                )
+            return written[v2]
+
+        answered = await self._dispatcher.exchange(model, version, request_for, deadline)
+        return _read(answered.response, model, lambda: _outputs(answered, signature))
 
     def predict_json(
         self,
@@ -252,7 +315,7 @@ class AsyncInferenceClient:
     ) -> Any:
         headers = _JSON_HEADERS if body is not None else _GET_HEADERS
         request = HTTPRequest(method, model_path(model, version, verb), body, headers)
-        response = await self._dispatcher.call(model, version, request, deadline)
+        response = await self._rest_calls().call(model, version, request, deadline)
         return _read(response, model, lambda: loads(response.body))
 
     def classify_image(
@@ -300,7 +363,7 @@ class AsyncInferenceClient:
         body, content_type = encode_multipart(parts, f"kleinserve-{secrets.token_hex(16)}")
         headers = {**_GET_HEADERS, "Content-Type": content_type}
         path = model_path(model, version, ":classify_image")
-        response = await self._dispatcher.call(
+        response = await self._rest_calls().call(
             model, version, HTTPRequest("POST", path, body, headers), deadline
         )
         results = _read(response, model, lambda: decode_classifications(response.body))
@@ -349,6 +412,10 @@ class AsyncInferenceClient:
             call = HTTPRequest("POST", grpc_api.METADATA, grpc_api.metadata_body(model, version))
             answer = await self._dispatcher.call(model, version, call, deadline)
             return _read(answer, model, lambda: grpc_api.decode_metadata(answer.body))
+        if self.protocol == "v2":
+            call = v2_api.metadata_request(model, version)
+            found = await self._dispatcher.call(model, version, call, deadline)
+            return _read(found, model, lambda: v2_api.decode_metadata(found.body, version))
         request = HTTPRequest("GET", model_path(model, version, "/metadata"), None, _GET_HEADERS)
         response = await self._dispatcher.call(model, version, request, deadline)
         return _read(response, model, lambda: ModelMetadata.parse(loads(response.body)))
@@ -372,6 +439,8 @@ class AsyncInferenceClient:
     def close(self) -> Deferred[None]:
         """Stop watching Consul and close idle connections."""
         closing = [self._sources.close(), self._transport.close()]
+        if self._rest_transport is not None:
+            closing.append(self._rest_transport.close())
         return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
@@ -385,6 +454,13 @@ def _image_part(index: int, image: Image) -> Part:
             f"an image is its encoded bytes (or (filename, bytes)), not {type(data).__name__}"
         )
     return Part("data", bytes(data), filename=filename)
+
+
+def _outputs(answer: Exchange, signature: SignatureSpec | None) -> Outputs:
+    """A predict answer, read the way its request was written."""
+    if v2_api.is_v2(answer.request):
+        return v2_api.decode_infer(answer.response, signature)
+    return decode_outputs(answer.response.body, signature)
 
 
 def _read(response: HTTPResponse, model: str, parse: Callable[[], Any]) -> Any:

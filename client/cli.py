@@ -1,13 +1,17 @@
 """``inference-client``: the command line of the client library.
 
     inference-client backends                       healthy backends, their models and load
-    inference-client predict digits --json '{"instances": [...]}'
+    inference-client predict digits --json '{"instances": [...]}' [--protocol rest|grpc|v2|auto]
     inference-client classify --model digits samples/*.png photos/
     inference-client metadata digits
     inference-client status digits
 
 Backends come from Consul (``--consul``, default ``$CONSUL_HTTP_ADDR`` or
-``127.0.0.1:8500``) or from ``--backend HOST:PORT`` given once per server. The command
+``127.0.0.1:8500``) or from ``--backend HOST:PORT`` given once per server. ``--protocol``
+says how ``predict`` travels, as ``AsyncInferenceClient(protocol=…)`` does: ``rest`` sends the
+TF Serving body as is and prints the server's answer; ``auto`` (the default), ``v2`` and
+``grpc`` send the body's tensors (``client.cli_tensors``) and print the answer as TF Serving
+writes it. The other commands are TF Serving REST calls whatever the protocol. The command
 runs the ``AsyncInferenceClient`` on its own reactor; exit status 0 is success, 1 a
 failed call (or any failed file), 2 a usage error.
 """
@@ -27,7 +31,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from client.async_client import AsyncInferenceClient, BackendInfo
+from client import cli_tensors
+from client.async_client import PROTOCOLS, AsyncInferenceClient, BackendInfo
 from client.errors import InferenceError
 from client.progress import Progress
 from client.report import (
@@ -98,6 +103,15 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         type=_seconds,
         default=default(30.0),
         help="seconds per call, retries included (default 30)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=default("auto"),
+        help="how predict travels: auto (default) the Open Inference Protocol with binary "
+        "tensors to servers whose Consul tags say api:v2 and TF Serving REST JSON to the "
+        "others; rest TF Serving REST JSON (the body as is); v2 the Open Inference Protocol; "
+        "grpc TF Serving's gRPC API (needs tensorflow-serving-api). Other commands use REST",
     )
     parser.add_argument(
         "--attempt-timeout",
@@ -289,16 +303,30 @@ async def _classify(reactor: Any, client: AsyncInferenceClient, args: argparse.N
 
 
 def make_client(reactor: Any, args: argparse.Namespace) -> AsyncInferenceClient:
-    """The client the parsed global options describe."""
+    """The client the parsed global options describe (``--protocol`` for ``predict`` only:
+    the other commands are TF Serving REST calls)."""
+    protocol = args.protocol if args.command == "predict" else "rest"
     return AsyncInferenceClient(
         None if args.backend else args.consul,
         args.service,
+        protocol=protocol,
         backends=args.backend,
         reactor=reactor,
         timeout=args.timeout,
         attempt_timeout=args.attempt_timeout,
         connections_per_backend=getattr(args, "concurrency", 8),
     )
+
+
+async def _predict(client: AsyncInferenceClient, args: argparse.Namespace) -> None:
+    if client.protocol == "rest":
+        _print_json(await client.predict_json(args.model, args.body, version=args.version))
+        return
+    body = args.tensors
+    outputs = await client.predict(
+        args.model, body.inputs, version=args.version, signature_name=body.signature_name
+    )
+    print(cli_tensors.dumps(cli_tensors.answer_doc(outputs, body.rows)).decode())
 
 
 async def run(reactor: Any, args: argparse.Namespace) -> int:
@@ -310,7 +338,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         if args.command == "classify":
             return await _classify(reactor, client, args)
         if args.command == "predict":
-            _print_json(await client.predict_json(args.model, args.body, version=args.version))
+            await _predict(client, args)
         elif args.command == "metadata":
             _print_json(await client.metadata(args.model, version=args.version))
         else:
@@ -330,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "predict":
         try:
             args.body = _read_body(args.body)
+            if args.protocol != "rest":
+                args.tensors = cli_tensors.tensors_of(args.body)
         except (OSError, ValueError) as e:
             parser.error(f"--json: {e}")
     if not args.backend:

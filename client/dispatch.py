@@ -60,9 +60,13 @@ from wire.backoff import Backoff
 from wire.consul_tags import model_tag
 from wire.http import DEADLINE_HEADER
 
-__all__ = ["Attempt", "Deadline", "DispatchStats", "Dispatcher", "within"]
+__all__ = ["Attempt", "Deadline", "DispatchStats", "Dispatcher", "Exchange", "within"]
 
 T = TypeVar("T")
+
+#: A call's request, or how to make it for the backend an attempt goes to (in
+#: ``protocol="auto"`` the server's Consul tags decide how the call is written).
+RequestFor = HTTPRequest | Callable[[Backend], HTTPRequest]
 
 RETRIED_STATUSES = frozenset({502, 503, 504})
 
@@ -102,6 +106,15 @@ class Attempt:
     outcome: str
     status: int | None = None
     probe: bool = False
+
+
+@frozen
+class Exchange:
+    """The 2xx answer of a call: the backend that gave it and the request it answered."""
+
+    backend: Backend
+    request: HTTPRequest
+    response: HTTPResponse
 
 
 @define
@@ -252,12 +265,26 @@ class Dispatcher:
         self,
         model: str,
         version: int | None,
-        request: HTTPRequest,
+        request: RequestFor,
         deadline: Deadline,
         *,
         idempotent: bool = True,
     ) -> HTTPResponse:
         """The 2xx answer to ``request`` from a backend of ``model``, or a typed error."""
+        answered = await self.exchange(model, version, request, deadline, idempotent=idempotent)
+        return answered.response
+
+    async def exchange(
+        self,
+        model: str,
+        version: int | None,
+        request: RequestFor,
+        deadline: Deadline,
+        *,
+        idempotent: bool = True,
+    ) -> Exchange:
+        """As ``call``, with the backend that answered and the request it answered (which,
+        for a request made per backend, says how to read the answer)."""
         self.stats.calls += 1
         self.budget.deposit()
         tried: list[Key] = []
@@ -270,10 +297,11 @@ class Dispatcher:
             backend = self.balancer.pick(backends, tried)
             tried.append(backend_key(backend))
             number += 1
-            result = await self._attempt(model, backend, number, request, deadline)
+            sent = request if isinstance(request, HTTPRequest) else request(backend)
+            result = await self._attempt(model, backend, number, sent, deadline)
             response = result.response
             if response is not None and 200 <= response.code < 300:
-                return response
+                return Exchange(backend, sent, response)
             if response is not None and 400 <= response.code < 500:
                 message = error_message(response.body)
                 raise InvalidRequest(

@@ -42,9 +42,14 @@ __all__ = [
     "HTTPResponse",
     "HTTPTransport",
     "TreqTransport",
+    "USER_AGENT",
     "describe",
     "failure_kind",
 ]
+
+
+#: The User-Agent of every request the client sends.
+USER_AGENT = "kleinserve-client/0.1"
 
 
 def _frozen_headers(value: Mapping[str, str]) -> Mapping[str, str]:

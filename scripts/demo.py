@@ -344,16 +344,18 @@ def show_client(consul: ConsulAgent, servers: list[TwistdServer], checks: Checks
 
 
 def _served(server: TwistdServer) -> int:
-    """Predict requests this server answered with 200, from its own /metrics."""
+    """Inference requests this server answered with 200, from its own /metrics: TF Serving's
+    :predict and the Open Inference Protocol's infer (which the client sends by default)."""
     _, text = server.get("/metrics")
+    served = 0
     for line in str(text).splitlines():
         if (
             line.startswith("kleinserve_requests_total{")
-            and 'route="predict"' in line
+            and ('route="predict"' in line or 'route="v2_infer"' in line)
             and 'code="200"' in line
         ):
-            return int(float(line.rsplit(" ", 1)[1]))
-    return 0
+            served += int(float(line.rsplit(" ", 1)[1]))
+    return served
 
 
 def main() -> int:

@@ -427,14 +427,16 @@ class VersionLease:
         *,
         deadline: float | None = None,
         cancellation: Cancellation | None = None,
+        dtype_names: Mapping[str, str] | None = None,
     ) -> Tensors:
         """The signature's outputs for ``inputs``, each with the request's own rows.
 
         ``inputs`` must be the signature's inputs, each of its dtype and a shape its static
-        shape allows (InvalidArgument otherwise, naming what is wrong).
+        shape allows (InvalidArgument otherwise, naming what is wrong; a wrong dtype by the
+        names ``dtype_names`` gives the ``DT_*`` names, see ``check_inputs``).
         """
         signature = self.signature(signature_name)
-        check_inputs(signature, inputs)
+        check_inputs(signature, inputs, dtype_names)
         return await self._run(signature, inputs, deadline, cancellation)
 
     async def classify(

@@ -59,16 +59,32 @@ class Signature:
         return all(t.batched for t in (*self.inputs.values(), *self.outputs.values()))
 
 
-def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> None:
+def check_inputs(
+    signature: Signature,
+    inputs: Mapping[str, np.ndarray],
+    dtype_names: Mapping[str, str] | None = None,
+) -> None:
     """InvalidArgument unless ``inputs`` are exactly the signature's inputs, each of its
     dtype and of a shape its static shape allows (what a front door that takes typed tensors,
-    gRPC or the Open Inference Protocol, cannot know before the model is looked up)."""
+    gRPC or the Open Inference Protocol, cannot know before the model is looked up).
+
+    A wrong dtype is named as the front door's protocol names it: ``dtype_names`` maps
+    ``DT_*`` names to the protocol's (the Open Inference Protocol's ``FP32``, …); without
+    it, TensorFlow's ``DT_*`` names, as TF Serving writes them.
+    """
     check_names(inputs, list(signature.inputs), "inputs")
     for name, array in inputs.items():
         info = signature.inputs[name]
         if array.dtype != info.np_dtype:
             given = _DT_NAMES.get(array.dtype, str(array.dtype))
-            raise InvalidArgument(f"input {name!r}: expects {info.dtype} but {given} was provided")
+            if dtype_names is not None:
+                expected, given = (
+                    dtype_names.get(info.dtype, info.dtype),
+                    dtype_names.get(given, given),
+                )
+            else:
+                expected = info.dtype
+            raise InvalidArgument(f"input {name!r}: expects {expected} but {given} was provided")
         check_shape(array, info)
 
 

@@ -214,7 +214,11 @@ async def v2_infer(
             )
         wanted = _wanted_outputs(decoded, list(signature.outputs))
         outputs = await model.predict(
-            key, decoded.inputs, deadline=deadline, cancellation=cancellation_of(request)
+            key,
+            decoded.inputs,
+            deadline=deadline,
+            cancellation=cancellation_of(request),
+            dtype_names=V2_NAMES,  # a wrong datatype is named FP32, not DT_FLOAT
         )
     missing = [output for output, _ in wanted if output not in outputs]
     if missing:  # the model did not produce what its signature promised

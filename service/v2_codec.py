@@ -9,8 +9,9 @@ bytes carries ``parameters.binary_data_size``; the bytes follow the JSON in inpu
 little-endian, row-major, BOOL one byte (0 or 1) per element, BYTES a 4-byte little-endian
 length then the bytes, per element. Numeric inputs become ``np.frombuffer`` views of the
 body (no copy; a copy only when an input's bytes do not start at a multiple of its item
-size in memory, so the array is aligned). JSON ``data`` may be flat or nested, row-major; its element count must
-be the shape's; BYTES elements are strings (UTF-8).
+size in memory, so the array is aligned). The binary layout is read and written by
+``wire.v2_tensors``, which the client shares. JSON ``data`` may be flat or nested, row-major;
+its element count must be the shape's; BYTES elements are strings (UTF-8).
 
 Outputs are answered as JSON (flat, row-major ``data``; float32 and float16 as the shortest
 text that reads back as the same float32, non-finite floats as ``NaN``, ``Infinity``,
@@ -25,8 +26,6 @@ shape, sizes that do not add up to the body, a header length past the body.
 from __future__ import annotations
 
 import math
-import struct
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,20 +35,23 @@ import orjson
 
 from service.codec import encode_json, json_with_non_finite, parse_json_body
 from service.errors import Internal, InvalidArgument
-from service.signature import DTYPES
-from wire.dtypes import V2_DATATYPES, V2_NAMES
+from wire import v2_tensors
+from wire.v2_tensors import HEADER_LENGTH, NUMPY_DTYPES, TensorDataError, tensor_bytes
 
-#: v2 datatype name -> numpy dtype (BYTES: object arrays of bytes).
-NUMPY_DTYPES: Mapping[str, np.dtype] = {v2: DTYPES[dt] for v2, dt in V2_DATATYPES.items()}
-#: numpy dtype -> v2 datatype name, for outputs.
-_V2_OF_NUMPY: Mapping[np.dtype, str] = {DTYPES[dt]: v2 for dt, v2 in V2_NAMES.items()}
+__all__ = [
+    "HEADER_LENGTH",
+    "NUMPY_DTYPES",
+    "InferRequest",
+    "RequestedOutput",
+    "datatype_of",
+    "decode_infer",
+    "encode_infer",
+    "tensor_bytes",
+]
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 #: A tensor has at most this many dimensions (numpy's own limit is 64).
 MAX_RANK = 32
 _INT64_MAX = 2**63 - 1
-_LENGTH = struct.Struct("<I")
-_LITTLE = sys.byteorder == "little"
 
 
 @attrs.frozen
@@ -180,7 +182,7 @@ def _requested_outputs(doc: Mapping[str, Any]) -> tuple[RequestedOutput, ...] | 
 
 
 def _datatype(value: Any, where: str) -> str:
-    if value not in NUMPY_DTYPES:
+    if not isinstance(value, str) or value not in NUMPY_DTYPES:  # a list is not hashable
         known = ", ".join(NUMPY_DTYPES)
         raise InvalidArgument(f"{where}: unknown datatype {value!r}; this server takes {known}")
     datatype: str = value
@@ -297,52 +299,10 @@ def _from_bytes(
     binary: memoryview, offset: int, size: int, datatype: str, shape: tuple[int, ...], where: str
 ) -> np.ndarray:
     """A tensor read from ``size`` bytes at ``offset``: a view where alignment allows."""
-    count = math.prod(shape)
-    dtype = NUMPY_DTYPES[datatype]
-    if dtype.kind == "O":
-        return _bytes_elements(binary[offset : offset + size], count, where).reshape(shape)
-    if size != count * dtype.itemsize:
-        raise InvalidArgument(
-            f"{where}: binary_data_size is {size}, but shape {list(shape)} of {datatype} takes "
-            f"{count} x {dtype.itemsize} = {count * dtype.itemsize} bytes"
-        )
-    if dtype.kind == "b":
-        raw = np.frombuffer(binary, np.uint8, count, offset)
-        if raw.size and raw.max() > 1:
-            raise InvalidArgument(f"{where} (BOOL): each element must be a byte 0 or 1")
-        return raw.view(np.bool_).reshape(shape)
-    array = np.frombuffer(binary, dtype.newbyteorder("<"), count, offset)
-    if not _LITTLE:
-        array = array.astype(dtype)
-    elif not array.flags.aligned:
-        array = array.copy()  # a copy only here, so the model gets an aligned array
-    return array.reshape(shape)
-
-
-def _bytes_elements(data: memoryview, count: int, where: str) -> np.ndarray:
-    """BYTES elements, each a 4-byte little-endian length and that many bytes."""
-    elements = np.empty(count, dtype=object)
-    offset = 0
-    for i in range(count):
-        if offset + 4 > len(data):
-            raise InvalidArgument(
-                f"{where} (BYTES): its {len(data)} bytes end before element {i} of {count}"
-            )
-        (length,) = _LENGTH.unpack_from(data, offset)
-        offset += 4
-        if offset + length > len(data):
-            raise InvalidArgument(
-                f"{where} (BYTES): element {i} says {length} bytes, but only "
-                f"{len(data) - offset} of its binary_data_size are left"
-            )
-        elements[i] = bytes(data[offset : offset + length])
-        offset += length
-    if offset != len(data):
-        raise InvalidArgument(
-            f"{where} (BYTES): its shape holds {count} elements, which take {offset} bytes, "
-            f"but its binary_data_size is {len(data)}"
-        )
-    return elements
+    try:
+        return v2_tensors.array_from_bytes(binary, offset, size, datatype, shape, where)
+    except TensorDataError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 def _check_count(given: int, count: int, shape: tuple[int, ...], where: str) -> None:
@@ -383,7 +343,7 @@ def _json_type(value: Any) -> str:
 
 def datatype_of(array: np.ndarray, name: str) -> str:
     """The v2 datatype of an output array."""
-    datatype = _V2_OF_NUMPY.get(array.dtype.newbyteorder("="))
+    datatype = v2_tensors.datatype_of(array.dtype)
     if datatype is None:
         raise Internal(f"output {name!r} has dtype {array.dtype}, which has no v2 datatype")
     return datatype
@@ -416,19 +376,6 @@ def encode_infer(
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
-
-
-def tensor_bytes(array: np.ndarray) -> bytes:
-    """A tensor in the binary extension's layout: little-endian, row-major, BYTES elements
-    each as a 4-byte little-endian length and the bytes."""
-    if array.dtype.kind == "O":
-        parts = []
-        for value in array.ravel().tolist():
-            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-            parts += [_LENGTH.pack(len(data)), data]
-        return b"".join(parts)
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return np.ascontiguousarray(little).tobytes()
 
 
 def _json_data(array: np.ndarray, name: str) -> Any:

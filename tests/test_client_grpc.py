@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
+from twisted.internet import task
 
+from client.async_client import AsyncInferenceClient
 from client.grpc_api import HTTP_STATUS, _on_grpc_ports, decode_predict, predict_body
 from client.signature import SignatureSpec, TensorSpec
 from discovery.backends import Backend
+from tests.deferreds import result_of
 
 SIGNATURE = SignatureSpec(
     "serving_default",
@@ -67,3 +70,17 @@ def test_grpc_codes_map_to_the_statuses_the_dispatcher_reads() -> None:
     assert HTTP_STATUS["INVALID_ARGUMENT"] == 400 and HTTP_STATUS["NOT_FOUND"] == 404
     assert HTTP_STATUS["UNAVAILABLE"] == 503 and HTTP_STATUS["RESOURCE_EXHAUSTED"] == 503
     assert HTTP_STATUS["DEADLINE_EXCEEDED"] == 504
+
+
+def test_rest_calls_of_a_grpc_client_with_static_grpc_ports_say_what_to_do() -> None:
+    """protocol="grpc" with a static list (gRPC ports): status, metadata, predict_json and
+    classify_image have no REST port to go to, and say so instead of sending REST to gRPC."""
+    client = AsyncInferenceClient(backends=[("h", 8500)], reactor=task.Clock(), protocol="grpc")
+    for call in (
+        lambda: client.status("m"),
+        lambda: client.metadata("m"),
+        lambda: client.predict_json("m", {"instances": [1]}),
+        lambda: client.classify_image("m", b"png"),
+    ):
+        with pytest.raises(ValueError, match="protocol='rest'"):
+            result_of(call())

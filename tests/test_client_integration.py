@@ -207,14 +207,16 @@ class Load:
                 self.ok += 1
 
 
-def predict_200s(server: TwistdServer) -> float:
-    """The server's own count of predict requests answered 200."""
+def predict_200s(server: TwistdServer, routes: tuple[str, ...] = ("predict", "v2_infer")) -> float:
+    """The server's own count of inference requests answered 200: TF Serving's ``:predict``
+    and the Open Inference Protocol's ``infer`` (the client's default protocol, ``auto``,
+    sends v2 to these servers, which announce ``api:v2``)."""
     with urllib.request.urlopen(server.url + "/metrics", timeout=30) as response:
         text = response.read().decode()
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("kleinserve_requests_total{") and 'route="predict"' in line:
-            if 'code="200"' in line:
+        if line.startswith("kleinserve_requests_total{") and 'code="200"' in line:
+            if any(f'route="{route}"' in line for route in routes):
                 total += float(line.rsplit(None, 1)[1])
     return total
 
@@ -256,6 +258,8 @@ def test_grpc_protocol_reaches_each_server_on_the_grpc_port_consul_announces(
             np.testing.assert_array_equal(y, Y)
         grpc_ports = {s.grpc_port for s in fleet.servers}
         assert set(recorder.by_port()) == grpc_ports  # every server, and only on gRPC
+        status = in_reactor(lambda: client.status("linear"))  # REST, on the REST ports
+        assert status["model_version_status"][0]["state"] == "AVAILABLE"
         with pytest.raises(InvalidRequest) as raised:
             in_reactor(lambda: client.predict("linear", np.ones((1, 4), np.float32)))
         assert raised.value.status == 400

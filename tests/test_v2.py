@@ -11,11 +11,13 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from service.batching import BatchingParameters, BatchingQueue
+from service.dataplane import ModelTarget
 from service.errors import InvalidArgument
 from service.http import InferenceAPI
 from service.metrics import Metrics
@@ -262,7 +264,7 @@ def test_errors_have_the_spec_statuses_and_say_what_was_wrong() -> None:
          "missing input(s) 's'"),
         ("POST", "/v2/models/m/infer",
          json.dumps({"inputs": [{**INPUTS[0], "datatype": "FP64"}, *INPUTS[1:]]}).encode(), 400,
-         "input 'x': expects DT_FLOAT but DT_DOUBLE was provided"),
+         "input 'x': expects FP32 but FP64 was provided"),
         ("POST", "/v2/models/m/infer",
          json.dumps({"inputs": [{**INPUTS[0], "shape": [1, 4]}, *INPUTS[1:]]}).encode(), 400,
          "dimension 1 is 4, expected 2"),
@@ -313,3 +315,26 @@ def test_every_v2_route_is_counted_under_its_own_label() -> None:
         result_of(request)
         marked = api.app.url_map.bind("server").match(path, method=method)[0]
         assert api.app.endpoints[marked].route_label == label
+
+
+def test_a_wrong_datatype_is_named_with_v2_names_and_tf_servings_wording_stays() -> None:
+    """A v2 input of the wrong datatype gets a 400 naming both datatypes as v2 names them
+    (INT32, FP32); the same tensors through the data plane as the TF Serving doors (gRPC)
+    send them still get TensorFlow's DT_ names, as TF Serving writes them."""
+    api, treq, _ = make_api()
+    wrong = [{**INPUTS[0], "datatype": "INT32", "data": [1, 2, 3, 4]}, *INPUTS[1:]]
+    response, content = call(
+        treq, "POST", "/v2/models/m/infer", json.dumps({"inputs": wrong}).encode()
+    )
+    assert response.code == 400
+    assert doc_of(content)["error"] == "input 'x': expects FP32 but INT32 was provided"
+    inputs = {
+        "x": np.zeros((1, 2), np.int32),
+        "n": np.zeros(1, np.int64),
+        "s": np.array([b"a"], dtype=object),
+    }
+    with api.plane.lease(ModelTarget("m")) as lease:
+        refused = Deferred.fromCoroutine(lease.predict(None, inputs))
+    with pytest.raises(InvalidArgument) as raised:  # refused before anything is queued
+        result_of(refused)
+    assert raised.value.message == "input 'x': expects DT_FLOAT but DT_INT32 was provided"

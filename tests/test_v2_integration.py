@@ -161,7 +161,7 @@ def test_errors_raise_with_status_and_message(client) -> None:
         (lambda: client.infer("multi", inputs_of({"a": a, "b": b}, True), model_version="9"),
          "404", "9"),
         (lambda: client.infer("multi", inputs_of({"a": a.astype(np.float64), "b": b}, True)),
-         "400", "expects DT_FLOAT but DT_DOUBLE was provided"),
+         "400", "expects FP32 but FP64 was provided"),
         (lambda: client.infer("multi", inputs_of({"a": a}, True)), "400", "missing input(s) 'b'"),
         (lambda: client.infer("multi", inputs_of({"a": a, "b": b}, True),
                               outputs=[httpclient.InferRequestedOutput("nope")]),

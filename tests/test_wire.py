@@ -18,7 +18,7 @@ from service.signature import DTYPES as SERVER_DTYPES
 from tests.test_http import call, make_api
 from wire.consul_tags import model_tag, registration, served_models
 from wire.http import DEADLINE_HEADER, error_body, error_text
-from wire.paths import PREFIX, is_name, model_path
+from wire.paths import PREFIX, V2_PREFIX, is_name, model_path, v2_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 names = st.text(min_size=1, max_size=20).filter(is_name)
@@ -40,12 +40,25 @@ def test_the_server_parses_every_path_the_client_builds(name: str, version: int 
     assert arguments["target"] == ModelTarget(name, version)
 
 
+@given(names, st.one_of(st.none(), st.integers(0, 2**63 - 1)))
+def test_the_server_routes_every_v2_path_the_client_builds(name: str, version: int | None) -> None:
+    """A path from v2_model_path reaches the v2 infer route with that name and version."""
+    path = v2_model_path(name, version, "/infer")
+    routes = InferenceAPI.app.url_map.bind("server")
+    endpoint, arguments = routes.match(urllib.parse.unquote(path), method="POST")
+    assert endpoint.endswith("v2_infer") and path.startswith(V2_PREFIX)
+    assert arguments["name"] == name
+    assert arguments.get("version") == (None if version is None else str(version))
+
+
 @pytest.mark.parametrize("name", ["", "a/b", "a:b"])
 def test_model_path_refuses_what_the_name_rule_refuses(name: str) -> None:
     """Empty names and names holding '/' or ':' never become a path."""
     assert not is_name(name)
     with pytest.raises(ValueError, match="not a model name"):
         model_path(name)
+    with pytest.raises(ValueError, match="not a model name"):
+        v2_model_path(name)
 
 
 def test_a_server_with_grpc_says_so_and_names_its_port() -> None:
@@ -104,11 +117,13 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_client_never_imports_the_server_and_wire_only_the_standard_library() -> None:
-    """client/ imports nothing from service/; wire/ imports only the standard library."""
+    """client/ imports nothing from service/; wire/ imports only the standard library, and
+    numpy only in wire/v2_tensors.py (the tensor bytes both sides hold as numpy arrays)."""
     for path in sorted((ROOT / "client").glob("*.py")):
         assert "service" not in _imports(path), path
     for path in sorted((ROOT / "wire").glob("*.py")):
-        outside = _imports(path) - sys.stdlib_module_names - {"__future__", "wire"}
+        allowed = {"__future__", "wire"} | ({"numpy"} if path.name == "v2_tensors.py" else set())
+        outside = _imports(path) - sys.stdlib_module_names - allowed
         assert not outside, (path, outside)
 
 

@@ -1,6 +1,7 @@
-"""Model names and the URL paths of TF Serving's REST API.
+"""Model names and the URL paths of TF Serving's REST API and of the Open Inference Protocol.
 
     /v1/models/NAME[/versions/N | /labels/LABEL][:verb | /metadata]
+    /v2/models/NAME[/versions/N][/infer | /ready]
 
 A model name or a version label is any non-empty text without ``/`` or ``:`` (TF Serving's
 REST handler matches both with ``[^/:]+``; it checks neither where it loads models, so no
@@ -14,6 +15,7 @@ import re
 import urllib.parse
 
 PREFIX = "/v1/models/"
+V2_PREFIX = "/v2/models/"
 NAME_PATTERN = r"[^/:]+"
 INT64_MAX = 2**63 - 1
 
@@ -41,3 +43,14 @@ def model_path(name: str, version: int | None = None, verb: str = "") -> str:
     if version is not None:
         path += f"/versions/{int(version)}"
     return path + verb
+
+
+def v2_model_path(name: str, version: int | None = None, suffix: str = "") -> str:
+    """``/v2/models/NAME[/versions/N]`` + ``suffix`` (``"/infer"``, ``"/ready"`` or ``""``), the
+    Open Inference Protocol's model paths. ValueError if ``name`` breaks the name rule."""
+    if not is_name(name):
+        raise ValueError(f"{name!r} is not a model name (non-empty, without '/' or ':')")
+    path = V2_PREFIX + urllib.parse.quote(name, safe="")
+    if version is not None:
+        path += f"/versions/{int(version)}"
+    return path + suffix

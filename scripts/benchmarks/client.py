@@ -243,20 +243,28 @@ def run(duration: float = 10.0, *, concurrency: int = 64, model: str = "digits")
             if name == "digits"
             else np.ones((1, 3), np.float32)
         )
+        # One protocol for all three, so only the path differs: REST JSON, which the figures
+        # in docs/benchmarks-client.md were measured with (the client's default, "auto",
+        # would send v2 to the servers found in Consul but REST to nginx, which has no tags).
         setups = {
             "direct_p2c": lambda: AsyncInferenceClient(
-                consul.http_addr, reactor=reactor, connections_per_backend=concurrency
+                consul.http_addr,
+                reactor=reactor,
+                connections_per_backend=concurrency,
+                protocol="rest",
             ),
             "direct_round_robin": lambda: AsyncInferenceClient(
                 consul.http_addr,
                 reactor=reactor,
                 balancer="round_robin",
                 connections_per_backend=concurrency,
+                protocol="rest",
             ),
             "nginx_round_robin": lambda: AsyncInferenceClient(
                 backends=[(LOOPBACK, nginx.port)],
                 reactor=reactor,
                 connections_per_backend=concurrency,
+                protocol="rest",
             ),
         }
         results: dict[str, Any] = {
