@@ -66,6 +66,8 @@ from service.http_request import (
     deadline_of,
     decode_body,
     read_body,
+    request_id_of,
+    serving,
 )
 from service.http_site import OTHER_ROUTE, InferenceSite
 from service.images import ImageDecoder, parse_upload
@@ -163,11 +165,18 @@ class InferenceAPI:
             request.method.decode(errors="replace"),
             request.path.decode(errors="replace"),
         )
-        return codec.encode_json(error_body(f"{error.name}: {method} {path}"))
+        return codec.encode_json(
+            error_body(f"{error.name}: {method} {path}", request_id_of(request))
+        )
 
     @app.handle_errors(Exception)
     def _unexpected_error(self, request: IRequest, failure: Any) -> bytes:
-        log.failure("unexpected error answering {uri}", failure, uri=request.uri)
+        log.failure(
+            "unexpected error answering {uri} (request id {request_id})",
+            failure,
+            uri=request.uri,
+            request_id=request_id_of(request),
+        )
         return _error_response(request, ServingError("internal error; see the server log"))
 
     # -- TF Serving REST API --------------------------------------------------------------------
@@ -176,6 +185,7 @@ class InferenceAPI:
     @counted("predict")
     async def predict(self, request: server.Request, target: ModelTarget) -> bytes:
         with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+            queued = serving(request, model.name, model.version)
             decoded = await self._decode_json(
                 request, lambda body: codec.decode_body(body, model.signature)
             )
@@ -184,6 +194,7 @@ class InferenceAPI:
                 decoded.inputs,
                 deadline=self._deadline(request),
                 cancellation=cancellation_of(request),
+                queued=queued,
             )
         request.setHeader(b"content-type", JSON)
         return codec.encode_predict(outputs, decoded.row_format)
@@ -202,6 +213,7 @@ class InferenceAPI:
 
     async def _examples(self, request: server.Request, target: ModelTarget, verb: str) -> bytes:
         with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+            queued = serving(request, model.name, model.version)
             decoded = await self._decode_json(
                 request, lambda body: examples.decode_examples(body, verb)
             )
@@ -211,6 +223,7 @@ class InferenceAPI:
                 decoded.serialized,
                 deadline=self._deadline(request),
                 cancellation=cancellation_of(request),
+                queued=queued,
             )
         request.setHeader(b"content-type", JSON)
         return examples.encode_results(outputs, verb, len(decoded.serialized))
@@ -230,6 +243,7 @@ class InferenceAPI:
     @counted("metadata")
     def metadata(self, request: IRequest, target: ModelTarget) -> bytes:
         metadata = self.plane.metadata(target)
+        serving(request, metadata.name, metadata.version)
         request.setHeader(b"content-type", JSON)
         return codec.encode_json(
             {
@@ -287,6 +301,7 @@ class InferenceAPI:
     async def _classify_image(self, request: server.Request, target: ModelTarget) -> bytes:
         self.plane.require_images()  # 503 before the lookup
         with self.plane.lease(target) as model:  # decoding awaits: the version must outlive it
+            queued = serving(request, model.name, model.version)
             body = read_body(request, UPLOAD_CONTENT_TYPES, hint=UPLOAD_HINT)
             args: dict[bytes, list[bytes]] = request.args or {}
             query_top_k = args.get(b"top_k")
@@ -300,6 +315,7 @@ class InferenceAPI:
                 upload.top_k,
                 deadline=self._deadline(request),
                 cancellation=cancellation_of(request),
+                queued=queued,
             )
         answer: dict[str, Any] = {"model": results.name, "version": str(results.version)}
         if len(results.predictions) == 1:
@@ -363,7 +379,7 @@ def _error_response(request: IRequest, error: ServingError) -> bytes:
     request.setHeader(b"content-type", JSON)
     if error.retry_after is not None:
         request.setHeader(b"retry-after", str(error.retry_after).encode())
-    return codec.encode_json(error_body(error.message))
+    return codec.encode_json(error_body(error.message, request_id_of(request)))
 
 
 class UTF8URLs(Resource):
@@ -389,9 +405,10 @@ class UTF8URLs(Resource):
                 request.setResponseCode(400)
                 request.setHeader(b"content-type", JSON)
                 return codec.encode_json(
-                    {
-                        "error": f"the URL {part} {echo(shown)!r} is not UTF-8 once its %XX "
-                        "escapes are decoded; percent-encode the UTF-8 bytes of the text"
-                    }
+                    error_body(
+                        f"the URL {part} {echo(shown)!r} is not UTF-8 once its %XX "
+                        "escapes are decoded; percent-encode the UTF-8 bytes of the text",
+                        request_id_of(request),
+                    )
                 )
         return cast(int | bytes, self._inner.render(request))

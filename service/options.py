@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from discovery.consul import ConsulAddress
+from service.access_log import FORMATS as ACCESS_LOG_FORMATS
 from service.batching import BatchingParameters
 from service.batching_config import (
     BatchingConfigError,
@@ -95,6 +96,8 @@ class ServerConfig:
     grpc_max_receive_bytes: int = 0  # 0: unbounded, as TF Serving
     # Times each record of a version's assets.extra/tf_serving_warmup_requests is replayed.
     warmup_iterations: int = 1
+    # One line per answered HTTP request in the twistd log: "text", "json" or "off".
+    access_log: str = "text"
 
 
 def _default(field: str, of: type = ServerConfig) -> Any:
@@ -236,6 +239,12 @@ class Options(usage.Options):
             f"that would pass it gets 503 with Retry-After (default: {INFLIGHT_BODIES} x "
             "--max_request_bytes).",
             int,
+        ),
+        _flag(
+            "access_log",
+            _default("access_log"),
+            "One line per answered HTTP request in the twistd log (namespace kleinserve.access): "
+            "text, json (one JSON object, keys in the README) or off.",
         ),
         _flag(
             "request_header_timeout",
@@ -384,7 +393,14 @@ def config_from_options(opts: Any) -> ServerConfig:
         grpc_threads=opts["grpc_threads"],
         grpc_max_receive_bytes=opts["grpc_max_receive_bytes"],
         warmup_iterations=opts["num_request_iterations_for_warmup"],
+        access_log=_access_log(opts["access_log"]),
     )
+
+
+def _access_log(value: str) -> str:
+    if value not in ACCESS_LOG_FORMATS:
+        raise usage.UsageError(f"--access_log takes {', '.join(ACCESS_LOG_FORMATS)}, not {value!r}")
+    return value
 
 
 def _grpc_listen(port: int, listen: str | None) -> str | None:

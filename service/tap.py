@@ -77,6 +77,7 @@ class _Parts:
     """The serving parts every later step wires: repository, health, decoders, the site."""
 
     def __init__(self, config: ServerConfig, reactor: Any) -> None:
+        from service.access_log import AccessLog
         from service.budget import RequestBudget
         from service.dataplane import DataPlane
         from service.decoding import BodyDecoder
@@ -122,6 +123,7 @@ class _Parts:
             max_body_bytes=config.max_request_bytes,
             budget=RequestBudget(config.max_inflight_request_bytes),
             request_header_timeout=config.request_header_timeout,
+            access_log=AccessLog(config.access_log),
             reactor=reactor,
         )
 

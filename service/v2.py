@@ -43,6 +43,8 @@ from service.http_request import (
     counted,
     deadline_of,
     decode_body,
+    note_deadline_ms,
+    serving,
 )
 from service.signature import Signature, TensorInfo, quoted
 from wire.dtypes import DEFAULT_SIGNATURE, V2_NAMES
@@ -143,6 +145,7 @@ def v2_model_metadata(
     api: InferenceAPI, request: IRequest, name: str, version: str | None = None
 ) -> bytes:
     found = api.plane.metadata(_target(name, version))
+    serving(request, found.name, found.version)
     key = signature_name(found.signatures)
     signature = found.signatures.get(key)
     if signature is None:
@@ -190,6 +193,7 @@ async def v2_infer(
     header_length = _header_length(request)
     deadline = deadline_of(request, api.plane.clock)
     with api.plane.lease(target) as model:  # a swap unloads it only after the answer
+        queued = serving(request, model.name, model.version)
         key = signature_name(model.signature_defs())
         decoded = await decode_body(
             request,
@@ -203,8 +207,13 @@ async def v2_infer(
         if decoded.timeout_us is not None:
             timeout = float(api.plane.clock.seconds()) + decoded.timeout_us / 1e6
             deadline = timeout if deadline is None else min(deadline, timeout)
+            note_deadline_ms(request, decoded.timeout_us / 1000)
         outputs = await model.predict(
-            key, decoded.inputs, deadline=deadline, cancellation=cancellation_of(request)
+            key,
+            decoded.inputs,
+            deadline=deadline,
+            cancellation=cancellation_of(request),
+            queued=queued,
         )
     missing = [output for output, _ in wanted if output not in outputs]
     if missing:  # the model did not produce what its signature promised
