@@ -27,6 +27,9 @@ overloaded fleet:
   and cutting it short would only turn a slow answer into a failure.
 - Each attempt tells the server how long the client will wait for it in
   ``X-Request-Deadline-Ms``, so that the server does not start work nobody waits for.
+- A call has one request id (``X-Request-Id``: the caller's, if its request has one, else a
+  fresh one), sent on every attempt, so the servers' access logs show its retries as one
+  call; every ``InferenceError`` the call raises carries it as ``request_id``.
 
 Connection errors, timeouts and 5xx also tell the ``Balancer`` to eject the backend.
 """
@@ -49,7 +52,13 @@ from twisted.python.failure import Failure
 from client.balancer import Balancer, Key, backend_key
 from client.budget import RetryBudget
 from client.codec import error_message
-from client.errors import DeadlineExceeded, InvalidRequest, NoBackendAvailable, ServerError
+from client.errors import (
+    DeadlineExceeded,
+    InferenceError,
+    InvalidRequest,
+    NoBackendAvailable,
+    ServerError,
+)
 from client.sources import Sources
 from client.transport import FailureKind, HTTPRequest, HTTPResponse, HTTPTransport, describe
 from client.transport import failure_kind as kind_of
@@ -58,7 +67,7 @@ from discovery.backoff import now, sleep
 from discovery.watch import BackendSource
 from wire.backoff import Backoff
 from wire.consul_tags import model_tag
-from wire.http import DEADLINE_HEADER
+from wire.http import DEADLINE_HEADER, REQUEST_ID_HEADER, new_request_id
 
 __all__ = ["Attempt", "Deadline", "DispatchStats", "Dispatcher", "within"]
 
@@ -257,7 +266,24 @@ class Dispatcher:
         *,
         idempotent: bool = True,
     ) -> HTTPResponse:
-        """The 2xx answer to ``request`` from a backend of ``model``, or a typed error."""
+        """The 2xx answer to ``request`` from a backend of ``model``, or a typed error
+        carrying the call's request id."""
+        request_id = request.headers.get(REQUEST_ID_HEADER.lower()) or new_request_id()
+        request = attrs.evolve(request, headers={**request.headers, REQUEST_ID_HEADER: request_id})
+        try:
+            return await self._call(model, version, request, deadline, idempotent)
+        except InferenceError as e:
+            e.request_id = request_id
+            raise
+
+    async def _call(
+        self,
+        model: str,
+        version: int | None,
+        request: HTTPRequest,
+        deadline: Deadline,
+        idempotent: bool,
+    ) -> HTTPResponse:
         self.stats.calls += 1
         self.budget.deposit()
         tried: list[Key] = []
