@@ -16,6 +16,7 @@ stable interface: keys may be added, never renamed or removed.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,9 +83,22 @@ class RequestRecord:
     queued: Queued = attrs.Factory(Queued)  # filled by the batching queue
 
     @classmethod
-    def begin(cls, sent_ids: Sequence[bytes] | None, now: float) -> RequestRecord:
+    def begin(
+        cls, sent_ids: Sequence[bytes] | None, now: float, deadline: bytes | None = None
+    ) -> RequestRecord:
+        """The record of a request that arrived at ``now``, with the ``X-Request-Id`` values
+        and the ``X-Request-Deadline-Ms`` value it sent (one that is no finite number is
+        left out here; the route answers it with a 400)."""
         request_id, replaced = request_id_from(sent_ids)
-        return cls(request_id, replaced, now)
+        record = cls(request_id, replaced, now)
+        if deadline is not None:
+            try:
+                milliseconds = float(deadline)
+            except ValueError:
+                return record
+            if math.isfinite(milliseconds):
+                record.deadline_ms = milliseconds
+        return record
 
 
 def peer_of(address: object) -> str:

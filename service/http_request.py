@@ -8,7 +8,7 @@ Shared by TF Serving's REST routes (``service.http``) and the Open Inference Pro
   (``service.access_log``) and id, and what a route notes in it: the model and version that
   answer, and the record the batching queue fills (queue wait, batch size);
 - ``cancellation_of``: a ``Cancellation`` set when the client goes away before its answer;
-- ``deadline_of``: the client's ``X-Request-Deadline-Ms``, as clock time (noted in the record);
+- ``deadline_of``: the client's ``X-Request-Deadline-Ms``, as clock time;
 - ``read_body``: the body, after checking its content type;
 - ``decode_body``: read and decode a body, a large one on the body decoder's thread, its
   bytes held against the request budget until the decode ends.
@@ -121,7 +121,6 @@ def deadline_of(request: IRequest, clock: Any) -> float | None:
         raise InvalidArgument(
             f"X-Request-Deadline-Ms must be a number of milliseconds, not {header!r}"
         ) from None
-    note_deadline_ms(request, remaining)
     return float(clock.seconds()) + remaining / 1000
 
 

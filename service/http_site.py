@@ -69,7 +69,8 @@ class BoundedRequest(server.Request):
         then the id is read from the headers that have arrived)."""
         if self._record is None:
             sent = self.requestHeaders.getRawHeaders(b"x-request-id")
-            self._record = RequestRecord.begin(sent, self._started)
+            deadline = self.requestHeaders.getRawHeaders(b"x-request-deadline-ms", [None])[0]
+            self._record = RequestRecord.begin(sent, self._started, deadline)
         return self._record
 
     def process(self) -> None:

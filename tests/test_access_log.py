@@ -118,6 +118,16 @@ def test_the_text_line_is_one_readable_line() -> None:
     assert odd.endswith("(replaced the client's id: x)")
 
 
+@pytest.mark.parametrize(
+    ("header", "noted"), [(b"1500", 1500.0), (b"nan", None), (b"inf", None), (b"soon", None)]
+)
+def test_the_deadline_is_noted_only_when_it_is_a_finite_number(
+    header: bytes, noted: float | None
+) -> None:
+    """X-Request-Deadline-Ms is written as sent; NaN, infinity or text (no JSON number) not."""
+    assert RequestRecord.begin(None, 0.0, header).deadline_ms == noted
+
+
 def test_a_request_that_queued_nothing_has_no_wait_or_batch() -> None:
     """Without a batch: queue wait and batch size are null in JSON and "-" in text."""
     record = RequestRecord("id-2", None, started=5.0)
@@ -239,13 +249,15 @@ def test_an_answered_predict_writes_one_json_line(logs: CapturedLogs) -> None:
 
 def test_an_error_carries_the_id_in_header_body_and_line(logs: CapturedLogs) -> None:
     """A 404 for an unknown model: the same fresh id in X-Request-Id, the error body and
-    the line, which names the model asked for; a bad client id is replaced and noted."""
+    the line, which names the model asked for and the client's deadline; a bad client id
+    is replaced and noted."""
     connection = Connection(access_log=AccessLog("json"))
     connection.send(
         request(
             b"/v1/models/nope:predict",
             PREDICT,
             b"X-Request-Id: " + b"x" * 129,
+            b"X-Request-Deadline-Ms: 2500",
         )
     )
     status, headers, body = connection.answer()
@@ -256,7 +268,7 @@ def test_an_error_carries_the_id_in_header_body_and_line(logs: CapturedLogs) -> 
         line["request_id"] == doc["request_id"] and "longer than 128" in line["request_id_replaced"]
     )
     assert (line["status"], line["model"], line["version"]) == (404, "nope", None)
-    assert line["batch_size"] is None
+    assert line["batch_size"] is None and line["deadline_ms"] == 2500.0
 
 
 def test_a_refusal_by_the_channel_is_logged_with_its_id(logs: CapturedLogs) -> None:
