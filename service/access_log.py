@@ -36,6 +36,7 @@ KEYS = (
     "time",
     "request_id",
     "request_id_replaced",
+    "protocol",
     "peer",
     "method",
     "path",
@@ -43,6 +44,7 @@ KEYS = (
     "model",
     "version",
     "status",
+    "grpc_status",
     "bytes_in",
     "bytes_out",
     "latency_ms",
@@ -128,12 +130,20 @@ def entry(
     status: int,
     bytes_in: int,
     bytes_out: int,
+    protocol: str = "http",
+    grpc_status: str | None = None,
 ) -> dict[str, Any]:
-    """The access-log entry of a request answered at ``finished`` (clock seconds)."""
+    """The access-log entry of a request answered at ``finished`` (clock seconds).
+
+    A gRPC call (``protocol="grpc"``) is a POST to ``/package.Service/Method`` whose
+    ``status`` is the HTTP status of its outcome (as the REST API would answer it) and
+    ``grpc_status`` its gRPC code's name; ``grpc_status`` is None over HTTP.
+    """
     return {
         "time": rfc3339(finished),
         "request_id": record.request_id,
         "request_id_replaced": record.request_id_replaced,
+        "protocol": protocol,
         "peer": peer,
         "method": method.decode("latin-1"),
         "path": path.decode("latin-1"),
@@ -141,6 +151,7 @@ def entry(
         "model": record.model,
         "version": record.version,
         "status": status,
+        "grpc_status": grpc_status,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "latency_ms": _ms(max(0.0, finished - record.started)),
@@ -161,6 +172,10 @@ def _word(value: Any) -> str:
     return json.dumps(text)
 
 
+def _grpc(code: str | None) -> str:
+    return "" if code is None else f" grpc={code}"
+
+
 def text_line(fields: dict[str, Any]) -> str:
     """One readable line, e.g. ``127.0.0.1:50312 "POST /v1/models/m:predict" 200 predict
     model=m version=1 in=52B out=38B 2.315ms queue=0.412ms batch=4 deadline=9000ms
@@ -171,7 +186,8 @@ def text_line(fields: dict[str, Any]) -> str:
 
     line = (
         f"{_word(fields['peer'])} {json.dumps(fields['method'] + ' ' + fields['path'])} "
-        f"{fields['status']} {_word(fields['route'])} model={_word(fields['model'])} "
+        f"{fields['status']}{_grpc(fields['grpc_status'])} {_word(fields['route'])} "
+        f"model={_word(fields['model'])} "
         f"version={_word(fields['version'])} in={fields['bytes_in']}B "
         f"out={fields['bytes_out']}B {ms(fields['latency_ms'])} "
         f"queue={ms(fields['queue_wait_ms'])} batch={_word(fields['batch_size'])} "

@@ -89,6 +89,7 @@ class _Parts:
         from service.servables.registry import load_servable
 
         metrics = Metrics()
+        self.access_log = AccessLog(config.access_log)  # HTTP and gRPC write to the same one
         self.repository = ModelRepository(
             config.models,
             reactor=reactor,
@@ -123,7 +124,7 @@ class _Parts:
             max_body_bytes=config.max_request_bytes,
             budget=RequestBudget(config.max_inflight_request_bytes),
             request_header_timeout=config.request_header_timeout,
-            access_log=AccessLog(config.access_log),
+            access_log=self.access_log,
             reactor=reactor,
         )
 
@@ -185,6 +186,7 @@ def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
         deadline=deadline,
         threads=config.grpc_threads,
         max_receive_bytes=config.grpc_max_receive_bytes or None,
+        access_log=parts.access_log,
     )
 
 

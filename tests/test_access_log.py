@@ -116,6 +116,8 @@ def test_the_text_line_is_one_readable_line() -> None:
     odd = access_text(sample_entry(path='/a "b"\nc', model="two words", request_id_replaced="x"))
     assert "\n" not in odd and '"POST /a \\"b\\"\\nc"' in odd and 'model="two words"' in odd
     assert odd.endswith("(replaced the client's id: x)")
+    grpc = access_text(sample_entry(protocol="grpc", grpc_status="OK", route="Predict"))
+    assert '"POST /v1/models/m:predict" 200 grpc=OK Predict model=m' in grpc
 
 
 @pytest.mark.parametrize(

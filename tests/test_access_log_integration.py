@@ -3,8 +3,8 @@
 Every route and every status a client can meet (200, 400, 404, 405, 408, 413, 414, 415,
 431, 503, 504) is answered with an ``X-Request-Id`` and written as exactly one JSON line
 with the documented keys, read back from the server's log file; an error body carries the
-same id. The client library's id travels to the server's log and comes back in its
-exceptions. ``--logger=service.logs.json_observer`` makes the whole log JSON lines.
+same id; a gRPC call gets its id back as trailing metadata and a line of its own. The
+client library's id travels to the server's log and comes back in its exceptions. ``--logger=service.logs.json_observer`` makes the whole log JSON lines.
 """
 
 from __future__ import annotations
@@ -303,3 +303,42 @@ def test_nothing_is_logged_with_access_log_off(tmp_path_factory: pytest.TempPath
         started.stop()
     assert status == 200 and headers["X-Request-Id"] == "off-1"
     assert "starting up" in started.log() and not access_lines(started)
+
+
+def test_grpc_calls_carry_their_id_and_are_logged(server: TwistdServer) -> None:
+    """A gRPC Predict with x-request-id metadata gets it back as trailing metadata and one
+    access line (protocol grpc, its queue wait and batch); a failed call its code; a call
+    without an id a fresh one."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    def request(model: str) -> predict_pb2.PredictRequest:
+        message = predict_pb2.PredictRequest()
+        message.model_spec.name = model
+        message.inputs["x"].CopyFrom(tf.make_tensor_proto(np.ones((2, 3), np.float32)))
+        return message
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response, call = stub.Predict.with_call(
+            request("linear"), timeout=30, metadata=[("x-request-id", "grpc-1")]
+        )
+        assert dict(call.trailing_metadata())["x-request-id"] == "grpc-1"
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Predict(request("nope"), timeout=30, metadata=[("x-request-id", "grpc-2")])
+        _, anonymous = stub.Predict.with_call(request("linear"), timeout=30)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(failed.value.trailing_metadata())["x-request-id"] == "grpc-2"
+    (ok,) = lines_of(server, "grpc-1")
+    assert tuple(ok) == KEYS and (ok["protocol"], ok["method"]) == ("grpc", "POST")
+    assert ok["path"] == "/tensorflow.serving.PredictionService/Predict"
+    assert (ok["status"], ok["grpc_status"], ok["route"]) == (200, "OK", "Predict")
+    assert (ok["model"], ok["version"], ok["batch_size"]) == ("linear", 1, 2)
+    assert ok["bytes_out"] == response.ByteSize() and ok["queue_wait_ms"] >= 0
+    assert 0 < ok["deadline_ms"] <= 30_000
+    (not_found,) = lines_of(server, "grpc-2")
+    assert (not_found["status"], not_found["grpc_status"]) == (404, "NOT_FOUND")
+    assert not_found["model"] == "nope" and not_found["bytes_out"] == 0
+    fresh = dict(anonymous.trailing_metadata())["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", fresh) and len(lines_of(server, fresh)) == 1
