@@ -131,7 +131,8 @@ class BoundedRequest(server.Request):
 
 class InferenceSite(server.Site):
     """Our own Site: no tracebacks to clients, HTTP limits answered (``LimitedHTTPChannel``),
-    bounded bodies, request metrics.
+    bounded bodies, request metrics, an access-log line per answer (``access_log``; None:
+    none).
 
     HTTP/1.1 only, as before: Twisted's HTTP/2 needs the ``h2`` package, which is not installed.
     """

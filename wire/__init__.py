@@ -7,7 +7,8 @@ library, so either side can depend on it without pulling in the other (or Tensor
   each is held in.
 - ``wire.paths``: the model-name rule and the ``/v1/models/NAME[/versions/N|/labels/L]:verb``
   grammar, with version numbers limited to int64.
-- ``wire.http``: header names, and the ``{"error": "…"}`` shape of every error body.
+- ``wire.http``: header names, request ids (which a server takes from a client, a fresh
+  one), and the ``{"error": "…", "request_id": "…"}`` shape of every error body.
 - ``wire.consul_tags``: the tags and meta a server registers in Consul and a client selects by.
 - ``wire.backoff``: capped, jittered exponential backoff, the pacing of every retry (Consul
   registration and watches, the client's requests, the repository's failed loads).
