@@ -130,6 +130,13 @@ def test_the_deadline_is_noted_only_when_it_is_a_finite_number(
     assert RequestRecord.begin(None, 0.0, header).deadline_ms == noted
 
 
+@given(st.text(), st.text(), st.binary())
+def test_a_text_line_never_breaks(model: str, route: str, path: bytes) -> None:
+    """Whatever the model, route or path hold, the text form is one line of printable text."""
+    line = access_text(sample_entry(model=model, route=route, path=path.decode("latin-1")))
+    assert line.isprintable()
+
+
 def test_a_request_that_queued_nothing_has_no_wait_or_batch() -> None:
     """Without a batch: queue wait and batch size are null in JSON and "-" in text."""
     record = RequestRecord("id-2", None, started=5.0)
