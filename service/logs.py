@@ -1,13 +1,11 @@
 """The server's log as JSON lines, for log shippers.
 
-twistd picks the process's log observer before the service tree is built, so the format of
-the whole log is chosen on twistd's own command line, with its ``--logger`` option (a
-factory of the observer)::
-
-    twistd -n --logger=service.logs.json_observer inference --model_base_path=…
-
-Every twisted.logger event then goes to standard output (``--logfile`` no longer applies)
-as one JSON object on one line, from twistd's first line on::
+twistd picks the process's log observer before the service tree is built, from its
+``--logger`` option (a factory of the observer). ``twistd -n inference --log_format=json``
+sets that option to ``json_observer`` while the options are parsed
+(``service.options.use_json_log``). Every twisted.logger event then goes to standard output
+(twistd's ``--logfile`` is refused with it) as one JSON object on one line, from twistd's
+first line on::
 
     {"time": "2026-12-04T06:00:00.123Z", "level": "info", "namespace": "kleinserve.access",
      "message": "…", "access": {…}}

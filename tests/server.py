@@ -92,13 +92,9 @@ class TwistdServer:
         log_dir: Path,
         port: int | None = None,
         expected_errors: list[str] | None = None,
-        twistd_options: list[str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.args = args
-        # twistd's own options, before "inference"; with --logger the log goes to standard
-        # output (twistd then ignores --logfile), which is kept in the same log file.
-        self.twistd_options = list(twistd_options or [])
         # gRPC on a free loopback port too (its default, 8500, would be shared by every server).
         self.grpc_port: int | None = None
         if not any(a.startswith(("--port", "--grpc_listen")) for a in args):
@@ -120,13 +116,13 @@ class TwistdServer:
 
     def start(self) -> TwistdServer:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-        command = [str(TWISTD), "-n", "--pidfile=", f"--logfile={self.log_path}"]
-        command += [*self.twistd_options, "inference"]
-        command += [f"--listen=tcp:{self.port}:interface=127.0.0.1", *self.args]
-        if any(option.startswith("--logger") for option in self.twistd_options):
+        tail = ["inference", f"--listen=tcp:{self.port}:interface=127.0.0.1", *self.args]
+        if "--log_format=json" in self.args:  # the log is standard output: kept in the file
+            command = [str(TWISTD), "-n", "--pidfile=", *tail]
             with self.log_path.open("wb") as out, self.stderr_path.open("wb") as err:
                 self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err)
             return self
+        command = [str(TWISTD), "-n", "--pidfile=", f"--logfile={self.log_path}", *tail]
         self.process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
@@ -134,7 +130,7 @@ class TwistdServer:
 
     @property
     def stderr_path(self) -> Path:
-        """Where standard error goes when the log is standard output (``--logger``)."""
+        """Where standard error goes when the log is standard output (``--log_format=json``)."""
         return self.log_path.with_suffix(".stderr")
 
     def log(self) -> str:

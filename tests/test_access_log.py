@@ -4,6 +4,7 @@ report, and the real ``InferenceSite`` on a StringTransport writing its lines.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from service.access_log import KEYS, NAMESPACE, AccessLog, RequestRecord, entry,
 from service.access_log import text_line as access_text
 from service.batching import BatchingParameters, Queued
 from service.http_limits import LimitedHTTPChannel
-from service.logs import json_line
+from service.logs import json_line, json_observer
 from service.options import Options
 from tests.conftest import CapturedLogs
 from tests.test_batching import make_queue, rows_for
@@ -161,6 +162,39 @@ def test_an_unknown_access_log_format_is_refused() -> None:
         AccessLog("xml")
     with pytest.raises(UsageError, match="--access_log takes off, text, json"):
         Options().parseOptions(["--model_base_path=/", "--access_log=xml"])
+
+
+def twistd_options(*args: str) -> Any:
+    """twistd's own options, parsed with the inference plugin's as twistd parses them."""
+    from twisted.scripts.twistd import ServerOptions
+
+    options = ServerOptions()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_log_format_json_sets_twistds_logger(tmp_path: Path) -> None:
+    """--log_format=json makes twistd's --logger the JSON observer; text leaves it alone."""
+    base = f"--model_base_path={tmp_path}"
+    json_log = twistd_options("-n", "inference", base, "--log_format=json")
+    assert json_log["logger"] is json_observer
+    assert twistd_options("-n", "inference", base)["logger"] is None
+
+
+@pytest.mark.parametrize(
+    ("twistd", "message"),
+    [
+        (["-n", "--logfile=x.log"], "drop twistd's --logfile"),
+        (["-n", "--logger=service.logs.json_observer"], "or twistd's --logger, not both"),
+        ([], "run twistd -n"),
+    ],
+)
+def test_log_format_json_refuses_what_would_lose_lines(
+    tmp_path: Path, twistd: list[str], message: str
+) -> None:
+    """JSON lines go to standard output: a log file, another logger or a daemon is refused."""
+    with pytest.raises(UsageError, match=message):
+        twistd_options(*twistd, "inference", f"--model_base_path={tmp_path}", "--log_format=json")
 
 
 def test_json_log_lines_carry_level_namespace_message_and_traceback() -> None:

@@ -4,7 +4,8 @@ Every route and every status a client can meet (200, 400, 404, 405, 408, 413, 41
 431, 503, 504) is answered with an ``X-Request-Id`` and written as exactly one JSON line
 with the documented keys, read back from the server's log file; an error body carries the
 same id; a gRPC call gets its id back as trailing metadata and a line of its own. The
-client library's id travels to the server's log and comes back in its exceptions. ``--logger=service.logs.json_observer`` makes the whole log JSON lines.
+client library's id travels to the server's log and comes back in its exceptions.
+``--log_format=json`` makes the whole log JSON lines.
 """
 
 from __future__ import annotations
@@ -259,17 +260,16 @@ def test_the_client_request_id_round_trips(server: TwistdServer) -> None:
     assert line["deadline_ms"] is not None and line["deadline_ms"] > 0
 
 
-def test_the_logger_option_makes_every_log_line_json(
+def test_log_format_json_makes_every_log_line_json(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """With twistd's --logger=service.logs.json_observer every line of the log is one JSON
-    object with time, level, namespace and message; an access line carries its entry."""
+    """With --log_format=json every line of the log (standard output) is one JSON object
+    with time, level, namespace and message; an access line carries its entry."""
     root = tmp_path_factory.mktemp("models")
     models.make_linear(root / "linear")
     started = TwistdServer(
-        ["--model_name=linear", f"--model_base_path={root / 'linear'}"],
+        ["--model_name=linear", f"--model_base_path={root / 'linear'}", "--log_format=json"],
         Path(tmp_path_factory.mktemp("logs")),
-        twistd_options=["--logger=service.logs.json_observer"],
     ).start()
     try:
         started.wait_ready()
