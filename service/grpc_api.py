@@ -62,8 +62,6 @@ T = TypeVar("T")
 _NO_DEADLINE = 10**8
 _METADATA_FIELD = "signature_def"
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.lower()  # gRPC metadata keys are lower case
-#: The HTTP status of a gRPC outcome in the access log, for the codes no ServingError has.
-_HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.INTERNAL: 500}
 
 
 def status_code(error: ServingError) -> grpc.StatusCode:
@@ -184,8 +182,8 @@ def _handled(method: Callable[..., Any]) -> Callable[..., Any]:
     """Answer a ServingError raised on the handler thread with its code, log anything else
     (with the call's request id), and write the call's access-log line.
 
-    The method is called with the call's ``RequestRecord`` after its context, to note the
-    model and version answering and to hand to ``ReactorCalls.run``.
+    The method is called with the call's ``RequestRecord`` after its context: it notes the
+    model and version answering there, and passes its ``queued`` to the data plane.
     """
 
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
@@ -199,7 +197,7 @@ def _handled(method: Callable[..., Any]) -> Callable[..., Any]:
             code, status = status_code(error), error.status
             context.abort(code, error.message)
         except Exception:
-            code, status = grpc.StatusCode.INTERNAL, _HTTP_STATUS[grpc.StatusCode.INTERNAL]
+            code, status = grpc.StatusCode.INTERNAL, 500
             log.failure(
                 "unexpected error answering gRPC {method} (request id {request_id})",
                 method=method.__name__,

@@ -24,7 +24,9 @@ request (JSON through ``service.codec`` and ``service.examples``, uploads throug
 ``service.images.parse_upload``), call the data plane, encode its answer. A request holds
 the version it was routed to (``DataPlane.lease``) until it is answered, its JSON body
 decoded inside that lease, so a hot swap never unloads a version under a request. Every
-request is counted under its route's label (``counted``).
+request is counted under its route's label (``counted``), and its access-log record
+(``service.access_log``) notes the model and version that answer it (``serving``); errors
+name the request's id.
 
 The HTTP limits (line and header sizes, the header timeout, body size and encoding) are
 answered by the channel, ``service.http_limits.LimitedHTTPChannel``, before a route runs;
