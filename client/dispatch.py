@@ -27,6 +27,9 @@ overloaded fleet:
   and cutting it short would only turn a slow answer into a failure.
 - Each attempt tells the server how long the client will wait for it in
   ``X-Request-Deadline-Ms``, so that the server does not start work nobody waits for.
+- A call has one request id (``X-Request-Id``: the caller's, if its request has one, else a
+  fresh one), sent on every attempt, so the servers' access logs show its retries as one
+  call; every ``InferenceError`` the call raises carries it as ``request_id``.
 
 Connection errors, timeouts and 5xx also tell the ``Balancer`` to eject the backend.
 """
@@ -49,7 +52,13 @@ from twisted.python.failure import Failure
 from client.balancer import Balancer, Key, backend_key
 from client.budget import RetryBudget
 from client.codec import error_message
-from client.errors import DeadlineExceeded, InvalidRequest, NoBackendAvailable, ServerError
+from client.errors import (
+    DeadlineExceeded,
+    InferenceError,
+    InvalidRequest,
+    NoBackendAvailable,
+    ServerError,
+)
 from client.sources import Sources
 from client.transport import FailureKind, HTTPRequest, HTTPResponse, HTTPTransport, describe
 from client.transport import failure_kind as kind_of
@@ -58,7 +67,7 @@ from discovery.backoff import now, sleep
 from discovery.watch import BackendSource
 from wire.backoff import Backoff
 from wire.consul_tags import model_tag
-from wire.http import DEADLINE_HEADER
+from wire.http import DEADLINE_HEADER, REQUEST_ID_HEADER, new_request_id
 
 __all__ = ["Attempt", "Deadline", "DispatchStats", "Dispatcher", "Exchange", "within"]
 
@@ -270,7 +279,8 @@ class Dispatcher:
         *,
         idempotent: bool = True,
     ) -> HTTPResponse:
-        """The 2xx answer to ``request`` from a backend of ``model``, or a typed error."""
+        """The 2xx answer to ``request`` from a backend of ``model``, or a typed error
+        carrying the call's request id."""
         answered = await self.exchange(model, version, request, deadline, idempotent=idempotent)
         return answered.response
 
@@ -284,7 +294,38 @@ class Dispatcher:
         idempotent: bool = True,
     ) -> Exchange:
         """As ``call``, with the backend that answered and the request it answered (which,
-        for a request made per backend, says how to read the answer)."""
+        for a request made per backend, says how to read the answer). Every attempt sends
+        the call's one request id (the request's own ``X-Request-Id``, else a fresh one)."""
+        given = (
+            request.headers.get(REQUEST_ID_HEADER.lower())
+            if isinstance(request, HTTPRequest)
+            else None
+        )
+        request_id = given or new_request_id()
+
+        def with_id(sent: HTTPRequest) -> HTTPRequest:
+            return attrs.evolve(sent, headers={**sent.headers, REQUEST_ID_HEADER: request_id})
+
+        tagged: RequestFor
+        if isinstance(request, HTTPRequest):
+            tagged = with_id(request)
+        else:
+            made = request
+            tagged = lambda backend: with_id(made(backend))  # noqa: E731
+        try:
+            return await self._exchange(model, version, tagged, deadline, idempotent)
+        except InferenceError as e:
+            e.request_id = request_id
+            raise
+
+    async def _exchange(
+        self,
+        model: str,
+        version: int | None,
+        request: RequestFor,
+        deadline: Deadline,
+        idempotent: bool,
+    ) -> Exchange:
         self.stats.calls += 1
         self.budget.deposit()
         tried: list[Key] = []

@@ -17,14 +17,23 @@ __all__ = [
 
 
 class InferenceError(Exception):
-    """Base of every failure an inference call reports."""
+    """Base of every failure an inference call reports.
+
+    ``request_id`` is the id the call was sent under (``X-Request-Id``, the same on every
+    attempt): the servers' access logs and error bodies carry it. None for a failure
+    before the call had one.
+    """
+
+    request_id: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
     def __str__(self) -> str:
-        return self.message
+        if self.request_id is None:
+            return self.message
+        return f"{self.message} (request id {self.request_id})"
 
 
 class NoBackendAvailable(InferenceError):

@@ -33,7 +33,7 @@ from client.sources import Sources
 from client.transport import HTTPRequest, HTTPResponse
 from discovery.watch import Backends, BackendSource
 from wire.consul_tags import GRPC_PORT
-from wire.http import DEADLINE_HEADER, error_body
+from wire.http import DEADLINE_HEADER, REQUEST_ID_HEADER, error_body
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
@@ -180,8 +180,10 @@ class GrpcTransport:
 
         millis = request.headers.get(DEADLINE_HEADER.lower())
         timeout = int(millis) / 1000 if millis else None
+        request_id = request.headers.get(REQUEST_ID_HEADER.lower())
+        metadata = [(REQUEST_ID_HEADER.lower(), request_id)] if request_id else None
         call = self._channel(host, port).unary_unary(request.path)
-        future = call.future(request.body or b"", timeout=timeout)
+        future = call.future(request.body or b"", timeout=timeout, metadata=metadata)
         answer: Deferred[HTTPResponse] = Deferred(lambda _: future.cancel())
 
         def done(finished: Any) -> None:

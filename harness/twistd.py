@@ -103,12 +103,22 @@ class TwistdServer:
 
     def start(self) -> TwistdServer:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-        command = [str(TWISTD), "-n", "--pidfile=", f"--logfile={self.log_path}", "inference"]
-        command += [f"--listen=tcp:{self.port}:interface={LOOPBACK}", *self.args]
+        tail = ["inference", f"--listen=tcp:{self.port}:interface={LOOPBACK}", *self.args]
+        if "--log_format=json" in self.args:  # the log is standard output: kept in the file
+            command = [str(TWISTD), "-n", "--pidfile=", *tail]
+            with self.log_path.open("wb") as out, self.stderr_path.open("wb") as err:
+                self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err)
+            return self
+        command = [str(TWISTD), "-n", "--pidfile=", f"--logfile={self.log_path}", *tail]
         self.process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         return self
+
+    @property
+    def stderr_path(self) -> Path:
+        """Where standard error goes when the log is standard output (``--log_format=json``)."""
+        return self.log_path.with_suffix(".stderr")
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""

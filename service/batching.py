@@ -94,6 +94,26 @@ class BatchRecord:
     failed: bool
 
 
+@attrs.define
+class Queued:
+    """What the queue tells one request about its wait, for its access-log line.
+
+    The front door passes one to ``submit`` (or none: nothing is recorded); the queue fills
+    it on the reactor thread as the request's rows start running. A request split over
+    several batches (or an upload submitted as several requests with the same record)
+    keeps the longest wait and the largest batch.
+    """
+
+    wait_seconds: float | None = None  # enqueue -> start of the batch, None: never ran
+    batch_size: int | None = None  # real rows of the batch it ran in (padding not counted)
+
+    def batched(self, wait_seconds: float, batch_size: int) -> None:
+        if self.wait_seconds is None or wait_seconds > self.wait_seconds:
+            self.wait_seconds = wait_seconds
+        if self.batch_size is None or batch_size > self.batch_size:
+            self.batch_size = batch_size
+
+
 class BatchObserver(Protocol):
     def batch_finished(self, record: BatchRecord) -> None: ...
 
@@ -112,6 +132,7 @@ class _Request:
     deferred: Deferred
     enqueued_at: float
     deadline: float | None = None  # clock time after which it is not worth starting
+    queued: Queued | None = None  # told its wait and batch size when its rows start
     taken: int = 0  # rows already handed to batches
     answered: int = 0  # rows whose outputs are back
     parts: dict[int, Tensors] = attrs.Factory(dict)  # start row → outputs
@@ -197,11 +218,18 @@ class BatchingQueue:
         """Fill of the queue, 0..1: how close it is to refusing requests."""
         return self._waiting_rows / self.params.max_enqueued_rows
 
-    def submit(self, inputs: Tensors, rows: int | None, deadline: float | None = None) -> Deferred:
+    def submit(
+        self,
+        inputs: Tensors,
+        rows: int | None,
+        deadline: float | None = None,
+        queued: Queued | None = None,
+    ) -> Deferred:
         """Queue one request; ``rows`` is its batch dimension, or None if it must run alone.
 
         A request still waiting at ``deadline`` (clock seconds) fails with 504 instead of
-        taking a batch slot: its client has given up on it.
+        taking a batch slot: its client has given up on it. ``queued``, if given, is told
+        the request's wait and batch size when its rows start running.
         """
         p = self.params
         if self._closing:
@@ -227,6 +255,7 @@ class BatchingQueue:
             deferred=Deferred(lambda d: self._cancel(request)),
             enqueued_at=self._clock.seconds(),
             deadline=deadline,
+            queued=queued,
         )
         self._waiting.append(request)
         self._waiting_rows += size
@@ -350,6 +379,10 @@ class BatchingQueue:
         self._idle_threads -= 1
         now = self._clock.seconds()
         queue_seconds = [now - part.request.enqueued_at for part in parts]
+        rows = sum(part.rows for part in parts)
+        for part, waited in zip(parts, queue_seconds, strict=True):
+            if part.request.queued is not None:
+                part.request.queued.batched(waited, rows)
         self._running[id(parts)] = now
         d = self._executor(self._run_batch, parts)
         d.addBoth(self._finished, parts, queue_seconds)

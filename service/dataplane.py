@@ -14,7 +14,10 @@ neither) and passes:
 * ``cancellation``: a ``Cancellation`` the front door sets when the caller goes away; the
   request's queued batching work is then cancelled and its image decodes not yet started are
   skipped. Cancelling the Deferred of an operation (Klein does, for a client that left)
-  cancels what it awaits as well.
+  cancels what it awaits as well;
+* ``queued`` (``VersionLease`` operations): a ``service.batching.Queued`` record the
+  batching queue fills with the request's queue wait and batch size, for its access-log
+  line; None records nothing.
 
 Two ways in. The one-shot operations (``DataPlane.predict`` …) suit a front door whose inputs
 are already tensors. A front door that must decode its body against the model's signature
@@ -45,6 +48,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.python.failure import Failure
 
 from service import examples
+from service.batching import Queued
 from service.errors import NotFound, ServingError, Unavailable
 from service.images import (
     Abandonment,
@@ -327,6 +331,7 @@ class VersionLease:
         encode_answer: Callable[[Any], Answer],
         deadline: float | None = None,
         cancellation: Cancellation | None = None,
+        queued: Queued | None = None,
     ) -> Answer:
         """Answer ``request`` through the version's hooks, on the hook threads:
 
@@ -360,7 +365,7 @@ class VersionLease:
             predict = blocking_predict(
                 self._plane.clock,
                 lambda inputs, **target: Deferred.fromCoroutine(
-                    self._predict_for_hook(inputs, target, deadline, cancellation)
+                    self._predict_for_hook(inputs, target, deadline, cancellation, queued)
                 ),
                 cancelled,
             )
@@ -382,7 +387,7 @@ class VersionLease:
         else:
             signature_name, inputs, answer_format = await decode(request)
         outputs = await self.predict(
-            signature_name, inputs, deadline=deadline, cancellation=cancellation
+            signature_name, inputs, deadline=deadline, cancellation=cancellation, queued=queued
         )
         postprocess = hooks.get("postprocess")
         if postprocess is None:
@@ -400,6 +405,7 @@ class VersionLease:
         target: Mapping[str, Any],
         deadline: float | None,
         cancellation: Cancellation | None,
+        queued: Queued | None,
     ) -> Tensors:
         """``handle``'s ``predict(inputs, model=, version=, label=, signature_name=)``: this
         version (no model named, or this one with no version or label), or any other model."""
@@ -411,13 +417,13 @@ class VersionLease:
         if model in (None, self.name) and not target.get("version") and not target.get("label"):
             signature = self.signature(signature_name) if signature_name else self.signature(None)
             return await self._run(
-                signature, _hook_inputs(signature, inputs), deadline, cancellation
+                signature, _hook_inputs(signature, inputs), deadline, cancellation, queued
             )
         other = ModelTarget(model or self.name, target.get("version"), target.get("label"))
         with self._plane.lease(other) as lease:
             signature = lease.signature(signature_name)
             return await lease._run(
-                signature, _hook_inputs(signature, inputs), deadline, cancellation
+                signature, _hook_inputs(signature, inputs), deadline, cancellation, queued
             )
 
     async def predict(
@@ -428,6 +434,7 @@ class VersionLease:
         deadline: float | None = None,
         cancellation: Cancellation | None = None,
         dtype_names: Mapping[str, str] | None = None,
+        queued: Queued | None = None,
     ) -> Tensors:
         """The signature's outputs for ``inputs``, each with the request's own rows.
 
@@ -437,7 +444,7 @@ class VersionLease:
         """
         signature = self.signature(signature_name)
         check_inputs(signature, inputs, dtype_names)
-        return await self._run(signature, inputs, deadline, cancellation)
+        return await self._run(signature, inputs, deadline, cancellation, queued)
 
     async def classify(
         self,
@@ -446,11 +453,12 @@ class VersionLease:
         *,
         deadline: float | None = None,
         cancellation: Cancellation | None = None,
+        queued: Queued | None = None,
     ) -> Tensors:
         """TF Serving's Classify: serialized tf.Examples as k rows of the signature's DT_STRING
         input; its ``classes`` and/or ``scores`` outputs (``service.examples`` checks them)."""
         return await self._examples(
-            examples.CLASSIFY, signature_name, serialized, deadline, cancellation
+            examples.CLASSIFY, signature_name, serialized, deadline, cancellation, queued
         )
 
     async def regress(
@@ -460,10 +468,11 @@ class VersionLease:
         *,
         deadline: float | None = None,
         cancellation: Cancellation | None = None,
+        queued: Queued | None = None,
     ) -> Tensors:
         """TF Serving's Regress: as ``classify``, answering the ``outputs`` output."""
         return await self._examples(
-            examples.REGRESS, signature_name, serialized, deadline, cancellation
+            examples.REGRESS, signature_name, serialized, deadline, cancellation, queued
         )
 
     async def _examples(
@@ -473,6 +482,7 @@ class VersionLease:
         serialized: np.ndarray | Sequence[bytes],
         deadline: float | None,
         cancellation: Cancellation | None,
+        queued: Queued | None,
     ) -> Tensors:
         if self._signature is None:  # resolved once, with TF Serving's classify/regress checks
             signatures = self._version.require().signatures
@@ -480,7 +490,7 @@ class VersionLease:
         rows = np.empty(len(serialized), dtype=object)  # [k] serialized tf.Examples (bytes)
         rows[:] = serialized
         inputs = {examples.INPUTS: rows}
-        return await self._run(self._signature, inputs, deadline, cancellation)
+        return await self._run(self._signature, inputs, deadline, cancellation, queued)
 
     async def classify_images(
         self,
@@ -489,6 +499,7 @@ class VersionLease:
         *,
         deadline: float | None = None,
         cancellation: Cancellation | None = None,
+        queued: Queued | None = None,
     ) -> ImageResults:
         """Decode the images as the model's input wants them (``service.images``), run them,
         and name each image's ``top_k`` best classes by the model's labels."""
@@ -498,15 +509,19 @@ class VersionLease:
         if cancellation is not None:
             cancellation.on_cancel(abandonment.set)
         arrays = await decoder.decode(plan, images, abandonment)
-        scores = await self._run_images(plan, arrays, deadline, cancellation)
+        scores = await self._run_images(plan, arrays, deadline, cancellation, queued)
         predictions = [top_predictions(row, plan.labels, top_k) for row in scores]
         return ImageResults(self.name, self.version, predictions)
 
     def _submit(
-        self, signature: Signature, inputs: Mapping[str, np.ndarray], deadline: float | None
+        self,
+        signature: Signature,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None,
+        queued: Queued | None,
     ) -> Deferred:
         queue = self._version.queues[signature.name]
-        return queue.submit(inputs, batch_rows(signature, inputs), deadline)
+        return queue.submit(inputs, batch_rows(signature, inputs), deadline, queued)
 
     async def _run(
         self,
@@ -514,13 +529,14 @@ class VersionLease:
         inputs: Mapping[str, np.ndarray],
         deadline: float | None,
         cancellation: Cancellation | None,
+        queued: Queued | None,
     ) -> Tensors:
         """Queue one request's inputs; a cancellation drops them from the queue."""
         self._version.require()  # UNLOADING is fine under a lease; a closed servable is not
-        queued = self._submit(signature, inputs, deadline)
+        submitted = self._submit(signature, inputs, deadline, queued)
         if cancellation is not None:
-            cancellation.on_cancel(queued.cancel)
-        outputs: Tensors = await queued
+            cancellation.on_cancel(submitted.cancel)
+        outputs: Tensors = await submitted
         return outputs
 
     async def _run_images(
@@ -529,6 +545,7 @@ class VersionLease:
         arrays: list[np.ndarray],
         deadline: float | None,
         cancellation: Cancellation | None,
+        queued: Queued | None,
     ) -> list[np.ndarray]:
         """Run decoded images through the batching queue; one score vector per image.
 
@@ -542,19 +559,19 @@ class VersionLease:
             groups = [[i] for i in range(len(arrays))]
             submits = [{plan.input: a} for a in arrays]
         signature = self.signature(plan.signature)
-        queued: list[Deferred] = []
+        submitted: list[Deferred] = []
         try:
             for inputs in submits:
-                queued.append(self._submit(signature, inputs, deadline))
+                submitted.append(self._submit(signature, inputs, deadline, queued))
         except ServingError:  # e.g. the queue is full: drop what was already queued
-            for d in queued:
+            for d in submitted:
                 d.addErrback(lambda _: None)  # the CancelledError is expected
                 d.cancel()
             raise
         if cancellation is not None:
-            for d in queued:
+            for d in submitted:
                 cancellation.on_cancel(d.cancel)
-        results = await DeferredList(queued, consumeErrors=True)
+        results = await DeferredList(submitted, consumeErrors=True)
         scores: list[np.ndarray] = [np.empty(0)] * len(arrays)
         for group, (ok, value) in zip(groups, results, strict=True):
             if not ok:

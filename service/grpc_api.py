@@ -12,7 +12,13 @@ the same batches as one from REST. The answer is turned back into protos on the 
 The call's deadline (``context.time_remaining()``) is the request's deadline in the batching
 queue; a call the client cancels (or whose deadline passes) cancels its queued work. A
 ``ServingError`` is answered with its TF Serving code (``status_code``); any other exception
-is logged with its traceback and answered INTERNAL, without the traceback.
+is logged with its traceback (and the call's request id) and answered INTERNAL, without the
+traceback.
+
+Each call is filed under a request id: the ``x-request-id`` metadata when it is usable (the
+rules of the HTTP header, ``wire.http``), else a fresh one, sent back as ``x-request-id``
+trailing metadata; and each answered call writes an access-log line (``service.access_log``,
+``protocol`` "grpc"), with its queue wait and batch size.
 """
 
 from __future__ import annotations
@@ -42,10 +48,13 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
 from service import examples
+from service.access_log import AccessLog, RequestRecord
+from service.access_log import entry as access_entry
 from service.dataplane import Cancellation, DataPlane, Decoded, ModelTarget, VersionLease
 from service.errors import Cancelled, InvalidArgument, ServingError
 from service.model_hooks import HookRequest, answer_tensors
 from service.tensor_proto import to_array, to_proto
+from wire.http import REQUEST_ID_HEADER
 
 log = Logger()
 T = TypeVar("T")
@@ -53,6 +62,7 @@ T = TypeVar("T")
 #: grpcio reports "no deadline" as a time this far away or more.
 _NO_DEADLINE = 10**8
 _METADATA_FIELD = "signature_def"
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower()  # gRPC metadata keys are lower case
 
 
 def status_code(error: ServingError) -> grpc.StatusCode:
@@ -78,11 +88,63 @@ def spec_of(name: str, version: int, signature_name: str = "") -> model_pb2.Mode
     )
 
 
-class ReactorCalls:
-    """Runs a data plane coroutine on the reactor for a gRPC handler thread, and waits."""
+def peer_of(context: grpc.ServicerContext) -> str:
+    """``host:port`` (``[v6]:port``) of the caller, from grpcio's ``ipv4:…``/``ipv6:…``."""
+    peer: str = context.peer() or "-"
+    kind, _, address = peer.partition(":")
+    return address if kind in ("ipv4", "ipv6") else peer
 
-    def __init__(self, reactor: Any) -> None:
+
+class ReactorCalls:
+    """Runs a data plane coroutine on the reactor for a gRPC handler thread, and waits; and
+    files each call under a request id and in the access log (``begin``, ``finished``)."""
+
+    def __init__(self, reactor: Any, access_log: AccessLog | None = None) -> None:
         self._reactor = reactor
+        self._access_log = access_log or AccessLog("off")
+
+    def begin(self, context: grpc.ServicerContext) -> RequestRecord:
+        """The record of a call that has just arrived: its id (sent back at once as trailing
+        metadata) and the deadline it came with."""
+        sent = [
+            value.encode("utf-8") if isinstance(value, str) else value
+            for key, value in context.invocation_metadata() or ()
+            if key == _REQUEST_ID_KEY
+        ]
+        record = RequestRecord.begin(sent, self._reactor.seconds())
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < _NO_DEADLINE:
+            record.deadline_ms = round(remaining * 1000, 3)
+        context.set_trailing_metadata(((_REQUEST_ID_KEY, record.request_id),))
+        return record
+
+    def finished(
+        self,
+        record: RequestRecord,
+        path: str,
+        context: grpc.ServicerContext,
+        code: grpc.StatusCode,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        """Write the call's access-log line (on the reactor thread, as every other line)."""
+        if not self._access_log.enabled:
+            return
+        fields = access_entry(
+            record,
+            finished=self._reactor.seconds(),
+            peer=peer_of(context),
+            method=b"POST",
+            path=path.encode(),
+            route=path.rpartition("/")[2],
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            protocol="grpc",
+            grpc_status=code.name,
+        )
+        self._reactor.callFromThread(self._access_log.write, fields)
 
     def run(
         self,
@@ -118,16 +180,41 @@ async def _as_coroutine(awaitable: Awaitable[T]) -> T:
 
 
 def _handled(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Answer a ServingError raised on the handler thread with its code, and log anything else."""
+    """Answer a ServingError raised on the handler thread with its code, log anything else
+    (with the call's request id), and write the call's access-log line.
+
+    The method is called with the call's ``RequestRecord`` after its context: it notes the
+    model and version answering there, and passes its ``queued`` to the data plane.
+    """
 
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        calls: ReactorCalls = self._calls
+        record = calls.begin(context)
+        code, status, response = grpc.StatusCode.OK, 200, None
         try:
-            return method(self, request, context)
+            response = method(self, request, context, record)
+            return response
         except ServingError as error:
-            context.abort(status_code(error), error.message)
+            code, status = status_code(error), error.status
+            context.abort(code, error.message)
         except Exception:
-            log.failure("unexpected error answering gRPC {method}", method=method.__name__)
+            code, status = grpc.StatusCode.INTERNAL, 500
+            log.failure(
+                "unexpected error answering gRPC {method} (request id {request_id})",
+                method=method.__name__,
+                request_id=record.request_id,
+            )
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        finally:
+            calls.finished(
+                record,
+                f"/{self.service_name}/{method.__name__}",
+                context,
+                code,
+                status,
+                request.ByteSize(),
+                0 if response is None else response.ByteSize(),
+            )
 
     handler.__name__ = method.__name__
     handler.__doc__ = method.__doc__
@@ -137,13 +224,18 @@ def _handled(method: Callable[..., Any]) -> Callable[..., Any]:
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """``tensorflow.serving.PredictionService`` on the data plane."""
 
+    service_name = "tensorflow.serving.PredictionService"
+
     def __init__(self, plane: DataPlane, calls: ReactorCalls) -> None:
         self._plane = plane
         self._calls = calls
 
     @_handled
-    def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
+    def Predict(
+        self, request: predict_pb2.PredictRequest, context: Any, record: RequestRecord
+    ) -> Any:
         target = target_of(request.model_spec)
+        _note(record, target)
         inputs = {name: to_array(proto, name) for name, proto in request.inputs.items()}
         wanted = list(request.output_filter)
         signature_name = request.model_spec.signature_name or None
@@ -152,16 +244,21 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         async def predict(deadline: float | None, cancellation: Cancellation) -> Any:
             with self._plane.lease(target) as model:
+                record.version = model.version
                 signature = model.signature(signature_name)
                 if model.hooks is not None:  # the version's own Python (service.model_hooks)
                     outputs = await self._through_hooks(
-                        model, signature.name, inputs, headers, deadline, cancellation
+                        model, signature.name, inputs, headers, deadline, cancellation, record
                     )
                     _check_filter(wanted, outputs)
                 else:
                     _check_filter(wanted, signature.outputs)
                     outputs = await model.predict(
-                        signature_name, inputs, deadline=deadline, cancellation=cancellation
+                        signature_name,
+                        inputs,
+                        deadline=deadline,
+                        cancellation=cancellation,
+                        queued=record.queued,
                     )
                 return model.name, model.version, signature.name, outputs
 
@@ -179,6 +276,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         headers: dict[str, Any],
         deadline: float | None,
         cancellation: Cancellation,
+        record: RequestRecord,
     ) -> dict[str, np.ndarray]:
         """Predict through the version's hooks: they get the request's tensors as
         ``request.inputs`` and answer with tensors, a dict of output name -> array."""
@@ -202,13 +300,19 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             encode_answer=lambda answer: answer_tensors(answer, "TF Serving's Predict"),
             deadline=deadline,
             cancellation=cancellation,
+            queued=record.queued,
         )
         return outputs
 
     @_handled
-    def Classify(self, request: classification_pb2.ClassificationRequest, context: Any) -> Any:
+    def Classify(
+        self,
+        request: classification_pb2.ClassificationRequest,
+        context: Any,
+        record: RequestRecord,
+    ) -> Any:
         name, version, resolved, results = self._examples(
-            request.model_spec, request.input, examples.CLASSIFY, context
+            request.model_spec, request.input, examples.CLASSIFY, context, record
         )
         response = classification_pb2.ClassificationResponse(
             model_spec=spec_of(name, version, resolved)
@@ -217,16 +321,20 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     @_handled
-    def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
+    def Regress(
+        self, request: regression_pb2.RegressionRequest, context: Any, record: RequestRecord
+    ) -> Any:
         name, version, resolved, results = self._examples(
-            request.model_spec, request.input, examples.REGRESS, context
+            request.model_spec, request.input, examples.REGRESS, context, record
         )
         response = regression_pb2.RegressionResponse(model_spec=spec_of(name, version, resolved))
         _fill_regressions(response.result, results)
         return response
 
     @_handled
-    def MultiInference(self, request: inference_pb2.MultiInferenceRequest, context: Any) -> Any:
+    def MultiInference(
+        self, request: inference_pb2.MultiInferenceRequest, context: Any, record: RequestRecord
+    ) -> Any:
         """Each task (classify or regress) on the same examples, of one model and version."""
         if not request.tasks:
             raise InvalidArgument("Inference task is not specified")
@@ -251,7 +359,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for task in request.tasks:
             verb = verbs[task.method_name]
             name, version, resolved, results = self._examples(
-                task.model_spec, request.input, verb, context
+                task.model_spec, request.input, verb, context, record
             )
             result = response.results.add(model_spec=spec_of(name, version, resolved))
             if verb == examples.CLASSIFY:
@@ -261,17 +369,28 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     def _examples(
-        self, spec: model_pb2.ModelSpec, input_: Any, verb: str, context: Any
+        self,
+        spec: model_pb2.ModelSpec,
+        input_: Any,
+        verb: str,
+        context: Any,
+        record: RequestRecord,
     ) -> tuple[str, int, str, Any]:
         target = target_of(spec)
+        _note(record, target)
         serialized = examples.serialized_examples(input_)
         signature_name = spec.signature_name or None
 
         async def run(deadline: float | None, cancellation: Cancellation) -> Any:
             with self._plane.lease(target) as model:
+                record.version = model.version
                 call = model.classify if verb == examples.CLASSIFY else model.regress
                 outputs = await call(
-                    signature_name, serialized, deadline=deadline, cancellation=cancellation
+                    signature_name,
+                    serialized,
+                    deadline=deadline,
+                    cancellation=cancellation,
+                    queued=record.queued,
                 )
                 resolved = model.signature(signature_name).name
                 return model.name, model.version, resolved, outputs
@@ -283,9 +402,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_handled
     def GetModelMetadata(
-        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: Any
+        self,
+        request: get_model_metadata_pb2.GetModelMetadataRequest,
+        context: Any,
+        record: RequestRecord,
     ) -> Any:
         target = target_of(request.model_spec)
+        _note(record, target)
         if not request.metadata_field:
             raise InvalidArgument(
                 "GetModelMetadataRequest must specify at least one metadata_field"
@@ -294,6 +417,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             if field != _METADATA_FIELD:
                 raise InvalidArgument(f"Metadata field {field} is not supported")
         metadata = self._calls.call(self._plane.metadata, target)
+        record.version = metadata.version
         signatures = get_model_metadata_pb2.SignatureDefMap()
         json_format.ParseDict({"signature_def": dict(metadata.signature_defs)}, signatures)
         response = get_model_metadata_pb2.GetModelMetadataResponse(
@@ -311,6 +435,8 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     it raises ServingError for a config the server refuses or a model that failed to load.
     """
 
+    service_name = "tensorflow.serving.ModelService"
+
     def __init__(
         self, plane: DataPlane, calls: ReactorCalls, reload: Callable[[Any], Awaitable[None]]
     ) -> None:
@@ -320,9 +446,13 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     @_handled
     def GetModelStatus(
-        self, request: get_model_status_pb2.GetModelStatusRequest, context: Any
+        self,
+        request: get_model_status_pb2.GetModelStatusRequest,
+        context: Any,
+        record: RequestRecord,
     ) -> Any:
         target = target_of(request.model_spec)
+        _note(record, target)
         entries = self._calls.call(self._plane.status, target)
         response = get_model_status_pb2.GetModelStatusResponse()
         for entry in entries:
@@ -331,7 +461,10 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     @_handled
     def HandleReloadConfigRequest(
-        self, request: model_management_pb2.ReloadConfigRequest, context: Any
+        self,
+        request: model_management_pb2.ReloadConfigRequest,
+        context: Any,
+        record: RequestRecord,
     ) -> Any:
         async def reload(deadline: float | None, cancellation: Cancellation) -> None:
             await self._reload(request.config)
@@ -340,6 +473,11 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return model_management_pb2.ReloadConfigResponse(
             status=status_pb2.StatusProto(error_code=0)
         )
+
+
+def _note(record: RequestRecord, target: ModelTarget) -> None:
+    """The model (and version, if one is named) a call asks for, for its access-log line."""
+    record.model, record.version = target.name, target.version
 
 
 def _check_filter(wanted: list[str], outputs: Mapping[str, Any]) -> None:

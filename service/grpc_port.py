@@ -30,6 +30,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from service.access_log import AccessLog
 from service.dataplane import DataPlane
 from service.grpc_api import ModelService, PredictionService, ReactorCalls
 from service.lifecycle import EXIT_CANNOT_LISTEN, exit_after_stop
@@ -62,6 +63,7 @@ class GrpcPort(Service):
         threads: int = 64,
         max_receive_bytes: int | None = None,
         exit: Callable[[int], object] | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.address = address
         self._reactor = reactor
@@ -80,7 +82,7 @@ class GrpcPort(Service):
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
             options=options,
         )
-        calls = ReactorCalls(reactor)
+        calls = ReactorCalls(reactor, access_log)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionService(plane, calls), self._server
         )

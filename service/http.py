@@ -26,7 +26,9 @@ request (JSON through ``service.codec`` and ``service.examples``, uploads throug
 ``service.images.parse_upload``), call the data plane, encode its answer. A request holds
 the version it was routed to (``DataPlane.lease``) until it is answered, its JSON body
 decoded inside that lease, so a hot swap never unloads a version under a request. Every
-request is counted under its route's label (``counted``).
+request is counted under its route's label (``counted``), and its access-log record
+(``service.access_log``) notes the model and version that answer it (``serving``); errors
+name the request's id.
 
 The HTTP limits (line and header sizes, the header timeout, body size and encoding) are
 answered by the channel, ``service.http_limits.LimitedHTTPChannel``, before a route runs;
@@ -55,6 +57,7 @@ from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from service import codec, examples, v2
+from service.batching import Queued
 from service.dataplane import DataPlane, Decoded, Encoded, ModelTarget, VersionLease
 from service.decoding import BodyDecoder
 from service.errors import FailedPrecondition, InvalidArgument, ServingError
@@ -70,7 +73,9 @@ from service.http_request import (
     decode_body,
     hook_request_of,
     read_body,
+    request_id_of,
     send_encoded,
+    serving,
 )
 from service.http_site import OTHER_ROUTE, InferenceSite
 from service.images import ImageDecoder, parse_upload
@@ -175,11 +180,18 @@ class InferenceAPI:
             request.method.decode(errors="replace"),
             request.path.decode(errors="replace"),
         )
-        return codec.encode_json(error_body(f"{error.name}: {method} {path}"))
+        return codec.encode_json(
+            error_body(f"{error.name}: {method} {path}", request_id_of(request))
+        )
 
     @app.handle_errors(Exception)
     def _unexpected_error(self, request: IRequest, failure: Any) -> bytes:
-        log.failure("unexpected error answering {uri}", failure, uri=request.uri)
+        log.failure(
+            "unexpected error answering {uri} (request id {request_id})",
+            failure,
+            uri=request.uri,
+            request_id=request_id_of(request),
+        )
         return _error_response(request, ServingError("internal error; see the server log"))
 
     # -- TF Serving REST API --------------------------------------------------------------------
@@ -188,8 +200,9 @@ class InferenceAPI:
     @counted("predict")
     async def predict(self, request: server.Request, target: ModelTarget) -> bytes:
         with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+            queued = serving(request, model.name, model.version)
             if model.hooks is not None:
-                return await self._through_hooks(request, model, "predict")
+                return await self._through_hooks(request, model, "predict", queued)
             decoded = await self._decode_json(
                 request, lambda body: codec.decode_body(body, model.signature)
             )
@@ -198,6 +211,7 @@ class InferenceAPI:
                 decoded.inputs,
                 deadline=self._deadline(request),
                 cancellation=cancellation_of(request),
+                queued=queued,
             )
         request.setHeader(b"content-type", JSON)
         return codec.encode_predict(outputs, decoded.row_format)
@@ -213,10 +227,12 @@ class InferenceAPI:
                     f"hook to take this body ({HOOKS_FILE}, served with --enable_model_hooks); "
                     "send JSON tensors to :predict"
                 )
-            return await self._through_hooks(request, model, "invoke")
+            return await self._through_hooks(
+                request, model, "invoke", serving(request, model.name, model.version)
+            )
 
     async def _through_hooks(
-        self, request: server.Request, model: VersionLease, verb: str
+        self, request: server.Request, model: VersionLease, verb: str, queued: Queued | None
     ) -> bytes:
         """Answer through the version's hooks (``service.model_hooks``): the body goes to them
         as it came when they decode it (preprocess, handle), else it is decoded as JSON."""
@@ -241,6 +257,7 @@ class InferenceAPI:
             encode_answer=encode_answer,
             deadline=self._deadline(request),
             cancellation=cancellation_of(request),
+            queued=queued,
         )
         return send_encoded(request, answer)
 
@@ -258,6 +275,7 @@ class InferenceAPI:
 
     async def _examples(self, request: server.Request, target: ModelTarget, verb: str) -> bytes:
         with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+            queued = serving(request, model.name, model.version)
             decoded = await self._decode_json(
                 request, lambda body: examples.decode_examples(body, verb)
             )
@@ -267,6 +285,7 @@ class InferenceAPI:
                 decoded.serialized,
                 deadline=self._deadline(request),
                 cancellation=cancellation_of(request),
+                queued=queued,
             )
         request.setHeader(b"content-type", JSON)
         return examples.encode_results(outputs, verb, len(decoded.serialized))
@@ -286,6 +305,7 @@ class InferenceAPI:
     @counted("metadata")
     def metadata(self, request: IRequest, target: ModelTarget) -> bytes:
         metadata = self.plane.metadata(target)
+        serving(request, metadata.name, metadata.version)
         request.setHeader(b"content-type", JSON)
         return codec.encode_json(
             {
@@ -343,6 +363,7 @@ class InferenceAPI:
     async def _classify_image(self, request: server.Request, target: ModelTarget) -> bytes:
         self.plane.require_images()  # 503 before the lookup
         with self.plane.lease(target) as model:  # decoding awaits: the version must outlive it
+            queued = serving(request, model.name, model.version)
             body = read_body(request, UPLOAD_CONTENT_TYPES, hint=UPLOAD_HINT)
             args: dict[bytes, list[bytes]] = request.args or {}
             query_top_k = args.get(b"top_k")
@@ -356,6 +377,7 @@ class InferenceAPI:
                 upload.top_k,
                 deadline=self._deadline(request),
                 cancellation=cancellation_of(request),
+                queued=queued,
             )
         answer: dict[str, Any] = {"model": results.name, "version": str(results.version)}
         if len(results.predictions) == 1:
@@ -426,7 +448,7 @@ def _error_response(request: IRequest, error: ServingError) -> bytes:
     request.setHeader(b"content-type", JSON)
     if error.retry_after is not None:
         request.setHeader(b"retry-after", str(error.retry_after).encode())
-    return codec.encode_json(error_body(error.message))
+    return codec.encode_json(error_body(error.message, request_id_of(request)))
 
 
 class MetricsAlias(Resource):
@@ -468,9 +490,10 @@ class UTF8URLs(Resource):
                 request.setResponseCode(400)
                 request.setHeader(b"content-type", JSON)
                 return codec.encode_json(
-                    {
-                        "error": f"the URL {part} {echo(shown)!r} is not UTF-8 once its %XX "
-                        "escapes are decoded; percent-encode the UTF-8 bytes of the text"
-                    }
+                    error_body(
+                        f"the URL {part} {echo(shown)!r} is not UTF-8 once its %XX "
+                        "escapes are decoded; percent-encode the UTF-8 bytes of the text",
+                        request_id_of(request),
+                    )
                 )
         return cast(int | bytes, self._inner.render(request))

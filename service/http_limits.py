@@ -27,6 +27,10 @@ anything else malformed           400     (what Twisted refuses: a bad request l
                                           Content-Length or chunk)
 ================================  ======  ==================================================
 
+Every refusal carries the request's id (``X-Request-Id`` and ``"request_id"``: the client's
+id if its header had arrived and is usable, else a fresh one) and is counted and
+access-logged by the Site like an answered request.
+
 Every refusal ends the connection: the answer carries ``Connection: close``, then the
 channel closes its sending side and reads and discards what the client still sends for at
 most ``linger_seconds`` before closing. Closing at once while the client is still sending
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
@@ -50,6 +54,7 @@ from twisted.web import http
 from twisted.web.http_headers import Headers
 
 from service import codec
+from service.access_log import RequestRecord
 from service.errors import (
     HeaderFieldsTooLarge,
     InvalidArgument,
@@ -177,19 +182,34 @@ class LimitsSite(Protocol):
 
     max_body_bytes: int
     request_header_timeout: float
+    reactor: Any  # IReactorTime
 
-    def count_refusal(self, method: bytes, path: bytes, status: int) -> None: ...
+    def refused(
+        self,
+        record: RequestRecord,
+        *,
+        method: bytes,
+        path: bytes,
+        status: int,
+        peer: object,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None: ...
 
 
-def refusal_response(error: ServingError) -> bytes:
-    """A whole HTTP/1.1 response for a refused request: JSON error, ``Connection: close``
-    (and ``Retry-After`` when the error says when to try again)."""
-    body = codec.encode_json(error_body(error.message))
+def refusal_response(error: ServingError, request_id: str) -> bytes:
+    """A whole HTTP/1.1 response for a refused request: JSON error, ``Connection: close``,
+    its ``X-Request-Id`` (and ``Retry-After`` when the error says when to try again).
+
+    ``request_id`` is a usable id (``wire.http.request_id_problem``): no CR or LF can reach
+    the head."""
+    body = codec.encode_json(error_body(error.message, request_id))
     head = [
         b"HTTP/1.1 %d %s" % (error.status, REASONS.get(error.status, b"Error")),
         b"Content-Type: " + JSON,
         b"Content-Length: %d" % len(body),
         b"Connection: close",
+        b"X-Request-Id: " + request_id.encode("ascii"),
     ]
     if error.retry_after is not None:
         head.append(b"Retry-After: %d" % error.retry_after)
@@ -219,6 +239,8 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self._linger_timer: IDelayedCall | None = None
         self._refused = False
         self._request_line = (b"", b"")  # the request line's method and path, for metrics
+        self._head_started = 0.0  # clock seconds when the current request's head began
+        self._current: Any = None  # the request whose head or body is arriving, if made yet
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -227,6 +249,8 @@ class LimitedHTTPChannel(http.HTTPChannel):
             return  # lingering: read and dropped
         if self.line_mode and not self._handlingRequest and self._head_timer is None:
             self._request_line = (b"", b"")  # a new request's head begins
+            self._current = None
+            self._head_started = self.site.reactor.seconds()
             self._head_timer = self.callLater(
                 self.site.request_header_timeout, self._head_timed_out
             )
@@ -300,6 +324,11 @@ class LimitedHTTPChannel(http.HTTPChannel):
             what = "a header, Content-Length or Transfer-Encoding is malformed"
         self.refuse(InvalidArgument(f"malformed HTTP request: {what}"))
 
+    def request_began(self, request: Any) -> None:
+        """Twisted made the request object of the head now arriving (``BoundedRequest``
+        tells): a refusal from now on answers under its id."""
+        self._current = request
+
     # -- refusing -------------------------------------------------------------------------------
 
     def refuse(self, error: ServingError) -> None:
@@ -314,8 +343,22 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self._cancel_head_timer()
         self.setTimeout(None)
         self.clearLineBuffer()  # LineReceiver parses nothing more of what it has buffered
-        self.site.count_refusal(*self._request_line, error.status)
-        transport.write(refusal_response(error))
+        request = self._current
+        record = getattr(request, "record", None)
+        if record is None:  # refused before a request object existed (e.g. 414)
+            record = RequestRecord.begin(None, self._head_started)
+        response = refusal_response(error, record.request_id)
+        transport.write(response)
+        method, path = self._request_line
+        self.site.refused(
+            record,
+            method=method,
+            path=path,
+            status=error.status,
+            peer=transport.getPeer(),
+            bytes_in=getattr(request, "received", 0),
+            bytes_out=len(response.partition(b"\r\n\r\n")[2]),
+        )
         self._networkProducer.unregisterProducer()
         half_close = getattr(transport, "loseWriteConnection", None)
         if half_close is None:  # e.g. TLS: no half-close; close once the answer is written

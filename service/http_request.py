@@ -4,6 +4,9 @@ Shared by TF Serving's REST routes (``service.http``) and the Open Inference Pro
 (``service.v2``), which are routes of the same Klein application on the same Site:
 
 - ``counted``: the ``route`` label a request is counted under (kleinserve_requests_total);
+- ``record_of``, ``request_id_of``, ``serving``: the request's access-log record
+  (``service.access_log``) and id, and what a route notes in it: the model and version that
+  answer, and the record the batching queue fills (queue wait, batch size);
 - ``cancellation_of``: a ``Cancellation`` set when the client goes away before its answer;
 - ``deadline_of``: the client's ``X-Request-Deadline-Ms``, as clock time;
 - ``read_body``: the body, after checking its content type;
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -25,8 +29,10 @@ from twisted.internet.defer import Deferred
 from twisted.web import server
 from twisted.web.iweb import IRequest
 
+from service.access_log import RequestRecord
+from service.batching import Queued
 from service.budget import BodyHold
-from service.dataplane import Cancellation, Encoded, VersionLease
+from service.dataplane import Cancellation, Encoded, ModelTarget, VersionLease
 from service.decoding import BodyDecoder
 from service.errors import InvalidArgument, UnsupportedMediaType
 from service.model_hooks import HookRequest
@@ -54,12 +60,51 @@ def counted(label: str) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         def route(self: Any, request: IRequest, *args: Any, **kwargs: Any) -> Any:
             request.route_label = label  # type: ignore[attr-defined]
+            record = record_of(request)
+            if record is not None:  # the model the URL names, for a request that fails early
+                target, name = kwargs.get("target"), kwargs.get("name")
+                if isinstance(target, ModelTarget):
+                    record.model, record.version = target.name, target.version
+                elif isinstance(name, str):
+                    record.model = name
             return handler(self, request, *args, **kwargs)
 
         route.route_label = label  # type: ignore[attr-defined]
         return cast(Handler, route)
 
     return mark
+
+
+def record_of(request: IRequest) -> RequestRecord | None:
+    """The request's access-log record (None for a request type without one: tests' plain
+    Site; ``service.http_site.BoundedRequest`` always has one)."""
+    record = getattr(request, "record", None)
+    return record if isinstance(record, RequestRecord) else None
+
+
+def request_id_of(request: IRequest) -> str | None:
+    """The id the request is filed under (echoed as X-Request-Id), if it has one."""
+    record = record_of(request)
+    return None if record is None else record.request_id
+
+
+def serving(request: IRequest, model: str, version: int | None) -> Queued | None:
+    """Note the model and version that answer the request, for its access-log line; the
+    record the batching queue fills with its queue wait and batch size (None: no record)."""
+    record = record_of(request)
+    if record is None:
+        return None
+    record.model, record.version = model, version
+    return record.queued
+
+
+def note_deadline_ms(request: IRequest, milliseconds: float) -> None:
+    """The client gave the server ``milliseconds`` (the sooner of several limits is kept)."""
+    record = record_of(request)
+    if record is None or not math.isfinite(milliseconds):  # NaN is no JSON number
+        return
+    if record.deadline_ms is None or milliseconds < record.deadline_ms:
+        record.deadline_ms = milliseconds
 
 
 def cancellation_of(request: server.Request) -> Cancellation:

@@ -3,8 +3,10 @@
 ``InferenceSite`` serves ``InferenceAPI``'s resource (``service.http``) over
 ``LimitedHTTPChannel`` (``service.http_limits``, which answers the HTTP limits before a route
 runs); ``BoundedRequest`` holds each body in memory up to the limit, against the site's
-``RequestBudget`` (``service.budget``). The site counts every answered or refused request, and
-tracks its connections so a stop can drain them (``service.lifecycle``).
+``RequestBudget`` (``service.budget``). The site counts every answered or refused request,
+writes its access-log line (``service.access_log``), and tracks its connections so a stop
+can drain them (``service.lifecycle``). Every request is filed under a request id, echoed
+as ``X-Request-Id`` on its answer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from twisted.internet.defer import Deferred
 from twisted.web import server
 
+from service.access_log import AccessLog, RequestRecord, entry, peer_of
 from service.budget import BodyHold, RequestBudget
 from service.errors import ServingError, Unavailable
 from service.http_limits import BodyBuffer, LimitedHTTPChannel, content_coding
@@ -49,7 +52,26 @@ class BoundedRequest(server.Request):
     _body: BodyBuffer | None = None
     _refused = False
     body_hold: BodyHold | None = None
-    _received = 0
+    received = 0  # body bytes received, as sent (gzip: compressed)
+    _record: RequestRecord | None = None
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        site = getattr(channel, "site", None)
+        self._started = site.reactor.seconds() if site is not None else 0.0
+        began = getattr(channel, "request_began", None)
+        if began is not None:  # LimitedHTTPChannel: a refusal from now on is this request's
+            began(self)
+
+    @property
+    def record(self) -> RequestRecord:
+        """The request's access-log record and id, made the first time it is asked for (by
+        then the id is read from the headers that have arrived)."""
+        if self._record is None:
+            sent = self.requestHeaders.getRawHeaders(b"x-request-id")
+            deadline = self.requestHeaders.getRawHeaders(b"x-request-deadline-ms", [None])[0]
+            self._record = RequestRecord.begin(sent, self._started, deadline)
+        return self._record
 
     def process(self) -> None:
         site = cast(Any, self.channel).site
@@ -66,16 +88,16 @@ class BoundedRequest(server.Request):
         site: InferenceSite = cast(Any, self.channel).site
         hold = self.body_hold = site.budget.hold()
         self.notifyFinish().addBoth(hold.finished)
-        self.notifyFinish().addBoth(lambda _: site.body_finished(self._received))
+        self.notifyFinish().addBoth(lambda _: site.body_finished(self.received))
         if length and not hold.reserve(length):
             self._refuse(_busy(hold))
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused or self._body is None:
             return
-        self._received += len(data)
+        self.received += len(data)
         hold = self.body_hold
-        if hold is not None and not hold.reserve(self._received):  # a chunked body past it
+        if hold is not None and not hold.reserve(self.received):  # a chunked body past it
             self._refuse(_busy(hold))
             return
         try:
@@ -103,12 +125,14 @@ class BoundedRequest(server.Request):
             # software and its version only helps scanners, and TF Serving's REST API, whose
             # clients this server stands in for, sends none either.
             self.responseHeaders.removeHeader(b"server")
+            self.responseHeaders.setRawHeaders(b"x-request-id", [self.record.request_id.encode()])
         super().write(data)
 
 
 class InferenceSite(server.Site):
     """Our own Site: no tracebacks to clients, HTTP limits answered (``LimitedHTTPChannel``),
-    bounded bodies, request metrics.
+    bounded bodies, request metrics, an access-log line per answer (``access_log``; None:
+    none).
 
     HTTP/1.1 only, as before: Twisted's HTTP/2 needs the ``h2`` package, which is not installed.
     """
@@ -125,6 +149,7 @@ class InferenceSite(server.Site):
         request_header_timeout: float = 30.0,
         in_flight: InFlight | None = None,
         budget: RequestBudget | None = None,
+        access_log: AccessLog | None = None,
         reactor: Any = None,
     ) -> None:
         # parsePOSTFormSubmission=False: Twisted would otherwise parse every POST's content type
@@ -138,6 +163,7 @@ class InferenceSite(server.Site):
         )
         self.max_body_bytes = max_body_bytes
         self.request_header_timeout = request_header_timeout
+        self.access_log = access_log or AccessLog("off")
         self._requests = api.metrics.requests
         self._route_label = api.route_label
         self.in_flight = in_flight or InFlight()
@@ -197,19 +223,61 @@ class InferenceSite(server.Site):
             self._decoder.large_request_done()
 
     def log(self, request: Any) -> None:
-        """Count each answered request (instead of an access-log line per request), under
-        the label of the route that took it (``"other"`` when none did)."""
+        """Count each answered request under the label of the route that took it
+        (``"other"`` when none did), and write its access-log line (Twisted's own
+        access-log line is not written)."""
         label = getattr(request, "route_label", OTHER_ROUTE)
         self._requests.labels(label, str(request.code)).inc()
+        record = getattr(request, "record", None)  # None: not a BoundedRequest
+        if self.access_log.enabled and record is not None:
+            self.access_log.write(
+                entry(
+                    record,
+                    finished=self.reactor.seconds(),
+                    peer=peer_of(request.getClientAddress()),
+                    method=request.method,
+                    path=request.path,
+                    route=label,
+                    status=request.code,
+                    bytes_in=request.received,
+                    bytes_out=request.sentLength,
+                )
+            )
 
-    def count_refusal(self, method: bytes, path: bytes, status: int) -> None:
-        """Count a request the channel refused (a limit) like an answered one.
+    def refused(
+        self,
+        record: RequestRecord,
+        *,
+        method: bytes,
+        path: bytes,
+        status: int,
+        peer: object,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        """Count a request the channel refused (a limit) like an answered one, and write its
+        access-log line.
 
         No route ran, so its label is a best effort: the route the request line's method and
         path match in the application's own route table, ``"other"`` when none does (or
         the line never arrived whole).
         """
-        self._requests.labels(self._route_label(method, path), str(status)).inc()
+        label = self._route_label(method, path)
+        self._requests.labels(label, str(status)).inc()
+        if self.access_log.enabled:
+            self.access_log.write(
+                entry(
+                    record,
+                    finished=self.reactor.seconds(),
+                    peer=peer_of(peer),
+                    method=method,
+                    path=path,
+                    route=label,
+                    status=status,
+                    bytes_in=bytes_in,
+                    bytes_out=bytes_out,
+                )
+            )
 
 
 def _busy(hold: BodyHold) -> Unavailable:

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from discovery.consul import ConsulAddress
+from service.access_log import FORMATS as ACCESS_LOG_FORMATS
 from service.batching import BatchingParameters
 from service.batching_config import (
     BatchingConfigError,
@@ -104,6 +105,10 @@ class ServerConfig:
     hook_threads: int = 4
     # --monitoring_config_file's Prometheus path, served as /metrics; None for none.
     prometheus_path: str | None = None
+    # One line per answered request in the twistd log: "text", "json" or "off".
+    access_log: str = "text"
+    # The whole log: twistd's "text", or "json" lines on standard output (service.logs).
+    log_format: str = "text"
 
 
 def _default(field: str, of: type = ServerConfig) -> Any:
@@ -253,6 +258,18 @@ class Options(usage.Options):
             int,
         ),
         _flag(
+            "access_log",
+            _default("access_log"),
+            "One line per answered HTTP request in the twistd log (namespace kleinserve.access): "
+            "text, json (one JSON object, keys in the README) or off.",
+        ),
+        _flag(
+            "log_format",
+            _default("log_format"),
+            "The whole log: text (twistd's), or json: one JSON object per line on standard "
+            "output, for log shippers (needs twistd -n and no twistd --logfile).",
+        ),
+        _flag(
             "request_header_timeout",
             _default("request_header_timeout"),
             "Seconds a client has to send a request's headers, from its first byte; then 408.",
@@ -380,6 +397,28 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self.config = config_from_options(self)
+        if self.config.log_format == "json":
+            use_json_log(getattr(self, "parent", None))
+
+
+def use_json_log(twistd: Any) -> None:
+    """Make twistd log JSON lines (``service.logs``): set its ``--logger`` option, which it
+    reads only after every option, this one included, has been parsed. ``twistd``: twistd's
+    own options (None when these options are parsed on their own: nothing to set)."""
+    if twistd is None:
+        return
+    if twistd.get("logger"):
+        raise usage.UsageError("give --log_format=json or twistd's --logger, not both")
+    if twistd.get("logfile") not in (None, "", "-"):
+        raise usage.UsageError(
+            "--log_format=json writes JSON lines to standard output: drop twistd's --logfile"
+        )
+    if not twistd.get("nodaemon"):
+        raise usage.UsageError(
+            "--log_format=json writes to standard output, which a daemon does not have: "
+            "run twistd -n"
+        )
+    twistd["logger"] = "service.logs.json_observer"
 
 
 def config_from_options(opts: Any) -> ServerConfig:
@@ -423,6 +462,8 @@ def config_from_options(opts: Any) -> ServerConfig:
         enable_model_hooks=bool(opts["enable_model_hooks"]),
         hook_threads=opts["hook_threads"],
         prometheus_path=_prometheus_path(opts["monitoring_config_file"]),
+        access_log=_access_log(opts["access_log"]),
+        log_format=_log_format(opts["log_format"]),
     )
 
 
@@ -433,6 +474,18 @@ def _prometheus_path(file: str | None) -> str | None:
         return read_prometheus_path(Path(file))
     except MonitoringConfigError as e:
         raise usage.UsageError(str(e)) from None
+
+
+def _access_log(value: str) -> str:
+    if value not in ACCESS_LOG_FORMATS:
+        raise usage.UsageError(f"--access_log takes {', '.join(ACCESS_LOG_FORMATS)}, not {value!r}")
+    return value
+
+
+def _log_format(value: str) -> str:
+    if value not in ("text", "json"):
+        raise usage.UsageError(f"--log_format takes text or json, not {value!r}")
+    return value
 
 
 def _grpc_listen(port: int, listen: str | None) -> str | None:

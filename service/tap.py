@@ -79,6 +79,7 @@ class _Parts:
     """The serving parts every later step wires: hooks, repository, health, decoders, the site."""
 
     def __init__(self, config: ServerConfig, reactor: Any) -> None:
+        from service.access_log import AccessLog
         from service.budget import RequestBudget
         from service.dataplane import DataPlane
         from service.decoding import BodyDecoder
@@ -96,6 +97,7 @@ class _Parts:
             registry=metrics.registry,
             enabled=config.enable_model_hooks,
         )
+        self.access_log = AccessLog(config.access_log)  # HTTP and gRPC write to the same one
         self.repository = ModelRepository(
             config.models,
             reactor=reactor,
@@ -135,6 +137,7 @@ class _Parts:
             max_body_bytes=config.max_request_bytes,
             budget=RequestBudget(config.max_inflight_request_bytes),
             request_header_timeout=config.request_header_timeout,
+            access_log=self.access_log,
             reactor=reactor,
         )
 
@@ -196,6 +199,7 @@ def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
         deadline=deadline,
         threads=config.grpc_threads,
         max_receive_bytes=config.grpc_max_receive_bytes or None,
+        access_log=parts.access_log,
     )
 
 

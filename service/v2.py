@@ -36,6 +36,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed
 
 from service import codec, v2_codec
+from service.batching import Queued
 from service.dataplane import Decoded, Encoded, ModelTarget, VersionLease
 from service.errors import Internal, InvalidArgument, NotFound, Unavailable
 from service.http_paths import echo, parse_version
@@ -47,7 +48,9 @@ from service.http_request import (
     deadline_of,
     decode_body,
     hook_request_of,
+    note_deadline_ms,
     send_encoded,
+    serving,
 )
 from service.model_hooks import answer_tensors
 from service.signature import TensorInfo, quoted
@@ -149,6 +152,7 @@ def v2_model_metadata(
     api: InferenceAPI, request: IRequest, name: str, version: str | None = None
 ) -> bytes:
     found = api.plane.metadata(_target(name, version))
+    serving(request, found.name, found.version)
     key = signature_name(found.signatures)
     signature = found.signatures.get(key)
     if signature is None:
@@ -196,6 +200,7 @@ async def v2_infer(
     header_length = _header_length(request)
     deadline = deadline_of(request, api.plane.clock)
     with api.plane.lease(target) as model:  # a swap unloads it only after the answer
+        queued = serving(request, model.name, model.version)
         key = signature_name(model.signature_defs())
         decoded = await decode_body(
             request,
@@ -208,9 +213,10 @@ async def v2_infer(
         if decoded.timeout_us is not None:
             timeout = float(api.plane.clock.seconds()) + decoded.timeout_us / 1e6
             deadline = timeout if deadline is None else min(deadline, timeout)
+            note_deadline_ms(request, decoded.timeout_us / 1000)
         if model.hooks is not None:
             return send_encoded(
-                request, await _through_hooks(request, model, key, decoded, deadline)
+                request, await _through_hooks(request, model, key, decoded, deadline, queued)
             )
         wanted = _wanted_outputs(decoded, list(signature.outputs))
         outputs = await model.predict(
@@ -219,6 +225,7 @@ async def v2_infer(
             deadline=deadline,
             cancellation=cancellation_of(request),
             dtype_names=V2_NAMES,  # a wrong datatype is named FP32, not DT_FLOAT
+            queued=queued,
         )
     missing = [output for output, _ in wanted if output not in outputs]
     if missing:  # the model did not produce what its signature promised
@@ -232,6 +239,7 @@ async def _through_hooks(
     key: str,
     decoded: v2_codec.InferRequest,
     deadline: float | None,
+    queued: Queued | None,
 ) -> Encoded:
     """Answer through the version's hooks (``service.model_hooks``): they get the decoded
     tensors as ``request.inputs`` and answer with tensors, a dict of output name -> array."""
@@ -253,6 +261,7 @@ async def _through_hooks(
         encode_answer=encode_answer,
         deadline=deadline,
         cancellation=cancellation_of(request),
+        queued=queued,
     )
 
 

@@ -48,7 +48,7 @@ from client.sources import ConsulSources, StaticSources
 from client.transport import HTTPRequest, HTTPResponse, TreqTransport
 from discovery.backends import Backend, Backends, snapshot
 from discovery.consul import ConsulAddress
-from wire.http import DEADLINE_HEADER
+from wire.http import DEADLINE_HEADER, REQUEST_ID_HEADER, request_id_problem
 
 A, B, C = (Backend(f"inference-{n}", "127.0.0.1", 8500 + n) for n in (1, 2, 3))
 ABC = (A, B, C)
@@ -634,6 +634,34 @@ def test_each_attempts_limit_is_sent_in_a_header() -> None:
     result_of(clock, call(d, clock, timeout=2.0))
     first, second = (int(r.headers[DEADLINE_HEADER.lower()]) for _, r in transport.sent)
     assert first == 1000 and 1000 < second < 2000
+
+
+def test_a_call_sends_one_request_id_on_every_attempt_and_raises_with_it() -> None:
+    """Every attempt of a call carries the same X-Request-Id, another call another one, and
+    the error of a failed call carries it (attribute and message)."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: json_response(503, {"error": "busy"}))
+    d = dispatcher(clock, transport, max_attempts=3)
+    with pytest.raises(ServerError) as raised:
+        result_of(clock, call(d, clock))
+    ids = {r.headers[REQUEST_ID_HEADER.lower()] for _, r in transport.sent}
+    assert len(transport.sent) == 3 and len(ids) == 1
+    (request_id,) = ids
+    assert request_id_problem(request_id) is None
+    assert raised.value.request_id == request_id and request_id in str(raised.value)
+    with pytest.raises(ServerError) as again:
+        result_of(clock, call(d, clock))
+    assert again.value.request_id not in (None, request_id)
+
+
+def test_a_refused_call_names_its_request_id() -> None:
+    """InvalidRequest (4xx) carries the call's request id, as sent to the server."""
+    clock = task.Clock()
+    transport = FakeTransport(lambda where, r: json_response(400, {"error": "bad x"}))
+    with pytest.raises(InvalidRequest) as raised:
+        result_of(clock, call(dispatcher(clock, transport), clock))
+    ((_, sent),) = transport.sent
+    assert raised.value.request_id == sent.headers[REQUEST_ID_HEADER.lower()]
 
 
 def test_cancelling_a_call_cancels_its_attempt_without_ejecting() -> None:

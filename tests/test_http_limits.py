@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import MapAdapter
 
+from service.access_log import AccessLog
 from service.dataplane import ModelTarget
 from service.errors import InvalidArgument, PayloadTooLarge, UnsupportedMediaType
 from service.http import InferenceAPI, InferenceSite
@@ -269,12 +270,22 @@ class TCPTransport(StringTransport):
 class Connection:
     """One client connection to an InferenceSite: bytes in, the answer's parts out."""
 
-    def __init__(self, *, max_body_bytes: int = 1000, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int = 1000,
+        timeout: float = 30.0,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.clock = Clock()
         api, _, _ = make_api()
         self.metrics = api.metrics
         site = InferenceSite(
-            api, max_body_bytes=max_body_bytes, request_header_timeout=timeout, reactor=self.clock
+            api,
+            max_body_bytes=max_body_bytes,
+            request_header_timeout=timeout,
+            access_log=access_log,
+            reactor=self.clock,
         )
         self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
         assert isinstance(self.channel, LimitedHTTPChannel)

@@ -859,7 +859,8 @@ def image_plan() -> ImagePlan:
 
 
 def test_unknown_paths_and_methods_are_json_404_and_405() -> None:
-    """GET / (upload route is POST only) is a JSON 405 with Allow; an unknown path a JSON 404."""
+    """GET / (upload route is POST only) is a JSON 405 with Allow; an unknown path a JSON 404;
+    both with their request id."""
     treq, _, _ = make_api()
     results: list = []
     for method, path in (("GET", "/"), ("GET", "/nosuch")):
@@ -867,8 +868,10 @@ def test_unknown_paths_and_methods_are_json_404_and_405() -> None:
         d.addCallback(lambda r: r.json().addCallback(lambda doc, r=r: results.append((r, doc))))
     (get_root, root_doc), (nosuch, nosuch_doc) = results
     assert get_root.code == 405 and get_root.headers.getRawHeaders("allow") == ["POST"]
-    assert root_doc == {"error": "Method Not Allowed: GET /"}
-    assert nosuch.code == 404 and nosuch_doc == {"error": "Not Found: GET /nosuch"}
+    assert root_doc["error"] == "Method Not Allowed: GET /"
+    assert nosuch.code == 404 and nosuch_doc["error"] == "Not Found: GET /nosuch"
+    for response, doc in results:  # each error names the id its answer carries
+        assert [doc["request_id"]] == response.headers.getRawHeaders("x-request-id")
 
 
 def test_a_full_batching_queue_drops_the_uploads_already_queued() -> None:

@@ -94,6 +94,9 @@ def test_served_models_reads_the_meta_or_else_the_tags() -> None:
 def test_error_body_round_trips() -> None:
     """error_text reads what error_body writes, and nothing else."""
     assert error_text(error_body("bad input")) == "bad input"
+    with_id = error_body("bad input", "id-7")
+    assert with_id == {"error": "bad input", "request_id": "id-7"}
+    assert error_text(with_id) == "bad input"
     assert error_text({"message": "x"}) is None and error_text(["error"]) is None
 
 

@@ -10,7 +10,8 @@ without pulling in the other (or TensorFlow).
   grammar, with version numbers limited to int64; the ``/v2/models/NAME[/versions/N]`` paths.
 - ``wire.v2_tensors``: the Open Inference Protocol's binary tensor data (Triton's binary
   extension), written and read the same way by both sides.
-- ``wire.http``: header names, and the ``{"error": "…"}`` shape of every error body.
+- ``wire.http``: header names, request ids (which a server takes from a client, a fresh
+  one), and the ``{"error": "…", "request_id": "…"}`` shape of every error body.
 - ``wire.consul_tags``: the tags and meta a server registers in Consul and a client selects by.
 - ``wire.backoff``: capped, jittered exponential backoff, the pacing of every retry (Consul
   registration and watches, the client's requests, the repository's failed loads).
