@@ -103,7 +103,13 @@ class TwistdServer:
 
     def start(self) -> TwistdServer:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-        tail = ["inference", f"--listen=tcp:{self.port}:interface={LOOPBACK}", *self.args]
+        # On loopback, unless the test says where (--rest_api_port=PORT is all interfaces).
+        listen = (
+            []
+            if any(a.startswith(("--listen", "--rest_api_port")) for a in self.args)
+            else [f"--listen=tcp:{self.port}:interface={LOOPBACK}"]
+        )
+        tail = ["inference", *listen, *self.args]
         if "--log_format=json" in self.args:  # the log is standard output: kept in the file
             command = [str(TWISTD), "-n", "--pidfile=", *tail]
             with self.log_path.open("wb") as out, self.stderr_path.open("wb") as err:
