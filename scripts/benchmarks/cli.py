@@ -23,6 +23,9 @@ Sections (``--only``), each a measurement of its own:
     hooks      one server, batching on, each model as it is and with identity hooks
                (examples/hooks/identity; sections/hooks.py): requests/s and p50/p99 of
                both at each concurrency
+    triton     the Open Inference Protocol, v2 binary and v2 JSON bodies, to kleinserve and to
+               a real Triton server (PyTriton, its dynamic batcher under the same limits) in
+               the same run (sections/triton.py): requests/s and p50/p99 of each
     empty      an empty Klein route answering {} to the same bodies: the HTTP stack's ceiling
     flask      the digits model in Flask behind gunicorn -w 4 vs one kleinserve process:
                memory of all processes, and throughput at concurrency 64
@@ -65,6 +68,7 @@ from scripts.benchmarks.sections import (
     inprocess,
     memory,
     soak,
+    triton,
 )
 
 RUN: dict[str, Callable[[Bench], None]] = {
@@ -73,6 +77,7 @@ RUN: dict[str, Callable[[Bench], None]] = {
     "http": http.run,
     "grpc": grpc.run,
     "hooks": hooks.run,
+    "triton": triton.run,
     "empty": empty.run,
     "flask": flask.run,
     "soak": soak.run,

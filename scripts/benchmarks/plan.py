@@ -8,7 +8,18 @@ from pathlib import Path
 from harness.twistd import REPO
 from scripts.benchmarks import models as bench_models
 
-SECTIONS = ("inprocess", "engine", "http", "grpc", "hooks", "empty", "flask", "soak", "memory")
+SECTIONS = (
+    "inprocess",
+    "engine",
+    "http",
+    "grpc",
+    "hooks",
+    "triton",
+    "empty",
+    "flask",
+    "soak",
+    "memory",
+)
 CACHE = REPO / ".cache" / "bench"
 HEAVY_CONCURRENCY = 64  # the flask comparison, the soak and the engine's submitters
 GUNICORN_WORKERS = 4

@@ -157,15 +157,20 @@ def parse_wrk(text: str) -> LoadResult:
     )
 
 
-def _post_script(body: Path, content_type: str) -> Path:
-    """A wrk Lua script that POSTs ``body`` (written next to it, once per body and type)."""
+def _post_script(body: Path, content_type: str, headers: dict[str, str] | None = None) -> Path:
+    """A wrk Lua script that POSTs ``body`` (written next to it, once per body and type) with
+    ``headers`` besides its content type."""
     script = body.with_name(f"{body.name}.{content_type.replace('/', '-')}.lua")
+    extra = "".join(
+        f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}\n"
+        for name, value in (headers or {}).items()
+    )
     script.write_text(
         f"local f = assert(io.open({json.dumps(str(body))}, 'rb'))\n"
         "wrk.body = f:read('*a')\n"
         "f:close()\n"
         "wrk.method = 'POST'\n"
-        f"wrk.headers['Content-Type'] = {json.dumps(content_type)}\n"
+        f"wrk.headers['Content-Type'] = {json.dumps(content_type)}\n" + extra
     )
     return script
 
@@ -177,6 +182,7 @@ def wrk_command(
     seconds: float,
     *,
     content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
 ) -> list[str]:
     """``wrk`` for ``seconds`` with ``concurrency`` connections on one thread, POSTing ``body``."""
     return [
@@ -187,7 +193,7 @@ def wrk_command(
         "--timeout=30s",
         "--latency",
         "-s",
-        str(_post_script(body, content_type)),
+        str(_post_script(body, content_type, headers)),
         url,
     ]
 
@@ -199,9 +205,12 @@ def run_wrk(
     seconds: float,
     *,
     content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """Run wrk to the end and parse its summary; a run with no answer at all is a failure."""
-    command = wrk_command(url, body, concurrency, seconds, content_type=content_type)
+    command = wrk_command(
+        url, body, concurrency, seconds, content_type=content_type, headers=headers
+    )
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 120, check=False
     )

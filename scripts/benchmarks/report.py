@@ -165,6 +165,28 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 plain["rps"],
                 "requests/s",
             )
+    peers = results.get("triton", [])
+    for row in peers:
+        if row["server"] != "kleinserve":
+            continue
+        theirs = next(
+            (
+                r
+                for r in peers
+                if r["server"] == "triton"
+                and (r["model"], r["encoding"], r["concurrency"])
+                == (row["model"], row["encoding"], row["concurrency"])
+            ),
+            None,
+        )
+        if theirs is not None:
+            add(
+                f"{row['encoding']} {_title(row['model'])} c={row['concurrency']}: kleinserve / "
+                "Triton (PyTriton)",
+                row["rps"],
+                theirs["rps"],
+                "requests/s",
+            )
     soak = results.get("soak", {})
     if soak.get("samples"):
         samples = soak["samples"]
@@ -350,6 +372,29 @@ def hooks_table(results: dict[str, Any]) -> str:
     )
 
 
+def triton_table(results: dict[str, Any]) -> str:
+    rows = results.get("triton", [])
+    if not rows:
+        return ""
+    return _table(
+        ["model", "body", "server", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors"],
+        [
+            [
+                _title(r["model"]),
+                r["encoding"],
+                r["server"],
+                str(r["concurrency"]),
+                _num(r["rps"]),
+                _num(r["p50_ms"]),
+                _num(r["p99_ms"]),
+                str(r["errors"]),
+            ]
+            for r in rows
+        ],
+        markdown=True,
+    )
+
+
 def soak_table(results: dict[str, Any]) -> str:
     samples = results.get("soak", {}).get("samples", [])
     rows = [[f"{s['t']:.0f}", f"{s['rss_mb']:.1f}"] for s in samples]
@@ -416,6 +461,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("Memory: Flask + gunicorn vs one kleinserve process (digits)", flask_table(results)),
         ("RSS stability: batching on, digits, concurrency 64", soak_table(results)),
         ("Per-version hooks: identity pre/post hooks vs none, one server", hooks_table(results)),
+        ("Open Inference Protocol: kleinserve and Triton (PyTriton)", triton_table(results)),
     ):
         if table:
             parts += [f"## {title}", "", table, ""]
