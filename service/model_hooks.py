@@ -21,10 +21,11 @@ logger, ``state`` for what ``setup`` opens, ``metrics`` to declare Prometheus me
 scalars included), or ``bytes`` sent as ``application/octet-stream``.
 
 Where hooks run: never on the reactor thread nor on an inference thread, but on the server's
-``HookPool``: ``--hook_threads`` threads and a bounded wait list (503 past it). A call past the
-request's deadline answers 504 at the deadline and one whose client left is dropped; the
-thread itself is freed when the hook returns (Python cannot stop a thread), so the pool
-recovers from a slow hook but a hook that never returns holds its thread for good.
+``HookPool`` (``service.hook_pool``): ``--hook_threads`` threads and a bounded wait list
+(503 past it). A call past the request's deadline answers 504 at the deadline and one whose
+client left is dropped; the thread itself is freed when the hook returns (Python cannot stop
+a thread), so the pool recovers from a slow hook but a hook that never returns holds its
+thread for good.
 
 A hooks file is code: it runs with the server's rights, so a server with
 ``--enable_model_hooks`` must trust its model store as it trusts its own code. Without the flag
@@ -33,12 +34,9 @@ a hooks file is ignored, with one warning per version.
 
 from __future__ import annotations
 
-import collections
 import importlib.util
 import itertools
-import queue
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -51,7 +49,6 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
@@ -66,6 +63,7 @@ from service.errors import (
     ResourceExhausted,
     ServingError,
 )
+from service.hook_pool import HookPool
 from service.images import form_parts
 from service.servables.base import read_labels
 from service.signature import Signature
@@ -74,9 +72,7 @@ __all__ = [
     "HOOKS_FILE",
     "HookContext",
     "HookMetrics",
-    "HookPool",
     "HookRequest",
-    "HookThreads",
     "ModelHooks",
     "VersionHooks",
 ]
@@ -85,8 +81,6 @@ log = Logger(namespace="service.model_hooks")
 
 HOOKS_FILE = Path("assets.extra", "kleinserve_hooks.py")
 HOOK_FUNCTIONS = ("setup", "teardown", "preprocess", "postprocess", "handle")
-# Hook calls waiting for a thread, per thread of the pool, before a request gets 503.
-WAITING_PER_THREAD = 64
 
 
 def hook_name(hook: str, model: str, version: int) -> str:
@@ -264,162 +258,8 @@ def import_hooks(model: str, version: int, path: Path, servable: Any) -> Version
     return hooks
 
 
-# -- the pool hooks run on -------------------------------------------------------------------
-
-
-class HookPool(Service):
-    """The threads hooks run on: ``threads`` of them, at most ``threads * WAITING_PER_THREAD``
-    calls waiting, each call bounded by its request's deadline and dropped when its client
-    leaves (see the module's docstring for what that means for the thread)."""
-
-    def __init__(
-        self,
-        *,
-        reactor: Any,
-        threads: int,
-        max_waiting: int | None = None,
-        submit: Callable[[Callable[[], Any]], Deferred] | None = None,
-    ) -> None:
-        self._reactor = reactor
-        self._workers = HookThreads(reactor, threads)
-        self._max = max_waiting if max_waiting is not None else threads * WAITING_PER_THREAD
-        # Runs a call on a hook thread, its result a Deferred fired on the reactor (tests
-        # inject their own, to run calls when they choose).
-        self._submit = submit or self._workers.submit
-        self.size = threads
-        self.pending = 0  # calls waiting for a thread or running
-
-    def stopService(self) -> None:
-        super().stopService()
-        self._workers.stop()
-
-    def call(
-        self,
-        what: str,
-        f: Callable[..., Any],
-        *args: Any,
-        deadline: float | None = None,
-        cancelled: Callable[[], bool] = lambda: False,
-    ) -> Deferred:
-        """``f(*args)`` on a hook thread; ``what`` names it in errors ("hook preprocess of …").
-
-        503 when too many calls wait; 504 at ``deadline`` (clock seconds) if it has not
-        returned by then; a call not yet started when its deadline passed or ``cancelled()``
-        turned true is skipped. Cancelling the Deferred abandons the call.
-        """
-        if self.pending >= self._max:
-            raise ResourceExhausted(
-                f"{what}: {self.pending} hook calls are waiting for the {self.size} hook "
-                "threads (--hook_threads); retry later",
-                retry_after=1,
-            )
-        abandoned = False
-
-        def abandon(result: Deferred) -> None:
-            nonlocal abandoned
-            abandoned = True
-
-        def run() -> Any:
-            if abandoned or cancelled():
-                raise _Skipped()
-            return f(*args)
-
-        out: Deferred = Deferred(abandon)
-        self.pending += 1
-        running = self._submit(run)
-        timer = None
-        if deadline is not None:
-
-            def expire() -> None:
-                nonlocal abandoned
-                abandoned = True
-                out.errback(DeadlineExceeded(f"{what} did not return before the deadline"))
-
-            timer = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), expire)
-
-        def finished(result: Any) -> None:
-            self.pending -= 1
-            if timer is not None and timer.active():
-                timer.cancel()
-            if not out.called:
-                out.callback(result) if not isinstance(result, Failure) else out.errback(result)
-            elif isinstance(result, Failure) and not result.check(_Skipped, ServingError):
-                log.failure("{what} failed after its request was answered", result, what=what)
-
-        running.addBoth(finished)
-        return out
-
-
-class HookThreads:
-    """The hook threads: one queue of calls, ``size`` threads taking them, results handed
-    back to the reactor in bunches.
-
-    A thread that finishes a call puts its result on a list and wakes the reactor only if no
-    wake-up is pending, so under load one reactor turn fires many calls' Deferreds. Threads
-    start with the first call. They are daemon threads and ``stop`` does not join them
-    (Twisted's ThreadPool does, on the reactor thread): a hook that never returns can hold
-    neither the server's stop nor the process's exit.
-    """
-
-    def __init__(self, reactor: Any, size: int) -> None:
-        self._reactor = reactor
-        self._size = size
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Deferred] | None] = (
-            queue.SimpleQueue()
-        )
-        self._done: collections.deque[tuple[Deferred, bool, Any]] = collections.deque()
-        self._lock = threading.Lock()
-        self._wake_pending = False
-        self._threads: list[threading.Thread] = []
-
-    def submit(self, f: Callable[[], Any]) -> Deferred:
-        """``f()`` on a hook thread; a Deferred fired on the reactor with what it returned."""
-        if len(self._threads) < self._size:
-            thread = threading.Thread(
-                target=self._work, name=f"model-hooks-{len(self._threads)}", daemon=True
-            )
-            self._threads.append(thread)
-            thread.start()
-        d: Deferred = Deferred()
-        self._calls.put((f, d))
-        return d
-
-    def stop(self) -> None:
-        """Each thread ends after the calls queued before this (none wait for them)."""
-        for _ in self._threads:
-            self._calls.put(None)
-        self._threads = []
-
-    def _work(self) -> None:
-        while (item := self._calls.get()) is not None:
-            f, d = item
-            try:
-                self._done.append((d, True, f()))
-            except BaseException:
-                self._done.append((d, False, Failure()))
-            with self._lock:
-                if self._wake_pending:
-                    continue
-                self._wake_pending = True
-            self._reactor.callFromThread(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            self._wake_pending = False  # before draining: a result added later wakes again
-        while self._done:
-            d, ok, result = self._done.popleft()
-            if ok:
-                d.callback(result)
-            else:
-                d.errback(result)
-
-
 class HooksFailed(Exception):
     """A version's hooks file failed to import, or its ``setup`` raised: the load fails."""
-
-
-class _Skipped(Exception):
-    """A hook call dropped unrun: its request was answered (deadline) or its client left."""
 
 
 # -- the server's hooks: loading, unloading, metrics ------------------------------------------

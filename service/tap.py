@@ -84,10 +84,11 @@ class _Parts:
         from service.dataplane import DataPlane
         from service.decoding import BodyDecoder
         from service.health import Health
+        from service.hook_pool import HookPool
         from service.http import InferenceAPI, InferenceSite
         from service.images import ImageDecoder
         from service.metrics import Metrics
-        from service.model_hooks import HookPool, ModelHooks
+        from service.model_hooks import ModelHooks
         from service.repository import ModelRepository
         from service.servables.registry import load_servable
 

@@ -1043,7 +1043,7 @@ def test_make_service_starts_the_decoder_before_the_port(tmp_path: Path) -> None
     options.parseOptions([f"--model_base_path={tmp_path}", "--listen=tcp:0:interface=127.0.0.1"])
     from service.decoding import BodyDecoder
     from service.grpc_port import GrpcPort
-    from service.model_hooks import HookPool
+    from service.hook_pool import HookPool
     from service.reload import ConfigReloader
 
     children = list(makeService(options))

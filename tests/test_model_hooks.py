@@ -26,12 +26,11 @@ from service.errors import (
     NotFound,
     ResourceExhausted,
 )
+from service.hook_pool import HookPool, HookThreads
 from service.model_hooks import (
     HOOKS_FILE,
-    HookPool,
     HookRequest,
     HooksFailed,
-    HookThreads,
     ModelHooks,
     coerce_inputs,
     hook_failure,
