@@ -14,23 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TITLES = {"digits": "digits CNN", "mobilenet": "MobileNetV2"}
-CONFIG_ORDER = ("off", "on", "on-2t", "on-3t", "on-4t", "empty")
-
-
-def _title(model: str) -> str:
-    return TITLES.get(model, model)
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return "–"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
-
+from scripts.benchmarks.report_peers import hooks_table, peer_ratios, triton_table
+from scripts.benchmarks.tables import CONFIG_ORDER, TITLES
+from scripts.benchmarks.tables import num as _num
+from scripts.benchmarks.tables import table as _table
+from scripts.benchmarks.tables import title as _title
 
 # -- lookups ---------------------------------------------------------------------------------
 
@@ -143,50 +131,8 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             k["rps"],
             "requests/s",
         )
-    hooks = results.get("hooks", [])
-    for row in hooks:
-        if row["hooks"] != "identity":
-            continue
-        plain = next(
-            (
-                r
-                for r in hooks
-                if r["hooks"] == "none"
-                and r["model"] == row["model"]
-                and r["concurrency"] == row["concurrency"]
-            ),
-            None,
-        )
-        if plain is not None:
-            add(
-                f"hooks {_title(row['model'])} c={row['concurrency']}: identity pre/post hooks / "
-                "no hooks",
-                row["rps"],
-                plain["rps"],
-                "requests/s",
-            )
-    peers = results.get("triton", [])
-    for row in peers:
-        if row["server"] != "kleinserve":
-            continue
-        theirs = next(
-            (
-                r
-                for r in peers
-                if r["server"] == "triton"
-                and (r["model"], r["encoding"], r["concurrency"])
-                == (row["model"], row["encoding"], row["concurrency"])
-            ),
-            None,
-        )
-        if theirs is not None:
-            add(
-                f"{row['encoding']} {_title(row['model'])} c={row['concurrency']}: kleinserve / "
-                "Triton (PyTriton)",
-                row["rps"],
-                theirs["rps"],
-                "requests/s",
-            )
+    for name, a, b, unit in peer_ratios(results):
+        add(name, a, b, unit)
     soak = results.get("soak", {})
     if soak.get("samples"):
         samples = soak["samples"]
@@ -218,16 +164,6 @@ def ratio_lines(items: Sequence[dict[str, Any]]) -> list[str]:
 
 
 # -- tables ----------------------------------------------------------------------------------
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*headers), *(fmt.format(*row) for row in rows)])
 
 
 def _sorted_http(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -348,51 +284,6 @@ def flask_table(results: dict[str, Any]) -> str:
         "errors",
     ]
     return _table(headers, rows, True) if rows else ""
-
-
-def hooks_table(results: dict[str, Any]) -> str:
-    rows = results.get("hooks", [])
-    if not rows:
-        return ""
-    return _table(
-        ["model", "hooks", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors"],
-        [
-            [
-                _title(r["model"]),
-                r["hooks"],
-                str(r["concurrency"]),
-                _num(r["rps"]),
-                _num(r["p50_ms"]),
-                _num(r["p99_ms"]),
-                str(r["errors"]),
-            ]
-            for r in rows
-        ],
-        markdown=True,
-    )
-
-
-def triton_table(results: dict[str, Any]) -> str:
-    rows = results.get("triton", [])
-    if not rows:
-        return ""
-    return _table(
-        ["model", "body", "server", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors"],
-        [
-            [
-                _title(r["model"]),
-                r["encoding"],
-                r["server"],
-                str(r["concurrency"]),
-                _num(r["rps"]),
-                _num(r["p50_ms"]),
-                _num(r["p99_ms"]),
-                str(r["errors"]),
-            ]
-            for r in rows
-        ],
-        markdown=True,
-    )
 
 
 def soak_table(results: dict[str, Any]) -> str:
