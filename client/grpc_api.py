@@ -19,7 +19,7 @@ so this protocol does too (it is imported on first use, never by the REST protoc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -28,7 +28,7 @@ from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 
 from client.codec import Outputs, encode_json
-from client.signature import ModelMetadata, SignatureSpec
+from client.signature import ModelMetadata, SignatureSpec, named_inputs
 from client.sources import Sources
 from client.transport import HTTPRequest, HTTPResponse
 from discovery.watch import Backends, BackendSource
@@ -86,13 +86,7 @@ def predict_body(
     if signature_name:
         request.model_spec.signature_name = signature_name
     specs = signature.inputs if signature is not None else {}
-    if not isinstance(inputs, Mapping):
-        if len(specs) != 1:
-            raise TypeError(
-                "give the inputs as a dict of named arrays: the signature has "
-                f"{len(specs) or 'unknown'} inputs"
-            )
-        inputs = {next(iter(specs)): inputs}
+    inputs = named_inputs(inputs, signature)
     for name, value in inputs.items():
         spec = specs.get(name)
         array = np.asarray(value)

@@ -92,3 +92,17 @@ def _tensor(name: str, info: Any) -> TensorSpec:
         sizes = (int(dim.get("size", -1)) for dim in shape_doc.get("dim") or [])
         shape = tuple(None if size < 0 else size for size in sizes)
     return TensorSpec(name, DTYPES.get(str(info.get("dtype"))), shape)
+
+
+def named_inputs(inputs: Any, signature: SignatureSpec | None) -> Mapping[str, Any]:
+    """``inputs`` as a mapping of input name to value: a mapping as it is, one bare value as
+    the signature's only input; TypeError when a bare value cannot be named."""
+    if isinstance(inputs, Mapping):
+        return inputs
+    specs = signature.inputs if signature is not None else {}
+    if len(specs) != 1:
+        raise TypeError(
+            "give the inputs as a dict of named arrays: the signature has "
+            f"{len(specs) or 'unknown'} inputs"
+        )
+    return {next(iter(specs)): inputs}

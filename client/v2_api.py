@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from client.codec import Outputs, encode_json, loads
-from client.signature import DEFAULT_SIGNATURE, ModelMetadata, SignatureSpec, TensorSpec
+from client.signature import (
+    DEFAULT_SIGNATURE,
+    ModelMetadata,
+    SignatureSpec,
+    TensorSpec,
+    named_inputs,
+)
 from client.transport import USER_AGENT, HTTPRequest, HTTPResponse
 from discovery.backends import Backend
 from wire.consul_tags import V2_API_TAG
@@ -102,13 +108,7 @@ def infer_request(
     every output as binary data. ``inputs``: one array (the signature's only input) or a dict
     of named arrays."""
     specs = signature.inputs if signature is not None else {}
-    if not isinstance(inputs, Mapping):
-        if len(specs) != 1:
-            raise TypeError(
-                "give the inputs as a dict of named arrays: the signature has "
-                f"{len(specs) or 'unknown'} inputs"
-            )
-        inputs = {next(iter(specs)): inputs}
+    inputs = named_inputs(inputs, signature)
     tensors, chunks = [], []
     for name, value in inputs.items():
         array = tensor_of(value, specs.get(name))

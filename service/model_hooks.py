@@ -423,11 +423,16 @@ def blocking_predict(
     is_cancelled: Callable[[], bool],
 ) -> Callable[..., dict[str, np.ndarray]]:
     """``handle``'s ``predict``: called on a hook thread, it runs ``run(...)`` on the reactor
-    (through the batching queues) and waits for the outputs; 499 once the client left."""
+    (through the batching queues) and waits for the outputs; 499 once the client left.
+
+    Lists and numbers become arrays here, on the hook thread: what is left for the reactor
+    (the signature's dtype and checks) is numpy's C work, not a walk over Python objects."""
 
     def predict(inputs: Mapping[str, Any], **target: Any) -> dict[str, np.ndarray]:
         if is_cancelled():
             raise Cancelled("the client went away")
+        if isinstance(inputs, Mapping):
+            inputs = {name: np.asarray(value) for name, value in inputs.items()}
         outputs: dict[str, np.ndarray] = blockingCallFromThread(reactor, run, inputs, **target)
         return outputs
 

@@ -208,9 +208,17 @@ def test_hook_threads_run_calls_and_fire_their_deferreds_on_the_reactor() -> Non
 def test_stopping_the_hook_threads_does_not_wait_for_a_stuck_hook() -> None:
     reactor = ThreadReactor()
     threads = HookThreads(reactor, 1)
-    stuck = threading.Event()
-    threads.submit(lambda: stuck.wait(30))
+    started, stuck = threading.Event(), threading.Event()
+
+    def hook() -> None:
+        started.set()
+        stuck.wait(30)
+
+    threads.submit(hook)
+    assert started.wait(30)
     threads.stop()  # returns at once; the daemon thread ends when its hook does
+    running = [t for t in threading.enumerate() if t.name == "model-hooks-0"]
+    assert running and all(t.is_alive() and t.daemon for t in running)
     stuck.set()
 
 

@@ -66,38 +66,23 @@ def peer_ratios(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
 
 
 def hooks_table(results: dict[str, Any]) -> str:
-    rows = results.get("hooks", [])
-    if not rows:
-        return ""
-    return _table(
-        ["model", "hooks", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors"],
-        [
-            [
-                _title(r["model"]),
-                r["hooks"],
-                str(r["concurrency"]),
-                _num(r["rps"]),
-                _num(r["p50_ms"]),
-                _num(r["p99_ms"]),
-                str(r["errors"]),
-            ]
-            for r in rows
-        ],
-        markdown=True,
-    )
+    return _load_table(results.get("hooks", []), ["hooks"], ["hooks"])
 
 
 def triton_table(results: dict[str, Any]) -> str:
-    rows = results.get("triton", [])
+    return _load_table(results.get("triton", []), ["body", "server"], ["encoding", "server"])
+
+
+def _load_table(rows: list[dict[str, Any]], headers: list[str], keys: list[str]) -> str:
+    """One row per load run: the model, ``keys`` (under ``headers``), then its figures."""
     if not rows:
         return ""
     return _table(
-        ["model", "body", "server", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors"],
+        ["model", *headers, "concurrency", "requests/s", "p50 ms", "p99 ms", "errors"],
         [
             [
                 _title(r["model"]),
-                r["encoding"],
-                r["server"],
+                *(str(r[key]) for key in keys),
                 str(r["concurrency"]),
                 _num(r["rps"]),
                 _num(r["p50_ms"]),
