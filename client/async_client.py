@@ -78,7 +78,9 @@ class AsyncInferenceClient:
     attempt waits for an answer before it is cancelled and retried on another server
     (default ``None``: the call's timeout divided by ``max_attempts``; the last attempt
     always gets the rest of the deadline; see ``client.dispatch``). ``balancer`` is
-    ``"p2c"`` (fewest requests in flight of two random backends) or ``"round_robin"``.
+    ``"p2c"`` (fewest requests in flight of two random backends), ``"peak_ewma"`` (of two
+    random backends, the lower answer time for the model times requests in flight + 1;
+    see ``client.balancer``) or ``"round_robin"``.
     ``on_attempt`` hears about every attempt (an ``Attempt``), on the reactor thread.
     ``protocol`` says how ``predict`` (and its signature lookup) travels: ``"auto"`` (the
     default) sends the Open Inference Protocol with binary tensors to each server whose

@@ -335,7 +335,7 @@ class Dispatcher:
             if deadline.remaining(self._clock) <= 0:
                 raise self._deadline_exceeded(model, deadline, failures)
             backends = await self.backends(model, version, deadline)
-            backend = self.balancer.pick(backends, tried)
+            backend = self.balancer.pick(backends, tried, model)
             tried.append(backend_key(backend))
             number += 1
             sent = request if isinstance(request, HTTPRequest) else request(backend)
@@ -400,7 +400,7 @@ class Dispatcher:
             backend.address, backend.port, attrs.evolve(request, headers=headers)
         )
         self.stats.attempts += 1
-        ticket = self.balancer.begin(backend)
+        ticket = self.balancer.begin(backend, model)
         sent_at = now(self._clock)
         expired = False
 

@@ -11,6 +11,7 @@ import email.parser
 import email.policy
 import io
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -1103,3 +1104,117 @@ def test_metric_sum_adds_every_sample_of_one_metric() -> None:
     )
     assert metric_sum(text, "kleinserve_queued_rows") == 5.0
     assert metric_sum(text, "kleinserve_missing") is None
+
+
+# --- Peak-EWMA ---------------------------------------------------------------------------------
+
+
+def answered(
+    balancer: Balancer, clock: task.Clock, backend: Backend, seconds: float, model: str = "m"
+) -> None:
+    """One attempt at ``model`` on ``backend`` that answers after ``seconds``."""
+    ticket = balancer.begin(backend, model)
+    clock.advance(seconds)
+    balancer.end(ticket, healthy=True)
+
+
+def ewma_picks(
+    balancer: Balancer, fleet: tuple[Backend, ...], n: int, model: str = "m"
+) -> dict[Backend, int]:
+    counts = {b: 0 for b in fleet}
+    for _ in range(n):
+        counts[balancer.pick(fleet, model=model)] += 1
+    return counts
+
+
+def test_peak_ewma_sends_idle_calls_to_the_faster_backend() -> None:
+    """At concurrency 1 P2C splits evenly; Peak-EWMA picks the backend that answers faster."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(3), strategy=Strategy.PEAK_EWMA)
+    answered(balancer, clock, A, 0.020)
+    answered(balancer, clock, B, 0.002)
+    assert ewma_picks(balancer, (A, B), 50) == {A: 0, B: 50}
+    p2c = Balancer(clock, random.Random(3), strategy=Strategy.P2C)
+    answered(p2c, clock, A, 0.020)
+    answered(p2c, clock, B, 0.002)
+    assert 0 < ewma_picks(p2c, (A, B), 50)[A] < 50
+
+
+def test_peak_ewma_weighs_latency_by_requests_in_flight() -> None:
+    """A backend twice as fast takes calls until it has about twice as many in flight."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(3), strategy=Strategy.PEAK_EWMA)
+    answered(balancer, clock, A, 0.010)
+    answered(balancer, clock, B, 0.020)
+    in_flight = {A: 0, B: 0}
+    for _ in range(30):
+        backend = balancer.pick((A, B), model="m")
+        balancer.begin(backend, "m")
+        in_flight[backend] += 1
+    # cost = latency * (in flight + 1): A's 10 ms * 21 is about B's 20 ms * 11 at the balance
+    assert in_flight[A] + in_flight[B] == 30 and 19 <= in_flight[A] <= 20
+
+
+def test_a_slow_answer_raises_the_average_at_once_and_it_comes_back_gradually() -> None:
+    """The peak: one slow answer is the new average; faster ones then pull it down over
+    ``decay`` seconds, not at once."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(3), strategy=Strategy.PEAK_EWMA)
+    answered(balancer, clock, A, 0.010)
+    answered(balancer, clock, A, 0.500)
+    assert balancer.latency(A, "m") == pytest.approx(0.500)
+    answered(balancer, clock, A, 0.010)  # 10 ms after the last answer: weight exp(-0.001)
+    assert 0.49 < balancer.latency(A, "m") < 0.5
+    for _ in range(100):  # 1 s of 10 ms answers: a tenth of the time constant
+        answered(balancer, clock, A, 0.010)
+    assert 0.010 < balancer.latency(A, "m") < 0.500 * 0.95
+
+
+def test_an_idle_backends_average_decays_so_a_once_slow_server_is_tried_again() -> None:
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(3), strategy=Strategy.PEAK_EWMA)
+    answered(balancer, clock, A, 0.200)
+    answered(balancer, clock, B, 0.010)
+    assert ewma_picks(balancer, (A, B), 10)[A] == 0
+    clock.advance(10.0 * math.log(0.200 / 0.004))  # A's average decays to 4 ms; B's too
+    answered(balancer, clock, B, 0.010)  # B answers again: its average is 10 ms
+    assert ewma_picks(balancer, (A, B), 10)[A] == 10
+
+
+def test_a_new_backend_gets_one_attempt_until_it_answers() -> None:
+    """No average yet: free while idle, a penalty while its first attempt is in flight."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(3), strategy=Strategy.PEAK_EWMA)
+    answered(balancer, clock, A, 0.050)
+    assert balancer.pick((A, C), model="m") == C
+    first = balancer.begin(C, "m")
+    assert ewma_picks(balancer, (A, C), 10)[C] == 0
+    clock.advance(0.001)
+    balancer.end(first, healthy=True)
+    assert balancer.pick((A, C), model="m") == C
+
+
+def test_answer_times_are_kept_per_model() -> None:
+    """A's big model is slow; that does not keep A's small model's calls away from it."""
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(3), strategy=Strategy.PEAK_EWMA)
+    answered(balancer, clock, A, 0.500, model="big")
+    answered(balancer, clock, B, 0.050, model="big")
+    answered(balancer, clock, A, 0.001, model="small")
+    answered(balancer, clock, B, 0.005, model="small")
+    assert ewma_picks(balancer, (A, B), 10, model="big") == {A: 0, B: 10}
+    assert ewma_picks(balancer, (A, B), 10, model="small") == {A: 10, B: 0}
+
+
+def test_a_quick_failure_never_makes_a_backend_look_faster() -> None:
+    clock = task.Clock()
+    balancer = Balancer(clock, random.Random(3), strategy=Strategy.PEAK_EWMA)
+    answered(balancer, clock, A, 0.100)
+    ticket = balancer.begin(A, "m")
+    clock.advance(0.001)  # connection refused at once
+    balancer.end(ticket, healthy=False)
+    assert balancer.latency(A, "m") == pytest.approx(0.100, rel=1e-3)
+    ticket = balancer.begin(B, "m")
+    clock.advance(2.0)  # a timeout: as slow as it gets
+    balancer.end(ticket, healthy=False)
+    assert balancer.latency(B, "m") == pytest.approx(2.0)
