@@ -179,7 +179,7 @@ async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-def _handled(method: Callable[..., Any]) -> Callable[..., Any]:
+def handled(method: Callable[..., Any]) -> Callable[..., Any]:
     """Answer a ServingError raised on the handler thread with its code, log anything else
     (with the call's request id), and write the call's access-log line.
 
@@ -230,12 +230,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._plane = plane
         self._calls = calls
 
-    @_handled
+    @handled
     def Predict(
         self, request: predict_pb2.PredictRequest, context: Any, record: RequestRecord
     ) -> Any:
         target = target_of(request.model_spec)
-        _note(record, target)
+        note_target(record, target)
         inputs = {name: to_array(proto, name) for name, proto in request.inputs.items()}
         wanted = list(request.output_filter)
         signature_name = request.model_spec.signature_name or None
@@ -247,9 +247,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 record.version = model.version
                 signature = model.signature(signature_name)
                 if model.hooks is not None:  # the version's own Python (service.model_hooks)
-                    outputs = await self._through_hooks(
-                        model, signature.name, inputs, headers, deadline, cancellation, record
-                    )
+                    outputs = await tensors_through_hooks(
+                        model, "Predict", "TF Serving's Predict", signature.name, inputs,
+                        headers, deadline, cancellation, record,
+                    )  # fmt: skip
                     _check_filter(wanted, outputs)
                 else:
                     _check_filter(wanted, signature.outputs)
@@ -268,43 +269,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.outputs[key].CopyFrom(to_proto(outputs[key], key))
         return response
 
-    @staticmethod
-    async def _through_hooks(
-        model: VersionLease,
-        signature_name: str,
-        inputs: dict[str, np.ndarray],
-        headers: dict[str, Any],
-        deadline: float | None,
-        cancellation: Cancellation,
-        record: RequestRecord,
-    ) -> dict[str, np.ndarray]:
-        """Predict through the version's hooks: they get the request's tensors as
-        ``request.inputs`` and answer with tensors, a dict of output name -> array."""
-
-        async def decode(_: Any) -> Decoded:
-            return signature_name, inputs, None
-
-        request = HookRequest(
-            model.name,
-            model.version,
-            "Predict",
-            b"",
-            content_type="application/grpc",
-            headers={k: v for k, v in headers.items() if isinstance(v, str)},
-            inputs=inputs,
-        )
-        outputs: dict[str, np.ndarray] = await model.through_hooks(
-            request,
-            decode=decode,
-            encode=lambda outputs, _: outputs,
-            encode_answer=lambda answer: answer_tensors(answer, "TF Serving's Predict"),
-            deadline=deadline,
-            cancellation=cancellation,
-            queued=record.queued,
-        )
-        return outputs
-
-    @_handled
+    @handled
     def Classify(
         self,
         request: classification_pb2.ClassificationRequest,
@@ -320,7 +285,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         _fill_classifications(response.result, results)
         return response
 
-    @_handled
+    @handled
     def Regress(
         self, request: regression_pb2.RegressionRequest, context: Any, record: RequestRecord
     ) -> Any:
@@ -331,7 +296,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         _fill_regressions(response.result, results)
         return response
 
-    @_handled
+    @handled
     def MultiInference(
         self, request: inference_pb2.MultiInferenceRequest, context: Any, record: RequestRecord
     ) -> Any:
@@ -377,7 +342,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         record: RequestRecord,
     ) -> tuple[str, int, str, Any]:
         target = target_of(spec)
-        _note(record, target)
+        note_target(record, target)
         serialized = examples.serialized_examples(input_)
         signature_name = spec.signature_name or None
 
@@ -400,7 +365,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             return name, version, resolved, examples.classifications(outputs, len(serialized))
         return name, version, resolved, examples.regressions(outputs, len(serialized))
 
-    @_handled
+    @handled
     def GetModelMetadata(
         self,
         request: get_model_metadata_pb2.GetModelMetadataRequest,
@@ -408,7 +373,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         record: RequestRecord,
     ) -> Any:
         target = target_of(request.model_spec)
-        _note(record, target)
+        note_target(record, target)
         if not request.metadata_field:
             raise InvalidArgument(
                 "GetModelMetadataRequest must specify at least one metadata_field"
@@ -444,7 +409,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self._calls = calls
         self._reload = reload
 
-    @_handled
+    @handled
     def GetModelStatus(
         self,
         request: get_model_status_pb2.GetModelStatusRequest,
@@ -452,14 +417,14 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         record: RequestRecord,
     ) -> Any:
         target = target_of(request.model_spec)
-        _note(record, target)
+        note_target(record, target)
         entries = self._calls.call(self._plane.status, target)
         response = get_model_status_pb2.GetModelStatusResponse()
         for entry in entries:
             json_format.ParseDict(entry, response.model_version_status.add())
         return response
 
-    @_handled
+    @handled
     def HandleReloadConfigRequest(
         self,
         request: model_management_pb2.ReloadConfigRequest,
@@ -475,7 +440,46 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         )
 
 
-def _note(record: RequestRecord, target: ModelTarget) -> None:
+async def tensors_through_hooks(
+    model: VersionLease,
+    method: str,
+    protocol: str,
+    signature_name: str,
+    inputs: dict[str, np.ndarray],
+    headers: dict[str, Any],
+    deadline: float | None,
+    cancellation: Cancellation,
+    record: RequestRecord,
+) -> dict[str, np.ndarray]:
+    """Predict through the version's hooks for the gRPC ``method``: they get the request's
+    tensors as ``request.inputs`` and answer with tensors, a dict of output name -> array
+    (``protocol`` names the API in the error for any other answer)."""
+
+    async def decode(_: Any) -> Decoded:
+        return signature_name, inputs, None
+
+    request = HookRequest(
+        model.name,
+        model.version,
+        method,
+        b"",
+        content_type="application/grpc",
+        headers={k: v for k, v in headers.items() if isinstance(v, str)},
+        inputs=inputs,
+    )
+    outputs: dict[str, np.ndarray] = await model.through_hooks(
+        request,
+        decode=decode,
+        encode=lambda outputs, _: outputs,
+        encode_answer=lambda answer: answer_tensors(answer, protocol),
+        deadline=deadline,
+        cancellation=cancellation,
+        queued=record.queued,
+    )
+    return outputs
+
+
+def note_target(record: RequestRecord, target: ModelTarget) -> None:
     """The model (and version, if one is named) a call asks for, for its access-log line."""
     record.model, record.version = target.name, target.version
 

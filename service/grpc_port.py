@@ -1,6 +1,7 @@
 """The gRPC port: grpcio's server, started and stopped with the service tree.
 
-It serves ``service.grpc_api``'s PredictionService and ModelService and the standard
+It serves ``service.grpc_api``'s PredictionService and ModelService, ``service.v2_grpc``'s
+Open Inference Protocol service (``inference.GRPCInferenceService``) and the standard
 ``grpc.health.v1.Health`` service. Health answers SERVING for the server ("") and for
 ``tensorflow.serving.PredictionService`` while the server is ready (every model it must
 serve is AVAILABLE, the inference threads are not stalled, no stop has begun), NOT_SERVING
@@ -25,6 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc
 from twisted.application.service import Service
 from twisted.internet import task
 from twisted.internet.defer import Deferred
@@ -35,6 +37,7 @@ from service.dataplane import DataPlane
 from service.grpc_api import ModelService, PredictionService, ReactorCalls
 from service.lifecycle import EXIT_CANNOT_LISTEN, exit_after_stop
 from service.shutdown import CUT_MARGIN, StopDeadline
+from service.v2_grpc import InferenceService
 
 log = Logger()
 
@@ -46,7 +49,8 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 class GrpcPort(Service):
     """grpcio's server on ``address`` (``host:port``), its handlers on ``threads`` threads.
 
-    ``ready()``: whether health should say SERVING. A handler thread waits while its call is
+    ``ready()``: whether health should say SERVING (and the v2 ServerReady ready);
+    ``live()``: whether the v2 ServerLive says live (both called on the reactor thread). A handler thread waits while its call is
     queued or runs, so ``threads`` bounds the gRPC calls in progress at once; grpcio queues
     the rest.
     """
@@ -59,6 +63,7 @@ class GrpcPort(Service):
         reactor: Any,
         ready: Callable[[], bool],
         reload: Callable[[Any], Awaitable[None]],
+        live: Callable[[], bool] = lambda: True,
         deadline: StopDeadline | None = None,
         threads: int = 64,
         max_receive_bytes: int | None = None,
@@ -88,6 +93,9 @@ class GrpcPort(Service):
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelService(plane, calls, reload), self._server
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(plane, calls, live=live, ready=ready), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._set_health(False)

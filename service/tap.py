@@ -196,6 +196,7 @@ def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
         parts.plane,
         reactor=reactor,
         ready=ready,
+        live=parts.health.alive,
         reload=reload,
         deadline=deadline,
         threads=config.grpc_threads,

@@ -127,7 +127,7 @@ def v2_ready(api: InferenceAPI, request: IRequest) -> bytes:
     return _answer(request, {"ready": True})
 
 
-def _target(name: str, version: str | None) -> ModelTarget:
+def model_target(name: str, version: str | None) -> ModelTarget:
     if version is None:
         return ModelTarget(name)
     number = parse_version(version)
@@ -151,7 +151,7 @@ def signature_name(signatures: Mapping[str, Any]) -> str:
 def v2_model_metadata(
     api: InferenceAPI, request: IRequest, name: str, version: str | None = None
 ) -> bytes:
-    found = api.plane.metadata(_target(name, version))
+    found = api.plane.metadata(model_target(name, version))
     serving(request, found.name, found.version)
     key = signature_name(found.signatures)
     signature = found.signatures.get(key)
@@ -166,13 +166,13 @@ def v2_model_metadata(
             "name": found.name,
             "versions": [str(v) for v in found.versions],
             "platform": found.platform,
-            "inputs": [_tensor_metadata(t) for t in signature.inputs.values()],
-            "outputs": [_tensor_metadata(t) for t in signature.outputs.values()],
+            "inputs": [tensor_metadata(t) for t in signature.inputs.values()],
+            "outputs": [tensor_metadata(t) for t in signature.outputs.values()],
         },
     )
 
 
-def _tensor_metadata(info: TensorInfo) -> dict[str, Any]:
+def tensor_metadata(info: TensorInfo) -> dict[str, Any]:
     """Name, datatype and shape (-1 for an unknown dimension; [-1] for an unknown rank)."""
     shape = [-1] if info.shape is None else [-1 if d is None else d for d in info.shape]
     return {"name": info.name, "datatype": V2_NAMES[info.dtype], "shape": shape}
@@ -183,7 +183,7 @@ def v2_model_ready(
     api: InferenceAPI, request: IRequest, name: str, version: str | None = None
 ) -> bytes:
     """200 once the version (or, without one, some version) is AVAILABLE; 503 before."""
-    target = _target(name, version)
+    target = model_target(name, version)
     try:
         with api.plane.lease(target):
             pass
@@ -196,7 +196,7 @@ def v2_model_ready(
 async def v2_infer(
     api: InferenceAPI, request: server.Request, name: str, version: str | None = None
 ) -> bytes:
-    target = _target(name, version)
+    target = model_target(name, version)
     header_length = _header_length(request)
     deadline = deadline_of(request, api.plane.clock)
     with api.plane.lease(target) as model:  # a swap unloads it only after the answer

@@ -218,6 +218,7 @@ def test_registers_exactly_as_specified_once_the_model_is_loaded(fleet: Fleet) -
             "api:tfserving-rest",
             "api:v2",
             "api:tfserving-grpc",
+            "api:v2-grpc",
             "model:slowstart",
             "model:slowstart:1",
         ]

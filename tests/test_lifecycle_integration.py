@@ -443,7 +443,7 @@ def test_consul_tags_and_meta_follow_the_served_models(
     finally:
         server.stop()
     grpc = {"grpc_port": str(server.grpc_port)}  # every test server serves gRPC too
-    rest_and_grpc = ["api:tfserving-rest", "api:v2", "api:tfserving-grpc"]
+    rest_and_grpc = ["api:tfserving-rest", "api:v2", "api:tfserving-grpc", "api:v2-grpc"]
     assert first == (
         [*rest_and_grpc, "model:a", "model:a:1"],
         {"api": "tfserving-rest", "models": "a:1", **grpc},

@@ -1,8 +1,9 @@
 """The tags and meta a server registers in Consul, which clients select backends by.
 
 Tags: ``api:tfserving-rest`` and ``api:v2`` (the Open Inference Protocol's REST API, on the
-same port), ``api:tfserving-grpc`` on a server that serves TF Serving's gRPC API, then ``model:NAME`` for every model with an AVAILABLE version and
-``model:NAME:V`` for each such version. Meta: ``api`` (``tfserving-rest``), ``models``
+same port); on a server with a gRPC port, ``api:tfserving-grpc`` and ``api:v2-grpc`` (TF
+Serving's and the Open Inference Protocol's gRPC services); then ``model:NAME`` for every model
+with an AVAILABLE version and ``model:NAME:V`` for each such version. Meta: ``api`` (``tfserving-rest``), ``models``
 (``NAME:V,NAME:V,…``, the same versions, as one string a person can read) and, with gRPC,
 ``grpc_port`` (the registration's port is the REST port; gRPC is on the same address).
 """
@@ -15,6 +16,7 @@ API = "tfserving-rest"
 API_TAG = f"api:{API}"
 V2_API_TAG = "api:v2"
 GRPC_API_TAG = "api:tfserving-grpc"
+V2_GRPC_API_TAG = "api:v2-grpc"
 GRPC_PORT = "grpc_port"  # the meta key of the gRPC port
 _MODEL = "model:"
 
@@ -31,7 +33,7 @@ def registration(
     and for the gRPC API when ``grpc_port`` is given."""
     tags, served = [API_TAG, V2_API_TAG], []
     if grpc_port is not None:
-        tags.append(GRPC_API_TAG)
+        tags += [GRPC_API_TAG, V2_GRPC_API_TAG]
     for name, versions in sorted(available.items()):
         numbers = sorted(versions)
         if numbers:
