@@ -274,7 +274,7 @@ def _from_contents(tensor: Any, datatype: str, shape: tuple[int, ...], where: st
     # Read at the field's own width (int32/int64 fields as int64, uint32/uint64 as uint64),
     # then checked against the datatype's range before narrowing.
     wide_type = {"f": np.float64, "i": np.int64, "u": np.uint64, "b": np.bool_}[dtype.kind]
-    wide = np.array(list(values), dtype=wide_type)
+    wide: np.ndarray = np.array(list(values), dtype=wide_type)
     if dtype.kind in "iu" and wide.size:
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
