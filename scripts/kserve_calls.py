@@ -1,11 +1,12 @@
 """KServe's own Python client (``kserve.InferenceRESTClient``, protocol v2) against a server.
 
 Run in KServe's environment (``.peers/kserve/venv``) by ``scripts/kserve_check.py``, never in
-the project's: ``python scripts/kserve_calls.py BASE_URL INPUTS.npz OUT.json``. It asks
+the project's: ``python scripts/kserve_calls.py BASE_URL GRPC_TARGET INPUTS.npz OUT.json``. It asks
 liveness, readiness and model readiness, infers the ``dtypes`` model (every input echoed)
 with the inputs of ``INPUTS.npz`` twice -- binary tensors both ways and JSON (FP16 binary even then:
 the client sends no FP16 as JSON) -- and the ``strings``
-model once, then asks for a model that does not exist. It writes what came back, arrays as
+model once, then asks for a model that does not exist; then the same over gRPC with
+``kserve.InferenceGRPCClient`` (the inputs as raw contents and as typed contents). It writes what came back, arrays as
 ``.npy`` files beside ``OUT.json``, for the driver to compare.
 """
 
@@ -17,9 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.infer_type import RequestedOutput
 
 V2_OF = {
@@ -29,7 +31,7 @@ V2_OF = {
 }  # fmt: skip
 
 
-def request(arrays: dict[str, np.ndarray], binary: bool) -> InferRequest:
+def request(arrays: dict[str, np.ndarray], binary: bool, model: str = "dtypes") -> InferRequest:
     inputs = []
     for name, array in arrays.items():
         tensor = InferInput(name, list(array.shape), V2_OF[array.dtype.name])
@@ -41,8 +43,31 @@ def request(arrays: dict[str, np.ndarray], binary: bool) -> InferRequest:
         RequestedOutput(f"out_{name.removeprefix('in_')}", {"binary_data": True}) for name in arrays
     ]
     return InferRequest(
-        model_name="dtypes", infer_inputs=inputs, request_outputs=outputs if binary else None
+        model_name=model, infer_inputs=inputs, request_outputs=outputs if binary else None
     )
+
+
+async def grpc_calls(target: str, arrays: dict[str, np.ndarray], out: Path) -> dict[str, Any]:
+    client = InferenceGRPCClient(target, timeout=30)
+    found: dict[str, Any] = {
+        "server_live": await client.is_server_live(),
+        "server_ready": await client.is_server_ready(),
+        "model_ready": await client.is_model_ready("dtypes"),
+    }
+    answer = await client.infer(request(arrays, True))
+    for output in answer.outputs:
+        np.save(out.parent / f"grpc-raw-{output.name}.npy", output.as_numpy(), allow_pickle=True)
+    # Typed contents (``fp32_contents`` …), on ``multi``: ``dtypes`` takes an FP16 input,
+    # which has no typed field.
+    typed = {"a": np.array([[1.5, 2.0]], np.float32), "b": np.array([3], np.int64)}
+    answer = await client.infer(request(typed, False, model="multi"))
+    found["typed"] = {o.name: o.as_numpy().tolist() for o in answer.outputs}
+    try:
+        await client.infer(InferRequest(model_name="no-such-model", infer_inputs=[]))
+    except grpc.aio.AioRpcError as e:
+        found["missing_model"] = {"code": e.code().name, "message": e.details()}
+    await client.close()
+    return found
 
 
 async def calls(base: str, arrays: dict[str, np.ndarray], out: Path) -> dict[str, Any]:
@@ -83,10 +108,11 @@ async def calls(base: str, arrays: dict[str, np.ndarray], out: Path) -> dict[str
 
 
 def main() -> None:
-    base, inputs, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    base, target, inputs, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
     with np.load(inputs, allow_pickle=True) as loaded:
         arrays = {name: loaded[name] for name in loaded.files}
     found = asyncio.run(calls(base, arrays, out))
+    found["grpc"] = asyncio.run(grpc_calls(target, arrays, out))
     out.write_text(json.dumps(found, indent=1))
 
 

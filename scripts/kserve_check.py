@@ -2,7 +2,8 @@
 
 ``scripts/kserve-check`` runs this with the project's environment. It makes the ``dtypes``
 and ``strings`` test models (``tests/models.py``), serves them from a real ``twistd``, runs
-``scripts/kserve_calls.py`` in KServe's environment (``.peers/kserve/venv``: the ``kserve``
+``scripts/kserve_calls.py`` in KServe's environment (its REST and gRPC clients; the gRPC one sends raw contents, and typed contents to
+``multi``) (``.peers/kserve/venv``: the ``kserve``
 package brings Kubernetes' client, FastAPI, uvicorn, pandas, grpcio-tools and about 60 more
 packages, 450 MB, so it is not in the project's test dependencies), and compares what the
 client got with what was sent: every dtype echoed exactly, over binary tensors and JSON.
@@ -56,7 +57,22 @@ def checks(found: dict, arrays: dict[str, np.ndarray], out: Path) -> list[tuple[
             found["strings"] == {"length": [6, 2], "upper_bytes": ["KSERVE", "é"]},
         ),
     ]
-    for way in ("binary", "json"):
+    grpc = found["grpc"]
+    results += [
+        ("gRPC: server live", grpc["server_live"] is True),
+        ("gRPC: server ready", grpc["server_ready"] is True),
+        ("gRPC: model ready", grpc["model_ready"] is True),
+        (
+            "gRPC: typed contents (fp32_contents, int64_contents) read",
+            grpc["typed"] == {"sum": [[4.5, 5.0]], "count": [6]},
+        ),
+        (
+            "gRPC: a missing model's infer is NOT_FOUND with the server's message",
+            grpc.get("missing_model", {}).get("code") == "NOT_FOUND"
+            and "no-such-model" in grpc["missing_model"]["message"],
+        ),
+    ]
+    for way in ("binary", "json", "grpc-raw"):
         for name, sent in arrays.items():
             output = f"out_{name.removeprefix('in_')}"
             got = np.load(out / f"{way}-{output}.npy", allow_pickle=True)
@@ -80,12 +96,13 @@ def main() -> int:
         root = Path(tmp)
         models.make_all_dtypes(root / "dtypes")
         models.make_strings(root / "strings")
+        models.make_multi_io(root / "multi")
         config = root / "models.config"
         config.write_text(
             "model_config_list {\n"
             + "".join(
                 f"  config {{ name: '{n}' base_path: '{root / n}' model_platform: 'tensorflow' }}\n"
-                for n in ("dtypes", "strings")
+                for n in ("dtypes", "strings", "multi")
             )
             + "}\n"
         )
@@ -98,7 +115,7 @@ def main() -> int:
             server.wait_ready()
             subprocess.run(
                 [str(KSERVE_PYTHON), str(REPO / "scripts" / "kserve_calls.py"), server.url,
-                 str(root / "inputs.npz"), str(out / "found.json")],
+                 server.grpc_target, str(root / "inputs.npz"), str(out / "found.json")],
                 check=True,
             )  # fmt: skip
         finally:
