@@ -1,16 +1,23 @@
-"""The Kubernetes manifest's server for real: a twistd started with the Deployment's flags
-(as far as they apply on this machine) and its ConfigMap's files, asked each probe's path."""
+"""deploy/ for real where this machine can: a twistd started with the Kubernetes Deployment's
+flags (as far as they apply here) and its ConfigMap's files, asked each probe's path; and a
+server registering under deploy/consul's ACL policy with a real agent denying by default."""
 
 from __future__ import annotations
 
+import json
 import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness.consul import CONSUL_BINARY, ConsulAgent
+from harness.ports import free_port
 from harness.twistd import TwistdServer, poll
 from tests import deploy_files as files
+from tests import models
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +120,91 @@ def test_readiness_fails_through_the_drain_while_liveness_holds(manifest_server)
 
     assert poll(read, lambda seen: seen[0] != 200, timeout=30) == (503, 200)
     assert server.process.wait(60) == -signal.SIGTERM
+
+
+# -- the Consul ACL policy -------------------------------------------------------------------
+
+MASTER_TOKEN = "deploy-test-master-token"
+
+
+class AclAgent(ConsulAgent):
+    """A dev agent with ACLs on and denying by default, as deploy/consul/client-agent.hcl."""
+
+    def command(self) -> list[str]:
+        acl = (
+            'acl { enabled = true, default_policy = "deny", '
+            f'tokens {{ master = "{MASTER_TOKEN}", agent = "{MASTER_TOKEN}" }} }}'
+        )
+        return [*super().command(), "-hcl", acl]
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """A request with the master token (the harness's readbacks send none)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://{self.http_addr}{path}",
+            data,
+            method=method,
+            headers={"X-Consul-Token": MASTER_TOKEN},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+
+
+@pytest.fixture
+def acl_agent(tmp_path):
+    """A running AclAgent, killed after the test."""
+    if not CONSUL_BINARY.exists():
+        pytest.skip(f"no consul binary at {CONSUL_BINARY}: run scripts/bootstrap to install it")
+    agent = AclAgent(CONSUL_BINARY, tmp_path)
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop(kill=True)
+
+
+def policy_token(agent: AclAgent) -> str:
+    """A token of deploy/consul/inference-policy.hcl, made as its comment says."""
+    rules = (files.DEPLOY / "consul" / "inference-policy.hcl").read_text()
+    status, answer = agent.call("PUT", "/v1/acl/policy", {"Name": "inference", "Rules": rules})
+    assert status == 200, answer
+    status, answer = agent.call("PUT", "/v1/acl/token", {"Policies": [{"Name": "inference"}]})
+    assert status == 200, answer
+    secret: str = answer["SecretID"]
+    return secret
+
+
+def test_the_server_policy_lets_a_server_register_and_pass(
+    acl_agent, tmp_path, monkeypatch
+) -> None:
+    """With a token of the server ACL policy (CONSUL_HTTP_TOKEN) and ACLs denying by default,
+    a server on all interfaces without --advertise (the case that needs most: it reads the
+    agent's own address before it registers) registers and its checks turn passing."""
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", policy_token(acl_agent))
+    models.make_linear(tmp_path / "linear")
+    port = free_port()
+    server = TwistdServer(
+        [
+            f"--rest_api_port={port}",  # all interfaces; no --advertise
+            "--model_name=linear",
+            f"--model_base_path={tmp_path / 'linear'}",
+            f"--consul={acl_agent.http_addr}",
+            "--consul_check_interval=1",
+            "--drain_delay=1",
+        ],
+        tmp_path,
+        port=port,
+    ).start()
+    try:
+        server.wait_ready()
+
+        def passing() -> Any:
+            return acl_agent.call("GET", "/v1/health/service/inference?passing")
+
+        status, entries = poll(passing, lambda seen: seen[0] == 200 and bool(seen[1]), timeout=60)
+        assert status == 200 and [e["Service"]["Port"] for e in entries] == [port], server.log()
+    finally:
+        server.stop()
