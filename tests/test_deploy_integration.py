@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 
 from harness.consul import CONSUL_BINARY, ConsulAgent
-from harness.ports import free_port
 from harness.twistd import TwistdServer, poll
 from tests import deploy_files as files
-from tests import models
+from tests.test_consul_address_integration import all_interfaces_server
 
 pytestmark = pytest.mark.integration
 
@@ -184,20 +183,7 @@ def test_the_server_policy_lets_a_server_register_and_pass(
     a server on all interfaces without --advertise (the case that needs most: it reads the
     agent's own address before it registers) registers and its checks turn passing."""
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", policy_token(acl_agent))
-    models.make_linear(tmp_path / "linear")
-    port = free_port()
-    server = TwistdServer(
-        [
-            f"--rest_api_port={port}",  # all interfaces; no --advertise
-            "--model_name=linear",
-            f"--model_base_path={tmp_path / 'linear'}",
-            f"--consul={acl_agent.http_addr}",
-            "--consul_check_interval=1",
-            "--drain_delay=1",
-        ],
-        tmp_path,
-        port=port,
-    ).start()
+    server = all_interfaces_server(tmp_path, acl_agent.http_addr)
     try:
         server.wait_ready()
 
@@ -205,6 +191,8 @@ def test_the_server_policy_lets_a_server_register_and_pass(
             return acl_agent.call("GET", "/v1/health/service/inference?passing")
 
         status, entries = poll(passing, lambda seen: seen[0] == 200 and bool(seen[1]), timeout=60)
-        assert status == 200 and [e["Service"]["Port"] for e in entries] == [port], server.log()
+        assert status == 200 and [e["Service"]["Port"] for e in entries] == [server.port], (
+            server.log()
+        )
     finally:
         server.stop()
