@@ -509,6 +509,8 @@ def _listen(port: int | None, listen: str | None) -> str:
         raise usage.UsageError(f"--rest_api_port must be between 0 and 65535, not {port}")
     if listen is None:
         listen = f"tcp:{DEFAULT_PORT if port is None else port}"
+    if not listen.strip():  # e.g. --listen=${LISTEN} with LISTEN unset (deploy/systemd)
+        raise usage.UsageError("--listen is empty: give an endpoint, e.g. tcp:8501")
     return listen
 
 

@@ -28,21 +28,28 @@ def test_a_server_on_all_interfaces_registers_the_agents_address(tmp_path: Path)
         consul_agent.stop(kill=True)
 
 
-def serve_on_all_interfaces(tmp_path: Path, consul_agent: ConsulAgent) -> None:
+def all_interfaces_server(tmp_path: Path, consul_http_addr: str) -> TwistdServer:
+    """A started server of the linear test model on all interfaces (``--rest_api_port``),
+    registering through the agent at ``consul_http_addr`` without ``--advertise``."""
     models.make_linear(tmp_path / "linear")
     port = free_port()
-    server = TwistdServer(
+    return TwistdServer(
         [
             f"--rest_api_port={port}",  # all interfaces; no --advertise
             "--model_name=linear",
             f"--model_base_path={tmp_path / 'linear'}",
-            f"--consul={consul_agent.http_addr}",
+            f"--consul={consul_http_addr}",
             "--consul_check_interval=1",
             "--drain_delay=1",
         ],
         tmp_path,
         port=port,
     ).start()
+
+
+def serve_on_all_interfaces(tmp_path: Path, consul_agent: ConsulAgent) -> None:
+    server = all_interfaces_server(tmp_path, consul_agent.http_addr)
+    port = server.port
     try:
         server.wait_ready()
         status, _, agent = consul_agent.get("/v1/agent/self")

@@ -110,6 +110,7 @@ def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
         (("--model_base_path=/nonexistent/x",), "is not a folder"),
         (("--model_base_path={tmp}", "--rest_api_port=70000"), "between 0 and 65535"),
         (("--model_base_path={tmp}", "--rest_api_port=1", "--listen=tcp:2"), "not both"),
+        (("--model_base_path={tmp}", "--listen="), "--listen is empty"),
         (("--model_base_path={tmp}", "--model_name=a/b"), "may not contain"),
         (("--model_base_path={tmp}", "--max_request_bytes=0"), "must be positive"),
         (("--model_base_path={tmp}", "--request_header_timeout=0"), "timeout must be positive"),
