@@ -79,14 +79,15 @@ class Metrics:
         )
         self.threads_busy = Gauge(
             "kleinserve_inference_threads_busy",
-            "Inference threads running a batch of the signature's queue",
+            "Batches of the signature's queue running on (or handed to) the version's "
+            "inference threads",
             labels,
             registry=self.registry,
         )
         self.threads = Gauge(
             "kleinserve_inference_threads",
-            "Inference threads the signature's queue may run batches on (num_batch_threads)",
-            labels,
+            "Inference threads of the model version (num_batch_threads), shared by its signatures",
+            ("model", "version"),
             registry=self.registry,
         )
         self.model_loads = Counter(
@@ -114,7 +115,7 @@ class Metrics:
         labels = (model, str(version), signature)
         self.queued_rows.labels(*labels).set_function(lambda: queue.queued_rows)
         self.threads_busy.labels(*labels).set_function(lambda: queue.busy_threads)
-        self.threads.labels(*labels).set(queue.params.num_batch_threads)
+        self.threads.labels(model, str(version)).set(queue.params.num_batch_threads)
 
     def forget(self, model: str, version: int, signature: str) -> None:
         """Drop an unloaded version's series: they would report it forever, and hold its queue."""
@@ -122,7 +123,6 @@ class Metrics:
         for metric in (
             self.queued_rows,
             self.threads_busy,
-            self.threads,
             self.batch_size,
             self.padded_batch_size,
             self.queue_seconds,
@@ -133,6 +133,10 @@ class Metrics:
                 metric.remove(*labels)
             except KeyError:  # never observed
                 pass
+        try:
+            self.threads.remove(model, str(version))
+        except KeyError:  # removed with the version's other signature
+            pass
 
 
 class _VersionStates(Collector):

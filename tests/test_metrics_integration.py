@@ -171,7 +171,7 @@ def test_queue_wait_and_batch_size_are_per_model_version(
     )
     assert samples(text, "kleinserve_queue_seconds_count")[key] >= ran
     assert samples(text, "kleinserve_batch_size_sum")[key] >= ran
-    assert samples(text, "kleinserve_inference_threads")[key] >= 1
+    assert samples(text, "kleinserve_inference_threads")[labels(model="linear", version="1")] >= 1
     assert key in samples(text, "kleinserve_inference_threads_busy")
 
 

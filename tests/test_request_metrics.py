@@ -3,6 +3,8 @@ closed label sets, series dropped on unload, and the Site counting what its acce
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
@@ -36,8 +38,12 @@ def text_of(registry: CollectorRegistry) -> str:
     return generate_latest(registry).decode()
 
 
-def test_the_api_and_method_labels_are_small_closed_sets() -> None:
-    """Each front door and call maps to one of the documented values."""
+def test_the_readme_documents_every_label_value() -> None:
+    """Each api and method value, each gRPC method counted and both placeholders are named
+    in the README's metrics section: the closed sets are documented as they are."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Metrics") :]
+    section = section[: section.index("\n### ")]
     assert API_VALUES == {
         "tfserving_rest",
         "tfserving_grpc",
@@ -45,16 +51,14 @@ def test_the_api_and_method_labels_are_small_closed_sets() -> None:
         "image_upload",
         "hooks_invoke",
     }
-    assert METHOD_VALUES == {
-        "predict",
-        "classify",
-        "regress",
-        "multi_inference",
-        "infer",
-        "classify_image",
-        "invoke",
+    for value in (*API_VALUES, *METHOD_VALUES, UNKNOWN_MODEL, NO_VERSION):
+        assert f"`{value}`" in section, value
+    assert "PredictionService" in section and set(GRPC_METHODS) == {
+        "Predict",
+        "Classify",
+        "Regress",
+        "MultiInference",
     }
-    assert set(GRPC_METHODS) == {"Predict", "Classify", "Regress", "MultiInference"}
 
 
 def test_labels_name_only_configured_models_and_loaded_versions() -> None:
@@ -182,8 +186,8 @@ def test_one_site_counts_each_request_under_its_labels() -> None:
 
 
 def test_inference_threads_are_exported_per_queue_and_dropped_on_unload() -> None:
-    """Busy and total inference threads of a queue show under its model, version and
-    signature until the version is forgotten."""
+    """A queue's busy threads show under its model, version and signature, the version's
+    threads under its model and version, until the version is forgotten."""
     metrics = Metrics()
     queue = BatchingQueue(
         lambda inputs: inputs,
@@ -194,7 +198,7 @@ def test_inference_threads_are_exported_per_queue_and_dropped_on_unload() -> Non
     metrics.watch_queue("m", 2, "serving_default", queue)
     text = text_of(metrics.registry)
     key = labels(model="m", version="2", signature="serving_default")
-    assert samples(text, "kleinserve_inference_threads") == {key: 3}
+    assert samples(text, "kleinserve_inference_threads") == {labels(model="m", version="2"): 3}
     assert samples(text, "kleinserve_inference_threads_busy") == {key: 0}
     metrics.forget("m", 2, "serving_default")
     text = text_of(metrics.registry)
