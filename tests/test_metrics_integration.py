@@ -7,8 +7,10 @@ and every metric the Grafana dashboard queries is one the server exports.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -210,3 +212,59 @@ def test_a_scrape_is_valid_prometheus_text(server: TwistdServer) -> None:
 
     names = [family.name for family in text_string_to_metric_families(scrape(server))]
     assert len(names) == len(set(names)) and "kleinserve_model_requests" in names
+
+
+@pytest.fixture(scope="module")
+def swapping(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TwistdServer, Path]]:
+    """A server of linear version 1 that scans its folder every 0.5 s; version 2 waits in
+    a staging folder of its own."""
+    root = tmp_path_factory.mktemp("swap")
+    models.make_linear(root / "linear", version=1)
+    models.make_linear(root / "staging", version=2, scale=2)
+    started = TwistdServer(
+        [
+            "--model_name=linear",
+            f"--model_base_path={root / 'linear'}",
+            "--file_system_poll_wait_seconds=0.5",
+            "--enable_batching",
+        ],
+        tmp_path_factory.mktemp("logs"),
+    ).start()
+    try:
+        yield started.wait_ready(), root
+    finally:
+        started.stop()
+
+
+def versions_in(text: str, name: str) -> set[str]:
+    return {dict(key)["version"] for key in samples(text, name)}
+
+
+def test_an_unloaded_version_leaves_metrics(swapping: tuple[TwistdServer, Path]) -> None:
+    """Once version 2 has taken over and version 1 has unloaded, no request, queue or thread
+    series names version 1 any more; requests are counted under version 2."""
+    server, root = swapping
+    assert server.post_json("/v1/models/linear:predict", PREDICT)[0] == 200
+    text = scrape(server)
+    assert versions_in(text, "kleinserve_model_requests_total") == {"1"}
+    shutil.copytree(root / "staging" / "2", root / "linear" / "2")  # as a user does
+
+    def states() -> dict[str, str]:
+        doc = server.get("/v1/models/linear")[1]
+        return {s["version"]: s["state"] for s in doc["model_version_status"]}
+
+    poll(states, lambda found: found == {"2": "AVAILABLE", "1": "END"}, timeout=60)
+    assert server.post_json("/v1/models/linear:predict", PREDICT)[0] == 200
+    text = scrape(server)
+    assert samples(text, "kleinserve_model_requests_total") == {
+        labels(model="linear", version="2", code="200", **REST): 1
+    }
+    for name in (
+        "kleinserve_model_request_seconds_count",
+        "kleinserve_queue_seconds_count",
+        "kleinserve_batch_size_count",
+        "kleinserve_queued_rows",
+        "kleinserve_inference_threads_busy",
+        "kleinserve_inference_threads",
+    ):
+        assert versions_in(text, name) == {"2"}, name
