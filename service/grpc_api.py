@@ -53,6 +53,7 @@ from service.access_log import entry as access_entry
 from service.dataplane import Cancellation, DataPlane, Decoded, ModelTarget, VersionLease
 from service.errors import Cancelled, InvalidArgument, ServingError
 from service.model_hooks import HookRequest, answer_tensors
+from service.request_metrics import GRPC_METHODS, ModelRequestMetrics
 from service.tensor_proto import to_array, to_proto
 from wire.http import REQUEST_ID_HEADER
 
@@ -99,9 +100,15 @@ class ReactorCalls:
     """Runs a data plane coroutine on the reactor for a gRPC handler thread, and waits; and
     files each call under a request id and in the access log (``begin``, ``finished``)."""
 
-    def __init__(self, reactor: Any, access_log: AccessLog | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        access_log: AccessLog | None = None,
+        model_requests: ModelRequestMetrics | None = None,
+    ) -> None:
         self._reactor = reactor
         self._access_log = access_log or AccessLog("off")
+        self._model_requests = model_requests
 
     def begin(self, context: grpc.ServicerContext) -> RequestRecord:
         """The record of a call that has just arrived: its id (sent back at once as trailing
@@ -128,23 +135,36 @@ class ReactorCalls:
         bytes_in: int,
         bytes_out: int,
     ) -> None:
-        """Write the call's access-log line (on the reactor thread, as every other line)."""
-        if not self._access_log.enabled:
+        """Count an inference call under its model (``service.request_metrics``) and write
+        the call's access-log line, both on the reactor thread, as for every HTTP request."""
+        finished = self._reactor.seconds()
+        method = path.rpartition("/")[2]
+        api = GRPC_METHODS.get(method) if self._model_requests is not None else None
+        fields = None
+        if self._access_log.enabled:
+            fields = access_entry(
+                record,
+                finished=finished,
+                peer=peer_of(context),
+                method=b"POST",
+                path=path.encode(),
+                route=method,
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                protocol="grpc",
+                grpc_status=code.name,
+            )
+        if api is None and fields is None:
             return
-        fields = access_entry(
-            record,
-            finished=self._reactor.seconds(),
-            peer=peer_of(context),
-            method=b"POST",
-            path=path.encode(),
-            route=path.rpartition("/")[2],
-            status=status,
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
-            protocol="grpc",
-            grpc_status=code.name,
-        )
-        self._reactor.callFromThread(self._access_log.write, fields)
+        observed = (api, record.model, record.version, status, finished - record.started)
+        self._reactor.callFromThread(self._answered, observed, fields)
+
+    def _answered(self, observed: tuple[Any, ...], fields: dict[str, Any] | None) -> None:
+        if observed[0] is not None and self._model_requests is not None:
+            self._model_requests.observe(*observed)
+        if fields is not None:
+            self._access_log.write(fields)
 
     def run(
         self,

@@ -36,6 +36,7 @@ from service.access_log import AccessLog
 from service.dataplane import DataPlane
 from service.grpc_api import ModelService, PredictionService, ReactorCalls
 from service.lifecycle import EXIT_CANNOT_LISTEN, exit_after_stop
+from service.request_metrics import ModelRequestMetrics
 from service.shutdown import CUT_MARGIN, StopDeadline
 from service.v2_grpc import InferenceService
 
@@ -69,6 +70,7 @@ class GrpcPort(Service):
         max_receive_bytes: int | None = None,
         exit: Callable[[int], object] | None = None,
         access_log: AccessLog | None = None,
+        model_requests: ModelRequestMetrics | None = None,
     ) -> None:
         self.address = address
         self._reactor = reactor
@@ -87,7 +89,7 @@ class GrpcPort(Service):
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
             options=options,
         )
-        calls = ReactorCalls(reactor, access_log)
+        calls = ReactorCalls(reactor, access_log, model_requests)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionService(plane, calls), self._server
         )

@@ -42,7 +42,7 @@ received or decoded count against one ``RequestBudget`` (``service.budget``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
@@ -139,16 +139,21 @@ class InferenceAPI:
 
     def route_label(self, method: bytes, path: bytes) -> str:
         """The label of the route a request line would take (for one refused before routing)."""
+        return self.route_of(method, path)[0]
+
+    def route_of(self, method: bytes, path: bytes) -> tuple[str, Mapping[str, Any]]:
+        """The label of the route a request line would take, and its URL arguments (the
+        model a refused request named: ``service.http_request.note_target``)."""
         adapter = self.app.url_map.bind("server")
         try:
-            endpoint, _ = adapter.match(
+            endpoint, args = adapter.match(
                 unquote(path.decode("latin-1"), errors="replace"),
                 method=method.decode("latin-1"),
             )
         except (HTTPException, MalformedPath):
-            return OTHER_ROUTE
+            return OTHER_ROUTE, {}
         label: str = getattr(self.app.endpoints[endpoint], "route_label", OTHER_ROUTE)
-        return label
+        return label, args
 
     def _deadline(self, request: IRequest) -> float | None:
         """The client's deadline (``X-Request-Deadline-Ms``) as clock time."""

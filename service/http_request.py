@@ -4,7 +4,7 @@ Shared by TF Serving's REST routes (``service.http``) and the Open Inference Pro
 (``service.v2``), which are routes of the same Klein application on the same Site:
 
 - ``counted``: the ``route`` label a request is counted under (kleinserve_requests_total);
-- ``record_of``, ``request_id_of``, ``serving``: the request's access-log record
+- ``record_of``, ``request_id_of``, ``note_target``, ``serving``: the request's access-log record
   (``service.access_log``) and id, and what a route notes in it: the model and version that
   answer, and the record the batching queue fills (queue wait, batch size);
 - ``cancellation_of``: a ``Cancellation`` set when the client goes away before its answer;
@@ -62,17 +62,24 @@ def counted(label: str) -> Callable[[Handler], Handler]:
             request.route_label = label  # type: ignore[attr-defined]
             record = record_of(request)
             if record is not None:  # the model the URL names, for a request that fails early
-                target, name = kwargs.get("target"), kwargs.get("name")
-                if isinstance(target, ModelTarget):
-                    record.model, record.version = target.name, target.version
-                elif isinstance(name, str):
-                    record.model = name
+                note_target(record, kwargs)
             return handler(self, request, *args, **kwargs)
 
         route.route_label = label  # type: ignore[attr-defined]
         return cast(Handler, route)
 
     return mark
+
+
+def note_target(record: RequestRecord, route_args: Mapping[str, Any]) -> None:
+    """Note the model (and version) a route's URL arguments name in the request's record:
+    a ``target`` (TF Serving's URLs) or a ``name`` (the v2 URLs; their version is parsed
+    by the route)."""
+    target, name = route_args.get("target"), route_args.get("name")
+    if isinstance(target, ModelTarget):
+        record.model, record.version = target.name, target.version
+    elif isinstance(name, str):
+        record.model = name
 
 
 def record_of(request: IRequest) -> RequestRecord | None:

@@ -20,7 +20,9 @@ from service.access_log import AccessLog, RequestRecord, entry, peer_of
 from service.budget import BodyHold, RequestBudget
 from service.errors import ServingError, Unavailable
 from service.http_limits import BodyBuffer, LimitedHTTPChannel, content_coding
+from service.http_request import note_target
 from service.lifecycle import InFlight
+from service.request_metrics import HTTP_ROUTES
 
 if TYPE_CHECKING:
     from service.http import InferenceAPI
@@ -165,7 +167,8 @@ class InferenceSite(server.Site):
         self.request_header_timeout = request_header_timeout
         self.access_log = access_log or AccessLog("off")
         self._requests = api.metrics.requests
-        self._route_label = api.route_label
+        self._model_requests = api.metrics.model_requests
+        self._route_of = api.route_of
         self.in_flight = in_flight or InFlight()
         self.budget = budget or RequestBudget(4 * max_body_bytes)
         api.metrics.request_body_bytes.set_function(lambda: self.budget.held)
@@ -224,16 +227,25 @@ class InferenceSite(server.Site):
 
     def log(self, request: Any) -> None:
         """Count each answered request under the label of the route that took it
-        (``"other"`` when none did), and write its access-log line (Twisted's own
-        access-log line is not written)."""
+        (``"other"`` when none did) and, an inference request, under its model
+        (``service.request_metrics``, from its access-log record); and write its access-log
+        line (Twisted's own access-log line is not written)."""
         label = getattr(request, "route_label", OTHER_ROUTE)
         self._requests.labels(label, str(request.code)).inc()
         record = getattr(request, "record", None)  # None: not a BoundedRequest
-        if self.access_log.enabled and record is not None:
+        if record is None:
+            return
+        finished = self.reactor.seconds()
+        api = HTTP_ROUTES.get(label)
+        if api is not None:
+            self._model_requests.observe(
+                api, record.model, record.version, request.code, finished - record.started
+            )
+        if self.access_log.enabled:
             self.access_log.write(
                 entry(
                     record,
-                    finished=self.reactor.seconds(),
+                    finished=finished,
                     peer=peer_of(request.getClientAddress()),
                     method=request.method,
                     path=request.path,
@@ -260,15 +272,23 @@ class InferenceSite(server.Site):
 
         No route ran, so its label is a best effort: the route the request line's method and
         path match in the application's own route table, ``"other"`` when none does (or
-        the line never arrived whole).
+        the line never arrived whole); the model and version its URL names are noted too.
         """
-        label = self._route_label(method, path)
+        label, args = self._route_of(method, path)
         self._requests.labels(label, str(status)).inc()
+        if record.model is None:
+            note_target(record, args)
+        finished = self.reactor.seconds()
+        api = HTTP_ROUTES.get(label)
+        if api is not None:
+            self._model_requests.observe(
+                api, record.model, record.version, status, finished - record.started
+            )
         if self.access_log.enabled:
             self.access_log.write(
                 entry(
                     record,
-                    finished=self.reactor.seconds(),
+                    finished=finished,
                     peer=peer_of(peer),
                     method=method,
                     path=path,

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.batching import BatchingQueue, BatchRecord
+from service.request_metrics import ModelRequestMetrics
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# 0.5 ms to 10 s: a small model's lone request to one that waited behind long batches.
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds … (from /proc).
+        ProcessCollector(registry=self.registry)
+        self.model_requests = ModelRequestMetrics(self.registry, _SECONDS_BUCKETS)
         labels = ("model", "version", "signature")
         self.requests = Counter(
             "kleinserve_requests",
@@ -72,6 +77,19 @@ class Metrics:
         self.queued_rows = Gauge(
             "kleinserve_queued_rows", "Rows waiting for a batch", labels, registry=self.registry
         )
+        self.threads_busy = Gauge(
+            "kleinserve_inference_threads_busy",
+            "Batches of the signature's queue running on (or handed to) the version's "
+            "inference threads",
+            labels,
+            registry=self.registry,
+        )
+        self.threads = Gauge(
+            "kleinserve_inference_threads",
+            "Inference threads of the model version (num_batch_threads), shared by its signatures",
+            ("model", "version"),
+            registry=self.registry,
+        )
         self.model_loads = Counter(
             "kleinserve_model_loads",
             "Attempts to load (and warm up) a model version, by outcome (success, failure)",
@@ -94,15 +112,17 @@ class Metrics:
         return _BatchMetrics(self, (model, str(version), signature))
 
     def watch_queue(self, model: str, version: int, signature: str, queue: BatchingQueue) -> None:
-        self.queued_rows.labels(model, str(version), signature).set_function(
-            lambda: queue.queued_rows
-        )
+        labels = (model, str(version), signature)
+        self.queued_rows.labels(*labels).set_function(lambda: queue.queued_rows)
+        self.threads_busy.labels(*labels).set_function(lambda: queue.busy_threads)
+        self.threads.labels(model, str(version)).set(queue.params.num_batch_threads)
 
     def forget(self, model: str, version: int, signature: str) -> None:
         """Drop an unloaded version's series: they would report it forever, and hold its queue."""
         labels = (model, str(version), signature)
         for metric in (
             self.queued_rows,
+            self.threads_busy,
             self.batch_size,
             self.padded_batch_size,
             self.queue_seconds,
@@ -113,6 +133,10 @@ class Metrics:
                 metric.remove(*labels)
             except KeyError:  # never observed
                 pass
+        try:
+            self.threads.remove(model, str(version))
+        except KeyError:  # removed with the version's other signature
+            pass
 
 
 class _VersionStates(Collector):

@@ -76,7 +76,8 @@ def makeService(options: Options) -> MultiService:
 
 
 class _Parts:
-    """The serving parts every later step wires: hooks, repository, health, decoders, the site."""
+    """The serving parts every later step wires: metrics, hooks, repository, health, decoders,
+    the site."""
 
     def __init__(self, config: ServerConfig, reactor: Any) -> None:
         from service.access_log import AccessLog
@@ -92,7 +93,7 @@ class _Parts:
         from service.repository import ModelRepository
         from service.servables.registry import load_servable
 
-        metrics = Metrics()
+        metrics = self.metrics = Metrics()
         self.hooks = ModelHooks(
             pool=HookPool(reactor=reactor, threads=config.hook_threads),
             registry=metrics.registry,
@@ -202,6 +203,7 @@ def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
         threads=config.grpc_threads,
         max_receive_bytes=config.grpc_max_receive_bytes or None,
         access_log=parts.access_log,
+        model_requests=parts.metrics.model_requests,
     )
 
 

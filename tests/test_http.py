@@ -56,11 +56,13 @@ SMALL_BATCHES = BatchingParameters(max_batch_size=4)
 
 
 def make_api(executor=maybeDeferred, params=SMALL_BATCHES, labels=None):
+    metrics = Metrics()
     repository = ModelRepository(
-        [ModelConfig("m", Path("/nonexistent"), labels=labels or {})], reactor=Clock()
+        [ModelConfig("m", Path("/nonexistent"), labels=labels or {})],
+        reactor=Clock(),
+        metrics=metrics,
     )
     version = LoadedVersion("m", 3, state=AVAILABLE, servable=FakeServable())  # type: ignore[arg-type]
-    metrics = Metrics()
     version.queues["serving_default"] = BatchingQueue(
         double,
         params,

@@ -465,3 +465,34 @@ def test_lifecycle_metrics_follow_loads_and_states(tmp_path: Path) -> None:
     assert 'kleinserve_model_version_state{model="m",state="AVAILABLE",version="1"} 1.0' in text
     assert 'kleinserve_model_version_state{model="m",state="LOADING",version="2"} 1.0' in text
     assert 'kleinserve_model_load_seconds_count{model="m"} 1.0' in text
+
+
+def test_request_metrics_follow_the_versions_that_serve(tmp_path: Path) -> None:
+    """A loaded version's requests get its number as their label; once it unloads (a new
+    version took over) its series are gone and the new version's requests are labelled
+    with the new number; a model removed from the config becomes the placeholder."""
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+    from service.request_metrics import HTTP_ROUTES, NO_VERSION, UNKNOWN_MODEL
+    from tests.metrics_text import samples
+
+    version_folder(tmp_path, 1)
+    metrics = Metrics()
+    h = start([model(tmp_path)], metrics=metrics)
+    requests = metrics.model_requests
+    requests.observe(HTTP_ROUTES["predict"], "m", 1, 200, 0.01)
+    assert requests.labels("m", 1) == ("m", "1")
+    version_folder(tmp_path, 2)
+    h.scan()
+    h.scan()
+    h.board.work()
+    assert h.state() == {1: END, 2: AVAILABLE}
+    assert requests.labels("m", 1) == ("m", NO_VERSION)
+    assert requests.labels("m", 2) == ("m", "2")
+    text = generate_latest(metrics.registry).decode()
+    assert samples(text, "kleinserve_model_requests_total") == {}
+    assert samples(text, "kleinserve_model_request_seconds_count") == {}
+    h.repository.apply([])
+    h.board.work()
+    assert requests.labels("m", 2) == (UNKNOWN_MODEL, NO_VERSION)

@@ -65,7 +65,12 @@ def test_a_server_with_grpc_says_so_and_names_its_port() -> None:
     """api:tfserving-grpc beside the REST tag, and the gRPC port in meta."""
     tags, meta = registration({"a": [1]}, grpc_port=8500)
     assert tags == [
-        "api:tfserving-rest", "api:v2", "api:tfserving-grpc", "api:v2-grpc", "model:a", "model:a:1"
+        "api:tfserving-rest",
+        "api:v2",
+        "api:tfserving-grpc",
+        "api:v2-grpc",
+        "model:a",
+        "model:a:1",
     ]
     assert meta == {"api": "tfserving-rest", "models": "a:1", "grpc_port": "8500"}
 

@@ -182,6 +182,7 @@ class Loader:
             version.queues[key] = queue
         version.servable, version.state, version.error = servable, AVAILABLE, ""
         version.attempts = 0
+        self._metrics.model_requests.serving(name, number)
         log.info(
             "model {name} version {v}: AVAILABLE (loaded and warmed up in {s:.2f} s)",
             name=name,
@@ -232,6 +233,7 @@ class Loader:
             await queue.drain()
         for key in version.queues:
             self._metrics.forget(name, number, key)
+        self._metrics.model_requests.forget_version(name, number)
         await self._close_hooks(version)
         servable, threads = version.servable, version.threads
         version.servable, version.queues, version.threads = None, {}, None

@@ -124,6 +124,7 @@ class ModelRepository(Service):
         self._listeners: list[Callable[[], object]] = []
         self._served: frozenset[tuple[str, int]] = frozenset()
         self._poller: LoopingCall | None = None
+        self._metrics.model_requests.watch_models(self.configs)
         self._metrics.watch_versions(
             lambda: [
                 (name, number, str(v.state))
@@ -202,6 +203,8 @@ class ModelRepository(Service):
         if version.version in versions:
             raise ValueError(f"model {version.name!r} holds version {version.version} already")
         versions[version.version] = version
+        if version.state == AVAILABLE:
+            self._metrics.model_requests.serving(version.name, version.version)
         self._changed()
         self._check_ready()
 
@@ -218,6 +221,7 @@ class ModelRepository(Service):
             if name not in wanted:
                 log.info("model {name}: removed from the config; unloading", name=name)
                 del self.configs[name]
+                self._metrics.model_requests.forget_model(name)
                 self._required.discard(name)
                 changed.append(name)
         for name, config in wanted.items():
