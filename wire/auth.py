@@ -12,7 +12,7 @@ Nothing here ever puts a token into a message: errors name the line, never its t
 
 from __future__ import annotations
 
-import re
+from wire.http import visible_ascii_problem
 
 #: The request header (and, lower-cased, the gRPC metadata key) that carries the token.
 AUTHORIZATION_HEADER = "Authorization"
@@ -26,20 +26,15 @@ REALM = "kleinserve"
 #: The longest token accepted: well within one 16 KiB header line of the server.
 MAX_TOKEN_LENGTH = 4096
 
-# Visible ASCII without spaces: what a header value carries unchanged, and what RFC 6750's
-# b64token (letters, digits, -._~+/ and trailing =) fits in. No CR or LF can ride along.
-_TOKEN = re.compile(r"[\x21-\x7e]+")
-
 
 def token_problem(token: str) -> str | None:
-    """Why ``token`` cannot be a bearer token, or None if it can (the token is not named)."""
-    if not token:
-        return "empty"
-    if len(token) > MAX_TOKEN_LENGTH:
-        return f"longer than {MAX_TOKEN_LENGTH} characters"
-    if _TOKEN.fullmatch(token) is None:
-        return "not visible ASCII (letters, digits, punctuation; no spaces)"
-    return None
+    """Why ``token`` cannot be a bearer token, or None if it can (the token is not named).
+
+    A token is visible ASCII without spaces: what a header value carries unchanged (no CR or
+    LF can ride along), and what RFC 6750's b64token (letters, digits, ``-._~+/`` and a
+    trailing ``=``) fits in.
+    """
+    return visible_ascii_problem(token, MAX_TOKEN_LENGTH)
 
 
 def parse_tokens(text: str) -> list[str]:
