@@ -188,6 +188,23 @@ def test_a_refusal_costs_no_body(server: TwistdServer) -> None:
     assert b"100 Continue" not in answer and b"WWW-Authenticate: " + BARE.encode() in answer
 
 
+def test_tritonclient_sends_the_token_as_a_header(server: TwistdServer) -> None:
+    """Triton's own HTTP client passes the token in ``headers=``; without it, the server's
+    401 reaches the caller as an InferenceServerException saying a token is needed."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    errors = pytest.importorskip("tritonclient.utils")
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    try:
+        x = httpclient.InferInput("x", [1, 3], "FP32")
+        x.set_data_from_numpy(np.ones((1, 3), np.float32))
+        answer = client.infer("linear", [x], headers=bearer(SECOND))
+        np.testing.assert_allclose(answer.as_numpy("y"), [[9.5, 11.5]])
+        with pytest.raises(errors.InferenceServerException, match="needs a bearer token"):
+            client.infer("linear", [x])
+    finally:
+        client.close()
+
+
 # -- gRPC -----------------------------------------------------------------------------------------
 
 
@@ -227,10 +244,13 @@ def test_grpc_needs_the_token_in_its_metadata(server: TwistdServer) -> None:
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         answer = status(request, timeout=30, metadata=[("authorization", f"Bearer {FIRST}")])
         assert answer.model_version_status[0].version == 1
-        health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=30
+        check = health_pb2_grpc.HealthStub(channel).Check
+        serving = health_pb2.HealthCheckResponse.SERVING
+        # Health follows readiness within its refresh interval (half a second).
+        health = poll(
+            lambda: check(health_pb2.HealthCheckRequest(), timeout=30).status, serving.__eq__, 30
         )
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert health == serving
     (line,) = lines_of(server, "grpc-wrong")
     assert (line["status"], line["grpc_status"], line["route"]) == (
         401,
