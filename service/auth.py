@@ -118,7 +118,7 @@ class BearerTokens:
             tokens = read_tokens(self.path)
         except TokenFileError as e:
             log.error(
-                "{error}; the {count} token(s) read before stay valid",
+                "token file not re-read: {error}; the {count} token(s) read before stay valid",
                 error=str(e),
                 count=self.count,
             )

@@ -5,6 +5,7 @@ its body is read (``service.auth``, ``wire.auth``)."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import signal
@@ -178,12 +179,11 @@ class CountingCompare:
 
     def __init__(self) -> None:
         self.calls: list[tuple[bytes, bytes]] = []
+        self._compare = hmac.compare_digest  # the real one, even while it is patched
 
     def __call__(self, a: bytes, b: bytes) -> bool:
-        import hmac
-
         self.calls.append((a, b))
-        return hmac.compare_digest(a, b)
+        return self._compare(a, b)
 
 
 @pytest.mark.parametrize("sent", [b"one", b"two", b"three", b"nope", b"o"])
@@ -205,11 +205,15 @@ def test_every_token_is_compared_whichever_matches(sent: bytes) -> None:
     }
 
 
-def test_the_real_comparison_is_hmac_compare_digest() -> None:
-    """Without an injected comparator, the tokens are compared with hmac.compare_digest."""
-    import hmac
-
-    assert BearerTokens(["t"])._compare is hmac.compare_digest
+def test_the_real_comparison_is_hmac_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an injected comparator, hmac.compare_digest compares, once per token held,
+    for a good token and for a wrong one."""
+    compare = CountingCompare()
+    monkeypatch.setattr(hmac, "compare_digest", compare)
+    tokens = BearerTokens(["one", "two"])
+    tokens.check([b"Bearer two"])
+    refusal(tokens, b"Bearer three")
+    assert len(compare.calls) == 4
 
 
 # -- re-reading on SIGHUP -------------------------------------------------------------------------
