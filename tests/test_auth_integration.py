@@ -348,7 +348,7 @@ def test_no_token_is_ever_logged(server: TwistdServer) -> None:
 # -- --auth_metrics and SIGHUP --------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TwistdServer, Path]]:
     """A server with --auth_metrics, its token file holding "kept" and "removed" tokens."""
     root = tmp_path_factory.mktemp("models")
@@ -374,16 +374,29 @@ def served_with(server: TwistdServer, token: str) -> int:
     return call(server, "POST", "/v1/models/linear:predict", PREDICT, bearer(token))[0]
 
 
-def test_auth_metrics_and_a_sighup_reread(guarded: tuple[TwistdServer, Path]) -> None:
-    """With --auth_metrics, /metrics needs a token and health does not. After the file is
-    edited (a token added, one removed) and SIGHUP is sent, the added token is served and
-    the removed one refused; a file emptied and SIGHUP keeps the tokens, logging why."""
-    server, tokens = guarded
+def test_auth_metrics_protects_metrics_and_the_cli_sends_its_token_there(
+    guarded: tuple[TwistdServer, Path], tmp_path: Path
+) -> None:
+    """With --auth_metrics, /metrics needs a token and health does not; inference-client
+    backends reads /metrics with its token (without one, its row shows the 401)."""
+    server, _ = guarded
     status, headers, _ = call(server, "GET", "/metrics", None, {})
     assert (status, headers["www-authenticate"]) == (401, BARE)
     assert call(server, "GET", "/metrics", None, bearer("kept-token"))[0] == 200
     assert all(call(server, "GET", path, None, {})[0] == 200 for path in OPEN)
+    token = write_tokens(tmp_path / "token", "kept-token")
+    listing = ["--backend", f"127.0.0.1:{server.port}", "backends", "--json"]
+    (row,) = json.loads(cli("--token-file", str(token), *listing).stdout)
+    assert "error" not in row and row["requests_served"] > 0
+    (row,) = json.loads(cli(*listing).stdout)
+    assert row["error"] == "/metrics answered 401"
 
+
+def test_a_sighup_rereads_the_token_file(guarded: tuple[TwistdServer, Path]) -> None:
+    """After the file is edited (a token added, one removed) and SIGHUP is sent, the added
+    token is served and the removed one refused; a file emptied and SIGHUP keeps the
+    tokens, logging why, and the server keeps running."""
+    server, tokens = guarded
     assert served_with(server, "added-token") == 401
     write_tokens(tokens, "kept-token", "added-token")
     assert server.process is not None
