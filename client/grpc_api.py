@@ -6,8 +6,10 @@ REST JSON, through the same balancing, ejection, retry budget and deadlines
 seam. A request's ``path`` is the gRPC method and its body the serialized request; the
 answer comes back as an ``HTTPResponse`` whose code is the HTTP status of the gRPC code
 (``HTTP_STATUS``: INVALID_ARGUMENT 400, UNAUTHENTICATED 401, NOT_FOUND 404, UNAVAILABLE and
-RESOURCE_EXHAUSTED 503, …) and whose body, for an error, is the usual ``{"error": …}``, so the dispatcher's
-rules (a 4xx is the caller's mistake, a 5xx is retried elsewhere) apply unchanged.
+RESOURCE_EXHAUSTED 503, …) and whose body, for an error, is the usual ``{"error": …}``, so
+the dispatcher's rules (a 4xx is the caller's mistake, a 5xx is retried elsewhere) apply
+unchanged. The request id and the bearer token travel as ``x-request-id`` and
+``authorization`` metadata.
 
 Backends found in Consul are reached on the ``grpc_port`` their registration announces
 (``grpc_sources``); a server without one is not used. A static list names gRPC ports.

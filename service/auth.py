@@ -53,7 +53,10 @@ HEALTH_PATHS = frozenset({b"/healthz", b"/readyz", b"/v2/health/live", b"/v2/hea
 METRICS_PATH = b"/metrics"
 OPEN_METHODS = frozenset({b"GET", b"HEAD"})
 
-_HOW = f"send the header Authorization: {BEARER} <token>, with a token of the server's --auth_token_file"
+_HOW = (
+    f"send the header Authorization: {BEARER} <token>, with a token of the server's "
+    "--auth_token_file"
+)
 
 
 class TokenFileError(ValueError):

@@ -234,8 +234,8 @@ def test_a_reload_of_a_bad_file_keeps_the_tokens(
     tmp_path: Path, logs: CapturedLogs, damage: str
 ) -> None:
     """A file emptied, left with only comments, given a bad line, deleted or replaced by
-    something unreadable (a folder) keeps the tokens read before (nobody is locked out) and logs an error saying why, which
-    names no token."""
+    something unreadable (a folder) keeps the tokens read before (nobody is locked out)
+    and logs an error saying why, which names no token."""
     path = tokens_file(tmp_path, "kept-token\n")
     tokens = BearerTokens.load(path)
     if damage == "empty":
