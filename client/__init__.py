@@ -25,6 +25,7 @@ from client.errors import (
     InvalidRequest,
     NoBackendAvailable,
     ServerError,
+    Unauthenticated,
 )
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "RetryBudget",
     "ServerError",
     "Strategy",
+    "Unauthenticated",
 ]

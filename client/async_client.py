@@ -42,6 +42,7 @@ from client.sources import ConsulSources, Sources, StaticSources
 from client.transport import USER_AGENT, HTTPRequest, HTTPResponse, HTTPTransport, TreqTransport
 from discovery.backends import Backend
 from discovery.consul import ConsulAddress
+from wire.auth import token_problem
 from wire.consul_tags import served_models
 from wire.paths import model_path
 
@@ -94,6 +95,10 @@ class AsyncInferenceClient:
     gRPC: to the servers' REST ports found in Consul; with static gRPC ports they raise
     ValueError).
 
+    ``token``: a bearer token (``wire.auth``) sent with every call, REST, v2 and gRPC alike,
+    for servers started with ``--auth_token_file``; a server that refuses it answers 401
+    (gRPC UNAUTHENTICATED), raised as ``Unauthenticated`` and never retried.
+
     Without ``reactor`` the global reactor is used; it must be running for calls to make
     progress. ``close()`` stops the Consul watches and closes pooled connections.
     """
@@ -117,6 +122,7 @@ class AsyncInferenceClient:
         transport: HTTPTransport | None = None,
         sources: Sources | None = None,
         protocol: str = "auto",
+        token: str | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -128,6 +134,8 @@ class AsyncInferenceClient:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+        if token is not None and (problem := token_problem(token)) is not None:
+            raise ValueError(f"token must be a bearer token; this one is {problem}")
         self.protocol = protocol
         self.timeout = timeout
         self._clock: IReactorTime = reactor
@@ -169,6 +177,7 @@ class AsyncInferenceClient:
                 max_attempts=max_attempts,
                 attempt_timeout=attempt_timeout,
                 on_attempt=on_attempt,
+                token=token,
             )
 
         self._dispatcher = dispatcher(sources, transport)

@@ -14,6 +14,11 @@ TF Serving body as is and prints the server's answer; ``auto`` (the default), ``
 writes it. The other commands are TF Serving REST calls whatever the protocol. The command
 runs the ``AsyncInferenceClient`` on its own reactor; exit status 0 is success, 1 a
 failed call (or any failed file), 2 a usage error.
+
+For servers started with ``--auth_token_file``, the bearer token comes from ``--token-file
+PATH`` (a file holding one token; blank lines and ``#`` comments are left out) or from
+``$KLEINSERVE_TOKEN``; the file wins when both are given. It is sent with every call,
+``backends``'s reads of ``/metrics`` included.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +50,12 @@ from client.report import (
 )
 from client.transport import HTTPRequest, TreqTransport, describe
 from discovery.consul import ConsulAddress
+from wire.auth import AUTHORIZATION_HEADER, bearer, parse_tokens, token_problem
 
-__all__ = ["build_parser", "main", "make_client", "parse_backend"]
+__all__ = ["build_parser", "main", "make_client", "parse_backend", "read_token", "token_of"]
+
+#: The environment variable holding the bearer token, when --token-file is not given.
+TOKEN_ENV = "KLEINSERVE_TOKEN"
 
 
 def parse_backend(text: str) -> tuple[str, int]:
@@ -56,6 +65,31 @@ def parse_backend(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8501)")
     return host, int(port)
+
+
+def read_token(path: Path) -> str:
+    """The one token of a token file (``wire.auth``'s format); ValueError or OSError saying
+    what is wrong with the file, never what is in it."""
+    try:
+        tokens = parse_tokens(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if len(tokens) != 1:
+        raise ValueError(f"{path} holds {len(tokens)} tokens; a client's token file holds one")
+    return tokens[0]
+
+
+def token_of(token_file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The bearer token to send: ``--token-file``'s, else ``$KLEINSERVE_TOKEN``, else None."""
+    if token_file:
+        return read_token(Path(token_file))
+    token = environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        return None
+    problem = token_problem(token)
+    if problem is not None:
+        raise ValueError(f"${TOKEN_ENV} is not a bearer token: it is {problem}")
+    return token
 
 
 def _positive_int(text: str) -> int:
@@ -114,6 +148,13 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         "grpc TF Serving's gRPC API (needs tensorflow-serving-api). Other commands use REST",
     )
     parser.add_argument(
+        "--token-file",
+        default=default(None),
+        metavar="PATH",
+        help=f"a file holding the bearer token for servers started with --auth_token_file "
+        f"(default: ${TOKEN_ENV}, if set; the file wins over it)",
+    )
+    parser.add_argument(
         "--attempt-timeout",
         type=_seconds,
         default=default(None),
@@ -129,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Call kleinserve servers found in Consul (or listed with --backend).",
     )
     _global_options(parser, defaults=True)
+    parser.set_defaults(token=None)  # main() reads it from --token-file or the environment
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -190,8 +232,9 @@ def _print_json(doc: Any) -> None:
 async def _backends(reactor: Any, client: AsyncInferenceClient, args: argparse.Namespace) -> int:
     infos = await client.backends(args.model)
     probe = TreqTransport.create(reactor, connections_per_backend=1, connect_timeout=2.0)
+    headers = {AUTHORIZATION_HEADER: bearer(args.token)} if args.token else {}
     try:
-        loads = await defer.gatherResults([_server_load(probe, info) for info in infos])
+        loads = await defer.gatherResults([_server_load(probe, info, headers) for info in infos])
     finally:
         await probe.close()
     if args.json:
@@ -234,13 +277,18 @@ def _number(value: Any) -> str:
     return "?" if value is None else f"{value:g}"
 
 
-def _server_load(probe: TreqTransport, info: BackendInfo) -> Deferred[dict[str, Any]]:
-    """Rows waiting in the server's batching queues and requests it answered, from /metrics."""
+def _server_load(
+    probe: TreqTransport, info: BackendInfo, headers: Mapping[str, str]
+) -> Deferred[dict[str, Any]]:
+    """Rows waiting in the server's batching queues and requests it answered, from /metrics
+    (asked with ``headers``: the bearer token, for a server with --auth_metrics)."""
 
     async def read() -> dict[str, Any]:
         try:
             response = await probe.send(
-                info.backend.address, info.backend.port, HTTPRequest("GET", "/metrics")
+                info.backend.address,
+                info.backend.port,
+                HTTPRequest("GET", "/metrics", None, headers),
             )
         except Exception as e:  # a listing shows what it can: one dead backend is a cell
             return {"error": describe(e)}
@@ -315,6 +363,7 @@ def make_client(reactor: Any, args: argparse.Namespace) -> AsyncInferenceClient:
         timeout=args.timeout,
         attempt_timeout=args.attempt_timeout,
         connections_per_backend=getattr(args, "concurrency", 8),
+        token=args.token,
     )
 
 
@@ -362,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.tensors = cli_tensors.tensors_of(args.body)
         except (OSError, ValueError) as e:
             parser.error(f"--json: {e}")
+    try:
+        args.token = token_of(args.token_file, os.environ)
+    except (OSError, ValueError) as e:
+        parser.error(f"--token-file: {e}" if args.token_file else str(e))
     if not args.backend:
         try:
             ConsulAddress.parse(args.consul)

@@ -8,8 +8,9 @@ overloaded fleet:
   draining), and -- for idempotent calls, which every inference call is -- a request whose
   connection died before the answer (a server SIGKILLed mid-request) or that got no
   answer within its attempt timeout (a hung or SIGSTOPped server, below).
-- Never retried: 4xx (the request is wrong; ``InvalidRequest``), 500 (the model failed on
-  this input; it would fail again), a call whose deadline has passed.
+- Never retried: 4xx (the request is wrong; ``InvalidRequest``, and ``Unauthenticated``
+  for a 401: the token is missing or wrong), 500 (the model failed on this input; it would
+  fail again), a call whose deadline has passed. A 4xx never ejects the server.
 - Every retry spends a token of the shared ``RetryBudget``, and a call makes at most
   ``max_attempts`` attempts.
 - The deadline covers the whole call, retries and backoff included.
@@ -25,6 +26,9 @@ overloaded fleet:
   call that meets a hung server still has most of its time for healthy ones. The last
   attempt waits for the rest of the deadline: there is no retry left to make time for,
   and cutting it short would only turn a slow answer into a failure.
+- With a ``token``, every attempt carries ``Authorization: Bearer TOKEN`` (``wire.auth``; the
+  gRPC transport sends it as ``authorization`` metadata). It is added to each attempt as it
+  is sent, never kept in a call's request or written in an error.
 - Each attempt tells the server how long the client will wait for it in
   ``X-Request-Deadline-Ms``, so that the server does not start work nobody waits for.
 - A call has one request id (``X-Request-Id``: the caller's, if its request has one, else a
@@ -58,6 +62,7 @@ from client.errors import (
     InvalidRequest,
     NoBackendAvailable,
     ServerError,
+    Unauthenticated,
 )
 from client.sources import Sources
 from client.transport import FailureKind, HTTPRequest, HTTPResponse, HTTPTransport, describe
@@ -65,6 +70,7 @@ from client.transport import failure_kind as kind_of
 from discovery.backends import Backend, Backends
 from discovery.backoff import now, sleep
 from discovery.watch import BackendSource
+from wire.auth import AUTHORIZATION_HEADER, bearer
 from wire.backoff import Backoff
 from wire.consul_tags import model_tag
 from wire.http import DEADLINE_HEADER, REQUEST_ID_HEADER, new_request_id
@@ -213,6 +219,7 @@ class Dispatcher:
         backoff: Backoff | None = None,
         attempt_timeout: float | None = None,
         on_attempt: Callable[[Attempt], object] | None = None,
+        token: str | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -230,6 +237,7 @@ class Dispatcher:
         self.attempt_timeout = attempt_timeout
         self._on_attempt = on_attempt
         self._known: dict[str, Backends] = {}
+        self._credentials = {AUTHORIZATION_HEADER: bearer(token)} if token else {}
 
     async def backends(self, model: str, version: int | None, deadline: Deadline) -> Backends:
         """The backends serving ``model`` (and ``version``), waiting for the first snapshot.
@@ -343,6 +351,15 @@ class Dispatcher:
             response = result.response
             if response is not None and 200 <= response.code < 300:
                 return Exchange(backend, sent, response)
+            if response is not None and response.code == 401:
+                message = error_message(response.body)
+                raise Unauthenticated(
+                    f"model {model!r}: the server refused the call's credentials (401): "
+                    f"{message}; give the client a token of the server's --auth_token_file "
+                    "(token=, or --token-file or $KLEINSERVE_TOKEN on the command line)",
+                    status=response.code,
+                    server_message=message,
+                )
             if response is not None and 400 <= response.code < 500:
                 message = error_message(response.body)
                 raise InvalidRequest(
@@ -395,7 +412,11 @@ class Dispatcher:
         self, model: str, backend: Backend, number: int, request: HTTPRequest, deadline: Deadline
     ) -> _Result:
         limit = self.attempt_limit(number, deadline)
-        headers = {**request.headers, DEADLINE_HEADER: str(max(1, int(limit * 1000)))}
+        headers = {
+            **request.headers,
+            DEADLINE_HEADER: str(max(1, int(limit * 1000))),
+            **self._credentials,
+        }
         sending = self._transport.send(
             backend.address, backend.port, attrs.evolve(request, headers=headers)
         )

@@ -13,6 +13,7 @@ __all__ = [
     "InvalidRequest",
     "NoBackendAvailable",
     "ServerError",
+    "Unauthenticated",
 ]
 
 
@@ -60,6 +61,14 @@ class InvalidRequest(InferenceError):
         super().__init__(message)
         self.status = status
         self.server_message = server_message
+
+
+class Unauthenticated(InvalidRequest):
+    """The server refused the call's credentials (401; gRPC UNAUTHENTICATED): no bearer token,
+    or one its ``--auth_token_file`` does not hold. Retrying will not help, and the server is
+    not at fault (it is not ejected): give the client a token the server takes (``token=``;
+    on the command line ``--token-file`` or ``$KLEINSERVE_TOKEN``).
+    """
 
 
 class ServerError(InferenceError):

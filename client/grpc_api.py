@@ -5,9 +5,11 @@ REST JSON, through the same balancing, ejection, retry budget and deadlines
 (``client.dispatch``): ``GrpcTransport`` stands behind the dispatcher's ``HTTPTransport``
 seam. A request's ``path`` is the gRPC method and its body the serialized request; the
 answer comes back as an ``HTTPResponse`` whose code is the HTTP status of the gRPC code
-(``HTTP_STATUS``: INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE and RESOURCE_EXHAUSTED
-503, …) and whose body, for an error, is the usual ``{"error": …}``, so the dispatcher's
-rules (a 4xx is the caller's mistake, a 5xx is retried elsewhere) apply unchanged.
+(``HTTP_STATUS``: INVALID_ARGUMENT 400, UNAUTHENTICATED 401, NOT_FOUND 404, UNAVAILABLE and
+RESOURCE_EXHAUSTED 503, …) and whose body, for an error, is the usual ``{"error": …}``, so
+the dispatcher's rules (a 4xx is the caller's mistake, a 5xx is retried elsewhere) apply
+unchanged. The request id and the bearer token travel as ``x-request-id`` and
+``authorization`` metadata.
 
 Backends found in Consul are reached on the ``grpc_port`` their registration announces
 (``grpc_sources``); a server without one is not used. A static list names gRPC ports.
@@ -32,6 +34,7 @@ from client.signature import ModelMetadata, SignatureSpec, named_inputs
 from client.sources import Sources
 from client.transport import HTTPRequest, HTTPResponse
 from discovery.watch import Backends, BackendSource
+from wire.auth import AUTHORIZATION_HEADER
 from wire.consul_tags import GRPC_PORT
 from wire.http import DEADLINE_HEADER, REQUEST_ID_HEADER, error_body
 
@@ -174,8 +177,12 @@ class GrpcTransport:
 
         millis = request.headers.get(DEADLINE_HEADER.lower())
         timeout = int(millis) / 1000 if millis else None
-        request_id = request.headers.get(REQUEST_ID_HEADER.lower())
-        metadata = [(REQUEST_ID_HEADER.lower(), request_id)] if request_id else None
+        # The headers gRPC carries as metadata: the request id and the bearer token.
+        metadata = [
+            (name, value)
+            for name in (REQUEST_ID_HEADER.lower(), AUTHORIZATION_HEADER.lower())
+            if (value := request.headers.get(name))
+        ] or None
         call = self._channel(host, port).unary_unary(request.path)
         future = call.future(request.body or b"", timeout=timeout, metadata=metadata)
         answer: Deferred[HTTPResponse] = Deferred(lambda _: future.cancel())

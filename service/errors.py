@@ -3,7 +3,7 @@
 Raised anywhere (codec, batching, repository, routes) and turned into a
 ``{"error": "…"}`` body (``wire.http``) by the routes (``service.http``), or by the HTTP
 channel (``service.http_limits``) for what it refuses before a route runs. The codes and their
-statuses follow TensorFlow Serving's REST mapping; 408, 413, 414, 415 and 431 are
+statuses follow TensorFlow Serving's REST mapping; 401, 408, 413, 414, 415 and 431 are
 additions for what TF Serving leaves to its HTTP layer. No web framework is imported here.
 """
 
@@ -23,6 +23,12 @@ class ServingError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers the HTTP answer carries besides the JSON body (``Retry-After`` …)."""
+        if self.retry_after is None:
+            return []
+        return [(b"Retry-After", b"%d" % self.retry_after)]
 
 
 class InvalidArgument(ServingError):
@@ -89,3 +95,21 @@ class Internal(ServingError):
 
 class PermissionDenied(ServingError):
     code, status = "PERMISSION_DENIED", 403
+
+
+class Unauthenticated(ServingError):
+    """No usable bearer token (``service.auth``): 401 with a ``WWW-Authenticate`` challenge
+    (RFC 6750 section 3), UNAUTHENTICATED over gRPC.
+
+    ``challenge`` is the header's value: ``Bearer realm="…"``, with ``error="invalid_token"``
+    when a token was sent but is not one the server takes. The message never holds the token.
+    """
+
+    code, status = "UNAUTHENTICATED", 401
+
+    def __init__(self, message: str, *, challenge: str) -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"WWW-Authenticate", self.challenge.encode("ascii"))]

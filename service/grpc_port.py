@@ -12,6 +12,11 @@ what is left of --drain_delay (Consul has been left before), then stops taking c
 waits for those in flight until shortly before the stop deadline; grpcio cancels what is
 left then, which cancels their queued work.
 
+Bearer tokens (--auth_token_file, ``service.auth``): ``TokenInterceptor`` answers a call of
+PredictionService or ModelService without a good ``authorization: Bearer …`` metadata entry
+UNAUTHENTICATED before its request message is parsed, with its request id and access-log
+line; ``grpc.health.v1.Health`` stays open, as the HTTP health checks do.
+
 Message size: like TF Serving, the receive limit is unbounded unless ``max_receive_bytes``
 caps it (--grpc_max_receive_bytes); a larger message is refused by grpcio with
 RESOURCE_EXHAUSTED before a handler sees it.
@@ -33,27 +38,74 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from service.access_log import AccessLog
+from service.auth import BearerTokens
 from service.dataplane import DataPlane
-from service.grpc_api import ModelService, PredictionService, ReactorCalls
+from service.errors import Unauthenticated
+from service.grpc_api import ModelService, PredictionService, ReactorCalls, status_code
 from service.lifecycle import EXIT_CANNOT_LISTEN, exit_after_stop
 from service.request_metrics import ModelRequestMetrics
 from service.shutdown import CUT_MARGIN, StopDeadline
 from service.v2_grpc import InferenceService
+from wire.auth import AUTHORIZATION_HEADER
 
 log = Logger()
 
 HEALTH_INTERVAL = 0.5
 STOP_POLL = 0.05  # seconds between looks at whether grpcio has stopped
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+HEALTH_METHODS = "/grpc.health.v1.Health/"  # the prefix of the health service's methods
+_AUTHORIZATION = AUTHORIZATION_HEADER.lower()  # gRPC metadata keys are lower case
+
+# grpcio's handler makers by (request streaming, response streaming).
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Every call but health's needs a bearer token ``tokens`` takes in its ``authorization``
+    metadata; a call without one is answered UNAUTHENTICATED by a handler of its own, which
+    parses no request message, files the call under a request id and writes its access-log
+    line through ``calls``, as every other call does."""
+
+    def __init__(self, tokens: BearerTokens, calls: ReactorCalls) -> None:
+        self._tokens = tokens
+        self._calls = calls
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        if details.method.startswith(HEALTH_METHODS):
+            return continuation(details)
+        sent = [v for k, v in details.invocation_metadata or () if k == _AUTHORIZATION]
+        try:
+            self._tokens.check(sent)
+        except Unauthenticated as error:
+            return self._refusal(details.method, error, continuation(details))
+        return continuation(details)
+
+    def _refusal(self, method: str, error: Unauthenticated, handler: Any) -> Any:
+        def refuse(request: Any, context: grpc.ServicerContext) -> None:
+            record = self._calls.begin(context)
+            code = status_code(error)
+            size = len(request) if isinstance(request, bytes) else 0
+            self._calls.finished(record, method, context, code, error.status, size, 0)
+            context.abort(code, error.message)
+
+        streaming = (
+            (handler.request_streaming, handler.response_streaming) if handler else (False, False)
+        )
+        return _HANDLERS[streaming](refuse)  # no deserializer: the message stays bytes
 
 
 class GrpcPort(Service):
     """grpcio's server on ``address`` (``host:port``), its handlers on ``threads`` threads.
 
     ``ready()``: whether health should say SERVING (and the v2 ServerReady ready);
-    ``live()``: whether the v2 ServerLive says live (both called on the reactor thread). A handler thread waits while its call is
-    queued or runs, so ``threads`` bounds the gRPC calls in progress at once; grpcio queues
-    the rest.
+    ``live()``: whether the v2 ServerLive says live (both called on the reactor thread). A
+    handler thread waits while its call is queued or runs, so ``threads`` bounds the gRPC
+    calls in progress at once; grpcio queues the rest.
     """
 
     def __init__(
@@ -71,6 +123,7 @@ class GrpcPort(Service):
         exit: Callable[[int], object] | None = None,
         access_log: AccessLog | None = None,
         model_requests: ModelRequestMetrics | None = None,
+        tokens: BearerTokens | None = None,
     ) -> None:
         self.address = address
         self._reactor = reactor
@@ -85,11 +138,12 @@ class GrpcPort(Service):
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a port in use is an error, as for HTTP
         ]
+        calls = ReactorCalls(reactor, access_log, model_requests)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
             options=options,
+            interceptors=[] if tokens is None else [TokenInterceptor(tokens, calls)],
         )
-        calls = ReactorCalls(reactor, access_log, model_requests)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionService(plane, calls), self._server
         )

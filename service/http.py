@@ -451,8 +451,8 @@ def encode_answer(answer: Any) -> Encoded:
 def _error_response(request: IRequest, error: ServingError) -> bytes:
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", JSON)
-    if error.retry_after is not None:
-        request.setHeader(b"retry-after", str(error.retry_after).encode())
+    for name, value in error.response_headers():
+        request.setHeader(name, value)
     return codec.encode_json(error_body(error.message, request_id_of(request)))
 
 

@@ -10,6 +10,8 @@ the status the RFCs name and a ``{"error": "…"}`` body saying which limit and 
 ================================  ======  ==================================================
 limit                             status  when
 ================================  ======  ==================================================
+no good bearer token (with        401     at the end of the headers, without reading the body
+``--auth_token_file``)                    and without ``100 Continue`` (``service.auth``)
 request line over MAX_LENGTH      414     as soon as the line passes the limit
 a header line over MAX_LENGTH     431     as soon as the line passes the limit
 more than ``maxHeaders`` headers  431     at the header past the limit
@@ -70,6 +72,7 @@ JSON = b"application/json"
 # RFC 9110's reason phrases (Twisted's table lacks 431).
 REASONS = {
     400: b"Bad Request",
+    401: b"Unauthorized",
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
@@ -196,10 +199,14 @@ class LimitsSite(Protocol):
         bytes_out: int,
     ) -> None: ...
 
+    def authorize(self, method: bytes, path: bytes, headers: Headers) -> None:
+        """Raise the ``ServingError`` (401) of a request that may not be served."""
+
 
 def refusal_response(error: ServingError, request_id: str) -> bytes:
     """A whole HTTP/1.1 response for a refused request: JSON error, ``Connection: close``,
-    its ``X-Request-Id`` (and ``Retry-After`` when the error says when to try again).
+    its ``X-Request-Id`` (and the error's own headers: ``Retry-After`` when it says when to try
+    again, ``WWW-Authenticate`` for a 401).
 
     ``request_id`` is a usable id (``wire.http.request_id_problem``): no CR or LF can reach
     the head."""
@@ -211,8 +218,7 @@ def refusal_response(error: ServingError, request_id: str) -> bytes:
         b"Connection: close",
         b"X-Request-Id: " + request_id.encode("ascii"),
     ]
-    if error.retry_after is not None:
-        head.append(b"Retry-After: %d" % error.retry_after)
+    head.extend(name + b": " + value for name, value in error.response_headers())
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
@@ -298,11 +304,18 @@ class LimitedHTTPChannel(http.HTTPChannel):
         return bool(super().headerReceived(line))
 
     def allHeadersReceived(self) -> None:
-        """The head is complete: stop its timer, and refuse a body that cannot be accepted
-        before Twisted would answer ``Expect: 100-continue``."""
+        """The head is complete: stop its timer, and refuse a request without a good token
+        (``service.auth``) or a body that cannot be accepted, before Twisted would answer
+        ``Expect: 100-continue`` and before any of the body is read."""
         self._cancel_head_timer()
         self._head_lines = self._head_bytes = self._header_count = 0
         request = self.requests[-1]
+        method, path = self._request_line
+        try:
+            self.site.authorize(method, path, request.requestHeaders)
+        except ServingError as refused:
+            self.refuse(refused)
+            return
         error = head_error(request.requestHeaders, self.length, self.site.max_body_bytes)
         if error is not None:
             self.refuse(error)

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.web import server
+from twisted.web.http_headers import Headers
 
 from service.access_log import AccessLog, RequestRecord, entry, peer_of
+from service.auth import HTTPAuth
 from service.budget import BodyHold, RequestBudget
 from service.errors import ServingError, Unavailable
 from service.http_limits import BodyBuffer, LimitedHTTPChannel, content_coding
@@ -134,7 +136,8 @@ class BoundedRequest(server.Request):
 class InferenceSite(server.Site):
     """Our own Site: no tracebacks to clients, HTTP limits answered (``LimitedHTTPChannel``),
     bounded bodies, request metrics, an access-log line per answer (``access_log``; None:
-    none).
+    none), bearer tokens checked before a body is read (``auth``; None: every request is
+    served).
 
     HTTP/1.1 only, as before: Twisted's HTTP/2 needs the ``h2`` package, which is not installed.
     """
@@ -152,6 +155,7 @@ class InferenceSite(server.Site):
         in_flight: InFlight | None = None,
         budget: RequestBudget | None = None,
         access_log: AccessLog | None = None,
+        auth: HTTPAuth | None = None,
         reactor: Any = None,
     ) -> None:
         # parsePOSTFormSubmission=False: Twisted would otherwise parse every POST's content type
@@ -166,6 +170,7 @@ class InferenceSite(server.Site):
         self.max_body_bytes = max_body_bytes
         self.request_header_timeout = request_header_timeout
         self.access_log = access_log or AccessLog("off")
+        self.auth = auth
         self._requests = api.metrics.requests
         self._model_requests = api.metrics.model_requests
         self._route_of = api.route_of
@@ -218,6 +223,12 @@ class InferenceSite(server.Site):
                 _close_after(request)
             if not requests:  # not persistent = False: Twisted would drop a request arriving
                 channel.setTimeout(idle_grace)
+
+    def authorize(self, method: bytes, path: bytes, headers: Headers) -> None:
+        """Raise ``Unauthenticated`` for a request that needs a token and has no good one
+        (``service.auth``); the channel asks once the headers are in."""
+        if self.auth is not None:
+            self.auth.check(method, path, headers.getRawHeaders(b"authorization", []))
 
     def body_finished(self, received: int) -> None:
         """A request ended (answered, or its client left) after receiving ``received`` bytes;

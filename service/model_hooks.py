@@ -67,6 +67,7 @@ from service.hook_pool import HookPool
 from service.images import form_parts
 from service.servables.base import read_labels
 from service.signature import Signature
+from wire.auth import AUTHORIZATION_HEADER
 
 __all__ = [
     "HOOKS_FILE",
@@ -91,6 +92,13 @@ def hook_name(hook: str, model: str, version: int) -> str:
 # -- what a hook sees ------------------------------------------------------------------------
 
 
+_AUTHORIZATION = AUTHORIZATION_HEADER.lower()
+
+
+def _without_credentials(headers: Mapping[str, str]) -> Mapping[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() != _AUTHORIZATION}
+
+
 @attrs.frozen
 class HookRequest:
     """What the client sent, as a hook sees it.
@@ -99,7 +107,9 @@ class HookRequest:
     Protocol); ``body``: the body as it came (REST; empty for ``infer``, whose tensors are
     decoded into ``inputs``); ``content_type``: the media type, lower case, without
     parameters (``content_type_header`` has them); ``headers``: lower-case names, the last
-    value of each; ``query``: every value of each query parameter.
+    value of each, without ``authorization`` (the server's bearer token stays with the server:
+    a hook that logs its headers never logs a token); ``query``: every value of each query
+    parameter.
     """
 
     model: str
@@ -108,7 +118,7 @@ class HookRequest:
     body: bytes
     content_type: str = ""
     content_type_header: str = ""
-    headers: Mapping[str, str] = attrs.field(factory=dict)
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_without_credentials)
     query: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     inputs: Mapping[str, np.ndarray] | None = None  # tensors, for protocols that send them
 

@@ -25,6 +25,7 @@ from twisted.python import usage
 
 from discovery.consul import ConsulAddress
 from service.access_log import FORMATS as ACCESS_LOG_FORMATS
+from service.auth import TokenFileError, read_tokens
 from service.batching import BatchingParameters
 from service.batching_config import (
     BatchingConfigError,
@@ -109,6 +110,10 @@ class ServerConfig:
     access_log: str = "text"
     # The whole log: twistd's "text", or "json" lines on standard output (service.logs).
     log_format: str = "text"
+    # Bearer tokens every call needs but health checks (service.auth); None: no auth.
+    auth_token_file: Path | None = None
+    # With auth_token_file: /metrics (and the monitoring config's path) need a token too.
+    auth_metrics: bool = False
 
 
 def _default(field: str, of: type = ServerConfig) -> Any:
@@ -275,6 +280,13 @@ class Options(usage.Options):
             "Seconds a client has to send a request's headers, from its first byte; then 408.",
             float,
         ),
+        _flag(
+            "auth_token_file",
+            None,
+            "File of bearer tokens, one per line (# comments): every call but the health "
+            "checks (and /metrics, unless --auth_metrics) needs Authorization: Bearer TOKEN "
+            "(gRPC: authorization metadata), else 401. Re-read on SIGHUP.",
+        ),
         # Consul, health and the stop.
         _flag(
             "consul",
@@ -393,6 +405,12 @@ class Options(usage.Options):
             "preprocess, postprocess, handle, teardown). A hooks file is code: only with a model "
             "store you trust as you trust the server's code.",
         ],
+        [
+            "auth_metrics",
+            None,
+            "With --auth_token_file, /metrics (and --monitoring_config_file's path) need a "
+            "token too (default: open, like the health checks).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -464,7 +482,27 @@ def config_from_options(opts: Any) -> ServerConfig:
         prometheus_path=_prometheus_path(opts["monitoring_config_file"]),
         access_log=_access_log(opts["access_log"]),
         log_format=_log_format(opts["log_format"]),
+        auth_token_file=_auth_token_file(opts["auth_token_file"]),
+        auth_metrics=_auth_metrics(opts),
     )
+
+
+def _auth_token_file(file: str | None) -> Path | None:
+    """The token file, checked now: one that cannot be used stops start-up."""
+    if not file:
+        return None
+    path = Path(file).expanduser().resolve()
+    try:
+        read_tokens(path)
+    except TokenFileError as e:
+        raise usage.UsageError(f"--auth_token_file: {e}") from None
+    return path
+
+
+def _auth_metrics(opts: Any) -> bool:
+    if opts["auth_metrics"] and not opts["auth_token_file"]:
+        raise usage.UsageError("--auth_metrics needs --auth_token_file (the tokens to ask for)")
+    return bool(opts["auth_metrics"])
 
 
 def _prometheus_path(file: str | None) -> str | None:

@@ -6,7 +6,8 @@ does not parse changes nothing: the error is logged loudly and the models keep
 serving as configured before. SIGHUP also asks for an immediate scan of the model
 folders (``rescan``), so ``kill -HUP`` is "look again now" whatever the poll waits;
 without a config file (``path`` None, one model from --model_base_path) that is all
-it does -- a SIGHUP never kills the server.
+it does -- a SIGHUP never kills the server. Whatever else a SIGHUP re-reads (the bearer
+tokens of --auth_token_file, ``service.auth``) is run first, from ``on_sighup``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ConfigReloader(Service):
         poll_wait: float = 0.0,
         rescan: Callable[[], object] = lambda: None,
         handle_sighup: bool = True,
+        on_sighup: Sequence[Callable[[], object]] = (),
     ) -> None:
         self.path = path
         self._read = read
@@ -42,6 +44,7 @@ class ConfigReloader(Service):
         self._poll_wait = poll_wait
         self._rescan = rescan
         self._handle_sighup = handle_sighup
+        self._on_sighup = tuple(on_sighup)
         self._applied: Sequence[Any] | None = None
         self._poller: LoopingCall | None = None
         self._previous_handler: Any = None
@@ -68,7 +71,16 @@ class ConfigReloader(Service):
 
     def _sighup(self, signum: int, frame: object) -> None:
         # A signal handler may run between any two bytecodes: hand over to the reactor.
-        self._reactor.callFromThread(self.reload, reason="SIGHUP")
+        self._reactor.callFromThread(self.hangup)
+
+    def hangup(self) -> None:
+        """What a SIGHUP does, on the reactor: ``on_sighup``'s re-reads, then ``reload``."""
+        for reread in self._on_sighup:
+            try:
+                reread()
+            except Exception:  # a signal's handler boundary: one failed re-read stops no other
+                log.failure("a re-read on SIGHUP failed")
+        self.reload(reason="SIGHUP")
 
     def reload(self, reason: str = "request") -> bool:
         """Read the file and apply it if it changed; False (and a loud log) if it is bad."""

@@ -25,8 +25,8 @@ def makeService(options: Options) -> MultiService:
     0. the hook threads (versions' own Python, set up as they load; stopped last),
     1. the model repository (scans the model folders and loads on inference threads;
        readiness says 503 until the models are AVAILABLE),
-    2. the reloader (SIGHUP rescans the model folders and re-reads --model_config_file, which
-       is also re-read every --model_config_file_poll_wait_seconds),
+    2. the reloader (SIGHUP re-reads --auth_token_file, rescans the model folders and re-reads
+       --model_config_file, which is also re-read every --model_config_file_poll_wait_seconds),
     3. the image decoder's thread pool (stops after the port has drained, so no upload is left
        waiting on it), then the body decoder's (large JSON bodies; the same),
     4. the ports, stopped together: HTTP (on stop: close, close idle connections, wait for
@@ -81,6 +81,7 @@ class _Parts:
 
     def __init__(self, config: ServerConfig, reactor: Any) -> None:
         from service.access_log import AccessLog
+        from service.auth import BearerTokens, HTTPAuth
         from service.budget import RequestBudget
         from service.dataplane import DataPlane
         from service.decoding import BodyDecoder
@@ -100,6 +101,8 @@ class _Parts:
             enabled=config.enable_model_hooks,
         )
         self.access_log = AccessLog(config.access_log)  # HTTP and gRPC write to the same one
+        # The bearer tokens HTTP and gRPC ask for (None: none), re-read on SIGHUP.
+        self.tokens = BearerTokens.load(config.auth_token_file) if config.auth_token_file else None
         self.repository = ModelRepository(
             config.models,
             reactor=reactor,
@@ -140,6 +143,13 @@ class _Parts:
             budget=RequestBudget(config.max_inflight_request_bytes),
             request_header_timeout=config.request_header_timeout,
             access_log=self.access_log,
+            auth=None
+            if self.tokens is None
+            else HTTPAuth(
+                self.tokens,
+                prometheus_path=config.prometheus_path,
+                protect_metrics=config.auth_metrics,
+            ),
             reactor=reactor,
         )
 
@@ -204,6 +214,7 @@ def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
         max_receive_bytes=config.grpc_max_receive_bytes or None,
         access_log=parts.access_log,
         model_requests=parts.metrics.model_requests,
+        tokens=parts.tokens,
     )
 
 
@@ -224,7 +235,8 @@ def _settled(repository: Any, names: list[str]) -> str | None:
 
 
 def _reloader(parts: _Parts, config: ServerConfig, reactor: Any) -> IService:
-    """SIGHUP and --model_config_file_poll_wait_seconds: re-read the config, rescan folders."""
+    """SIGHUP and --model_config_file_poll_wait_seconds: re-read the config, rescan folders;
+    SIGHUP also re-reads the token file."""
     from service.options import read_models
     from service.reload import ConfigReloader
 
@@ -235,6 +247,7 @@ def _reloader(parts: _Parts, config: ServerConfig, reactor: Any) -> IService:
         reactor=reactor,
         poll_wait=config.model_config_file_poll_wait,
         rescan=parts.repository.rescan,
+        on_sighup=() if parts.tokens is None else (parts.tokens.reload,),
     )
     reloader.started_with(config.models)
     return reloader

@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import MapAdapter
 
 from service.access_log import AccessLog
+from service.auth import HTTPAuth
 from service.dataplane import ModelTarget
 from service.errors import InvalidArgument, PayloadTooLarge, UnsupportedMediaType
 from service.http import InferenceAPI, InferenceSite
@@ -276,6 +277,7 @@ class Connection:
         max_body_bytes: int = 1000,
         timeout: float = 30.0,
         access_log: AccessLog | None = None,
+        auth: HTTPAuth | None = None,
     ) -> None:
         self.clock = Clock()
         api, _, _ = make_api()
@@ -285,6 +287,7 @@ class Connection:
             max_body_bytes=max_body_bytes,
             request_header_timeout=timeout,
             access_log=access_log,
+            auth=auth,
             reactor=self.clock,
         )
         self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))

@@ -12,6 +12,8 @@ without pulling in the other (or TensorFlow).
   extension), written and read the same way by both sides.
 - ``wire.http``: header names, request ids (which a server takes from a client, a fresh
   one), and the ``{"error": "…", "request_id": "…"}`` shape of every error body.
+- ``wire.auth``: bearer tokens: the ``Authorization`` header, the token rule and the token
+  file's format (one per line, ``#`` comments).
 - ``wire.consul_tags``: the tags and meta a server registers in Consul and a client selects by.
 - ``wire.backoff``: capped, jittered exponential backoff, the pacing of every retry (Consul
   registration and watches, the client's requests, the repository's failed loads).

@@ -19,7 +19,7 @@ MAX_REQUEST_ID_LENGTH = 128
 
 # Visible ASCII only: no space, no control character (a CR or LF would let a client write
 # its own headers into the answer, or lines into the log), nothing outside ASCII.
-_REQUEST_ID = re.compile(r"[\x21-\x7e]+")
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 #: The key of every error body: ``{"error": "what was wrong"}``.
 ERROR_KEY = "error"
@@ -35,11 +35,17 @@ def new_request_id() -> str:
 
 def request_id_problem(value: str) -> str | None:
     """Why ``value`` cannot be used as a request id, or None if it can."""
+    return visible_ascii_problem(value, MAX_REQUEST_ID_LENGTH)
+
+
+def visible_ascii_problem(value: str, max_length: int) -> str | None:
+    """Why ``value`` is not 1 to ``max_length`` characters of visible ASCII (what a header
+    value carries unchanged), or None if it is; the value itself is never named."""
     if not value:
         return "empty"
-    if len(value) > MAX_REQUEST_ID_LENGTH:
-        return f"longer than {MAX_REQUEST_ID_LENGTH} characters"
-    if _REQUEST_ID.fullmatch(value) is None:
+    if len(value) > max_length:
+        return f"longer than {max_length} characters"
+    if _VISIBLE_ASCII.fullmatch(value) is None:
         return "not visible ASCII (letters, digits, punctuation; no spaces)"
     return None
 
