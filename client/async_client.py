@@ -92,6 +92,13 @@ class AsyncInferenceClient:
     gRPC: to the servers' REST ports found in Consul; with static gRPC ports they raise
     ValueError).
 
+    A server registered in Consul with the meta ``scheme: https`` (a kleinserve server with
+    an ``ssl:`` ``--listen``) is called over https; its certificate is verified against the
+    CA certificates in the PEM file ``ca_file``, else the system's trusted CAs, and must name
+    the address called. Static ``backends`` are called over https when ``ca_file`` is given,
+    http otherwise. A certificate that cannot be verified fails the call at once with
+    ``CertificateError``. (gRPC is plain: the server's gRPC port has no TLS.)
+
     Without ``reactor`` the global reactor is used; it must be running for calls to make
     progress. ``close()`` stops the Consul watches and closes pooled connections.
     """
@@ -115,6 +122,7 @@ class AsyncInferenceClient:
         transport: HTTPTransport | None = None,
         sources: Sources | None = None,
         protocol: str = "auto",
+        ca_file: str | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -133,7 +141,7 @@ class AsyncInferenceClient:
         rest_sources: Sources | None = sources  # where REST calls go (None: nowhere known)
         if sources is None:
             if backends is not None:
-                sources = StaticSources(backends)
+                sources = StaticSources(backends, scheme="https" if ca_file else "http")
                 rest_sources = None if protocol == "grpc" else sources  # it lists gRPC ports
             else:
                 address = (
@@ -151,7 +159,9 @@ class AsyncInferenceClient:
             transport = (
                 GrpcTransport(reactor)
                 if protocol == "grpc"
-                else TreqTransport.create(reactor, connections_per_backend=connections_per_backend)
+                else TreqTransport.create(
+                    reactor, connections_per_backend=connections_per_backend, ca_file=ca_file
+                )
             )
         self._transport = transport
         budget = retry_budget or RetryBudget(reactor)
@@ -178,7 +188,7 @@ class AsyncInferenceClient:
             self._rest = None
             if rest_sources is not None:
                 self._rest_transport = TreqTransport.create(
-                    reactor, connections_per_backend=connections_per_backend
+                    reactor, connections_per_backend=connections_per_backend, ca_file=ca_file
                 )
                 self._rest = dispatcher(rest_sources, self._rest_transport)
         self._metadata: dict[tuple[str, int | None], ModelMetadata] = {}

@@ -62,7 +62,9 @@ class DiscoveryConfig:
     ttl: float = 15.0
     deregister_critical_after: float = 60.0
     drain_delay: float = 5.0  # ServerConfig.drain_delay, which it is always given
-    check_scheme: str = "http"  # of the readiness check's URL: https for an ssl: --listen
+    # The REST port's scheme, https for an ssl: --listen: its readiness check's URL, and the
+    # registration's "scheme" meta that tells clients to call it with https.
+    check_scheme: str = "http"
     check_tls_skip_verify: bool = False  # the agent does not verify the server's certificate
 
 
