@@ -28,9 +28,7 @@ CONSUL_BINARY = REPO / ".tools" / "bin" / "consul"
 class ConsulAgent:
     """One dev-mode agent process: in-memory state, its own ports, its log in ``workdir``."""
 
-    def __init__(
-        self, binary: Path, workdir: Path, config: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, binary: Path, workdir: Path, config: dict[str, Any] | None = None) -> None:
         self.binary = binary
         self.workdir = workdir
         self.config = config  # more agent configuration, written to a -config-file

@@ -100,8 +100,9 @@ class ServerConfig:
     # 60 s carries the largest default body (64 MiB) at about 9 Mbit/s.
     request_read_timeout: float = 60.0
     # Connections open at once; past it a new connection is answered 503 and closed. Each costs a
-    # file descriptor and its buffers, and one reactor thread serving more than about a thousand
-    # clients makes each of them wait longer than a retry on another server would.
+    # file descriptor and its buffers, and at the ~1,900 requests/s one server answers
+    # (docs/scaling.md) a thousand clients with a request each already wait ~0.5 s in its queue:
+    # the next one is served sooner by another server, where the client library retries a 503.
     max_connections: int = 1024
     # gRPC (TF Serving's API): host:port to listen on, None for no gRPC.
     grpc_listen: str | None = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
