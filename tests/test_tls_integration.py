@@ -168,8 +168,9 @@ def test_a_client_that_does_not_trust_the_ca_gets_a_certificate_error(
 
 
 def test_the_command_line_predicts_over_https_with_ca_file(fleet: TLSFleet) -> None:
-    """``inference-client --ca-file`` predicts over https; without it the command fails
-    (status 1) naming the certificate error."""
+    """``inference-client --ca-file`` predicts over https and lists the server with its load
+    (read from its /metrics over https); without it a predict fails (status 1) naming the
+    certificate error."""
     poll(lambda: passing(fleet.agent), lambda found: len(found) == 1, timeout=60)
     body = json.dumps({"instances": INPUTS.tolist()})
     common = [str(CLI), "--consul", fleet.agent.http_addr, "--timeout", "20"]
@@ -181,6 +182,15 @@ def test_the_command_line_predicts_over_https_with_ca_file(fleet: TLSFleet) -> N
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"predictions": OUTPUTS.tolist()}
+    listed = subprocess.run(
+        [*common, "--ca-file", str(fleet.files.ca), "backends", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    (backend,) = json.loads(listed.stdout)
+    assert backend["address"] == f"{LOOPBACK}:{fleet.server.port}" and "error" not in backend
+    assert backend["requests_served"] >= 1
     refused = subprocess.run(
         [*common, "predict", "linear", "--json", body], capture_output=True, text=True, timeout=120
     )
