@@ -324,6 +324,16 @@ class Connection:
             body = rest[: int(headers[b"content-length"])]
         return int(status_line.split(b" ")[1]), headers, body
 
+    def trickle(self, byte: bytes, *, seconds: int) -> tuple[int, str]:
+        """Send ``byte`` each second for ``seconds - 1`` seconds, checking nothing is
+        answered, then let one more second pass: the refusal that must come then."""
+        for _ in range(seconds - 1):
+            self.clock.advance(1)
+            self.send(byte)
+        assert self.transport.value() == b""
+        self.clock.advance(1)
+        return self.refused()
+
     def refused(self) -> tuple[int, str]:
         """The refusal's status and error message, checking it is JSON and ends the connection."""
         status, headers, body = self.answer()
@@ -478,12 +488,7 @@ def test_headers_trickled_past_the_timeout_are_408() -> None:
     """Headers sent a byte a second are answered 408 once --request_header_timeout passes."""
     connection = Connection(timeout=30.0)
     connection.send(b"GET /healthz HTTP/1.1\r\n")
-    for _ in range(29):
-        connection.clock.advance(1)
-        connection.send(b"X")
-    assert connection.transport.value() == b""
-    connection.clock.advance(1)
-    status, error = connection.refused()
+    status, error = connection.trickle(b"X", seconds=30)
     assert status == 408 and "30 s" in error and "--request_header_timeout" in error
 
 
@@ -574,12 +579,7 @@ def test_a_body_trickled_past_the_read_timeout_is_408() -> None:
     connection.send(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n")
     connection.clock.advance(20)
     connection.send(b"Content-Length: 100\r\n\r\n")
-    for _ in range(39):
-        connection.clock.advance(1)
-        connection.send(b" ")
-    assert connection.transport.value() == b""
-    connection.clock.advance(1)
-    status, error = connection.refused()
+    status, error = connection.trickle(b" ", seconds=40)
     assert status == 408 and "60 s" in error and "--request_read_timeout" in error
     assert "39 of 100 bytes" in error
 
