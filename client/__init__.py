@@ -20,6 +20,7 @@ from client.budget import RetryBudget
 from client.codec import Classification
 from client.dispatch import Attempt
 from client.errors import (
+    CertificateError,
     DeadlineExceeded,
     InferenceError,
     InvalidRequest,
@@ -32,6 +33,7 @@ __all__ = [
     "AsyncInferenceClient",
     "Attempt",
     "BackendInfo",
+    "CertificateError",
     "Classification",
     "DeadlineExceeded",
     "EjectionPolicy",

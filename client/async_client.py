@@ -98,6 +98,12 @@ class AsyncInferenceClient:
     ``token``: a bearer token (``wire.auth``) sent with every call, REST, v2 and gRPC alike,
     for servers started with ``--auth_token_file``; a server that refuses it answers 401
     (gRPC UNAUTHENTICATED), raised as ``Unauthenticated`` and never retried.
+    A server registered in Consul with the meta ``scheme: https`` (a kleinserve server with
+    an ``ssl:`` ``--listen``) is called over https; its certificate is verified against the
+    CA certificates in the PEM file ``ca_file``, else the system's trusted CAs, and must name
+    the address called. Static ``backends`` are called over https when ``ca_file`` is given,
+    http otherwise. A certificate that cannot be verified fails the call at once with
+    ``CertificateError``. (gRPC is plain: the server's gRPC port has no TLS.)
 
     Without ``reactor`` the global reactor is used; it must be running for calls to make
     progress. ``close()`` stops the Consul watches and closes pooled connections.
@@ -123,6 +129,7 @@ class AsyncInferenceClient:
         sources: Sources | None = None,
         protocol: str = "auto",
         token: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -143,7 +150,7 @@ class AsyncInferenceClient:
         rest_sources: Sources | None = sources  # where REST calls go (None: nowhere known)
         if sources is None:
             if backends is not None:
-                sources = StaticSources(backends)
+                sources = StaticSources(backends, scheme="https" if ca_file else "http")
                 rest_sources = None if protocol == "grpc" else sources  # it lists gRPC ports
             else:
                 address = (
@@ -161,7 +168,9 @@ class AsyncInferenceClient:
             transport = (
                 GrpcTransport(reactor)
                 if protocol == "grpc"
-                else TreqTransport.create(reactor, connections_per_backend=connections_per_backend)
+                else TreqTransport.create(
+                    reactor, connections_per_backend=connections_per_backend, ca_file=ca_file
+                )
             )
         self._transport = transport
         budget = retry_budget or RetryBudget(reactor)
@@ -189,7 +198,7 @@ class AsyncInferenceClient:
             self._rest = None
             if rest_sources is not None:
                 self._rest_transport = TreqTransport.create(
-                    reactor, connections_per_backend=connections_per_backend
+                    reactor, connections_per_backend=connections_per_backend, ca_file=ca_file
                 )
                 self._rest = dispatcher(rest_sources, self._rest_transport)
         self._metadata: dict[tuple[str, int | None], ModelMetadata] = {}

@@ -11,7 +11,8 @@ Backends come from Consul (``--consul``, default ``$CONSUL_HTTP_ADDR`` or
 says how ``predict`` travels, as ``AsyncInferenceClient(protocol=…)`` does: ``rest`` sends the
 TF Serving body as is and prints the server's answer; ``auto`` (the default), ``v2`` and
 ``grpc`` send the body's tensors (``client.cli_tensors``) and print the answer as TF Serving
-writes it. The other commands are TF Serving REST calls whatever the protocol. The command
+writes it. ``--ca-file PEM`` verifies TLS servers (those registered with ``scheme: https``, and
+every ``--backend`` when given) against that CA. The other commands are TF Serving REST calls whatever the protocol. The command
 runs the ``AsyncInferenceClient`` on its own reactor; exit status 0 is success, 1 a
 failed call (or any failed file), 2 a usage error.
 
@@ -51,6 +52,7 @@ from client.report import (
 from client.transport import HTTPRequest, TreqTransport, describe
 from discovery.consul import ConsulAddress
 from wire.auth import AUTHORIZATION_HEADER, bearer, parse_tokens, token_problem
+from wire.consul_tags import scheme_of
 
 __all__ = ["build_parser", "main", "make_client", "parse_backend", "read_token", "token_of"]
 
@@ -131,6 +133,13 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     )
     parser.add_argument(
         "--service", default=default("inference"), help="Consul service name (default inference)"
+    )
+    parser.add_argument(
+        "--ca-file",
+        default=default(None),
+        metavar="PEM",
+        help="verify TLS servers' certificates against the CA certificates in this PEM file "
+        "(default: the system's trusted CAs); with --backend, call the servers over https",
     )
     parser.add_argument(
         "--timeout",
@@ -231,7 +240,9 @@ def _print_json(doc: Any) -> None:
 
 async def _backends(reactor: Any, client: AsyncInferenceClient, args: argparse.Namespace) -> int:
     infos = await client.backends(args.model)
-    probe = TreqTransport.create(reactor, connections_per_backend=1, connect_timeout=2.0)
+    probe = TreqTransport.create(
+        reactor, connections_per_backend=1, connect_timeout=2.0, ca_file=args.ca_file
+    )
     headers = {AUTHORIZATION_HEADER: bearer(args.token)} if args.token else {}
     try:
         loads = await defer.gatherResults([_server_load(probe, info, headers) for info in infos])
@@ -285,11 +296,10 @@ def _server_load(
 
     async def read() -> dict[str, Any]:
         try:
-            response = await probe.send(
-                info.backend.address,
-                info.backend.port,
-                HTTPRequest("GET", "/metrics", None, headers),
+            metrics = HTTPRequest(
+                "GET", "/metrics", None, headers, scheme=scheme_of(info.backend.meta)
             )
+            response = await probe.send(info.backend.address, info.backend.port, metrics)
         except Exception as e:  # a listing shows what it can: one dead backend is a cell
             return {"error": describe(e)}
         if response.code != 200:
@@ -364,6 +374,7 @@ def make_client(reactor: Any, args: argparse.Namespace) -> AsyncInferenceClient:
         attempt_timeout=args.attempt_timeout,
         connections_per_backend=getattr(args, "concurrency", 8),
         token=args.token,
+        ca_file=args.ca_file,
     )
 
 
@@ -415,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.token = token_of(args.token_file, os.environ)
     except (OSError, ValueError) as e:
         parser.error(f"--token-file: {e}" if args.token_file else str(e))
+    if args.ca_file is not None and not Path(args.ca_file).is_file():
+        parser.error(f"--ca-file: {args.ca_file} is not a file")
     if not args.backend:
         try:
             ConsulAddress.parse(args.consul)

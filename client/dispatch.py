@@ -10,7 +10,11 @@ overloaded fleet:
   answer within its attempt timeout (a hung or SIGSTOPped server, below).
 - Never retried: 4xx (the request is wrong; ``InvalidRequest``, and ``Unauthenticated``
   for a 401: the token is missing or wrong), 500 (the model failed on this input; it would
-  fail again), a call whose deadline has passed. A 4xx never ejects the server.
+  fail again), a call whose deadline has passed, a server whose TLS certificate cannot be
+  verified (``CertificateError``: the CA file or the certificate is wrong, which no retry
+  fixes). A 4xx never ejects the server.
+- Each attempt calls its backend with the scheme its registration names (``https`` for a
+  TLS server, ``wire.consul_tags.scheme_of``).
 - Every retry spends a token of the shared ``RetryBudget``, and a call makes at most
   ``max_attempts`` attempts.
 - The deadline covers the whole call, retries and backoff included.
@@ -57,6 +61,7 @@ from client.balancer import Balancer, Key, backend_key
 from client.budget import RetryBudget
 from client.codec import error_message
 from client.errors import (
+    CertificateError,
     DeadlineExceeded,
     InferenceError,
     InvalidRequest,
@@ -72,7 +77,7 @@ from discovery.backoff import now, sleep
 from discovery.watch import BackendSource
 from wire.auth import AUTHORIZATION_HEADER, bearer
 from wire.backoff import Backoff
-from wire.consul_tags import model_tag
+from wire.consul_tags import model_tag, scheme_of
 from wire.http import DEADLINE_HEADER, REQUEST_ID_HEADER, new_request_id
 
 __all__ = ["Attempt", "Deadline", "DispatchStats", "Dispatcher", "Exchange", "within"]
@@ -108,7 +113,8 @@ class Attempt:
     """What an ``on_attempt`` observer hears after each attempt, on the reactor thread.
 
     ``outcome`` is ``"ok"`` (2xx), ``"status"`` (another HTTP status, see ``status``),
-    ``"not sent"``, ``"connection lost"``, ``"timeout"`` (no answer within the attempt's
+    ``"not sent"``, ``"connection lost"``, ``"TLS"`` (the server's certificate could not be
+    verified), ``"timeout"`` (no answer within the attempt's
     limit; the request was cancelled) or ``"cancelled"`` (the caller gave up). ``probe`` is
     True when the backend was ejected or probing as the attempt began (see ``Balancer``).
     """
@@ -417,9 +423,8 @@ class Dispatcher:
             DEADLINE_HEADER: str(max(1, int(limit * 1000))),
             **self._credentials,
         }
-        sending = self._transport.send(
-            backend.address, backend.port, attrs.evolve(request, headers=headers)
-        )
+        sent = attrs.evolve(request, headers=headers, scheme=scheme_of(backend.meta))
+        sending = self._transport.send(backend.address, backend.port, sent)
         self.stats.attempts += 1
         ticket = self.balancer.begin(backend, model)
         sent_at = now(self._clock)
@@ -444,8 +449,7 @@ class Dispatcher:
                 kind = kind_of(e)
                 if kind is FailureKind.OTHER:
                     raise
-                outcome = "not sent" if kind is FailureKind.NOT_SENT else "connection lost"
-                result = _Result(backend, outcome, describe(e), kind=kind)
+                result = _Result(backend, kind.value, describe(e), kind=kind)
         else:
             outcome = "ok" if 200 <= response.code < 300 else "status"
             result = _Result(backend, outcome, f"HTTP {response.code}", response)
@@ -505,6 +509,14 @@ class Dispatcher:
     def _failed(self, model: str, failures: list[_Result], note: str) -> Exception:
         last = failures[-1]
         tried = _tally(f"{_where(f.backend)}: {f.detail}" for f in failures)
+        if last.kind is FailureKind.TLS:
+            return CertificateError(
+                f"model {model!r}: the TLS handshake with https://{_where(last.backend)} "
+                f"failed: its certificate could not be verified, or it does not speak TLS "
+                f"({last.detail}); {note}. Give the CA that signed the servers' certificates "
+                "as ca_file= (--ca-file), and check the certificate names the address called "
+                "(an IP address subjectAltName for the addresses Consul reports)."
+            )
         if all(f.kind is FailureKind.NOT_SENT for f in failures):
             return NoBackendAvailable(
                 f"model {model!r}: could not connect to any backend ({tried}); {note}. "

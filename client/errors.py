@@ -8,6 +8,7 @@ Twisted here: the blocking client raises exactly these.
 from __future__ import annotations
 
 __all__ = [
+    "CertificateError",
     "DeadlineExceeded",
     "InferenceError",
     "InvalidRequest",
@@ -39,6 +40,13 @@ class InferenceError(Exception):
 
 class NoBackendAvailable(InferenceError):
     """No server to send the call to: none healthy in Consul, or none would accept a connection."""
+
+
+class CertificateError(NoBackendAvailable):
+    """A server's TLS certificate could not be verified (not signed by a CA the client
+    trusts, or not naming the address called), or it does not speak TLS: a configuration
+    problem, so the call is not retried. Give the CA that signed the servers' certificates
+    as ``ca_file`` (``--ca-file``)."""
 
 
 class DeadlineExceeded(InferenceError):

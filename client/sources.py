@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from discovery.consul import ConsulAddress, ConsulClient, TreqTransport
 from discovery.watch import BackendSource, HealthWatch, StaticBackends
-from wire.consul_tags import model_tag
+from wire.consul_tags import SCHEME, SCHEMES, model_tag
 
 __all__ = ["ConsulSources", "Sources", "StaticSources"]
 
@@ -84,13 +84,17 @@ class ConsulSources:
 
 
 class StaticSources:
-    """The same fixed list of ``(host, port)`` backends for every model (no Consul)."""
+    """The same fixed list of ``(host, port)`` backends for every model (no Consul), all
+    called with ``scheme`` (http or https)."""
 
-    def __init__(self, addresses: Iterable[tuple[str, int]]) -> None:
+    def __init__(self, addresses: Iterable[tuple[str, int]], scheme: str = "http") -> None:
         self.addresses = tuple((str(host), int(port)) for host, port in addresses)
         if not self.addresses:
             raise ValueError("a static backend list needs at least one (host, port)")
-        self._backends = StaticBackends.from_addresses(self.addresses)
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+        meta = {SCHEME: scheme} if scheme != "http" else None  # as a server registers it
+        self._backends = StaticBackends.from_addresses(self.addresses, meta)
 
     def for_model(self, model: str) -> BackendSource:
         return self._backends

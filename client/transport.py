@@ -7,7 +7,15 @@ opening and closing one each. Unit tests put a fake or a ``StubTreq`` behind thi
 
 A failed exchange raises Twisted's own exceptions; ``failure_kind`` sorts them into what
 the retry policy needs to know: was the request never sent (always safe to send
-elsewhere), or did the connection die after it was sent (safe only for idempotent calls).
+elsewhere), did the connection die after it was sent (safe only for idempotent calls), or
+could the server's TLS certificate not be verified (a configuration problem: the CA file,
+or the certificate's names, which retrying does not fix).
+
+A request's ``scheme`` is its backend's (``https`` for a server whose Consul registration
+says so); over https the server's certificate is verified against the CA file given
+(``ca_file``), else against the system's trusted CAs, and its subjectAltNames must name the
+address called -- an IP address for the addresses Consul reports (Twisted verifies IP
+address names with ``service_identity``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
@@ -34,7 +43,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
-from discovery.consul import first_header_values
+from discovery.consul import first_header_values, https_policy
 
 __all__ = [
     "FailureKind",
@@ -64,10 +73,11 @@ class HTTPRequest:
     path: str  # with the query, e.g. "/v1/models/linear:predict"
     body: bytes | None = None
     headers: Mapping[str, str] = field(factory=dict, converter=_frozen_headers, hash=False)
+    scheme: str = "http"  # the backend's: the dispatcher sets it per attempt
 
     def url(self, host: str, port: int) -> str:
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}{self.path}"
+        return f"{self.scheme}://{host}:{port}{self.path}"
 
 
 @frozen
@@ -93,6 +103,7 @@ class HTTPTransport(Protocol):
 class FailureKind(Enum):
     NOT_SENT = "not sent"  # refused, unreachable, connect timeout: the server never saw it
     LOST = "connection lost"  # sent, then the connection died before a whole answer
+    TLS = "TLS"  # the server's certificate could not be verified: nothing was sent
     OTHER = "other"
 
 
@@ -106,8 +117,22 @@ _LOST = (
 )
 
 
+def tls_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a TLS handshake that failed: a certificate not verified (OpenSSL
+    says so, or its names do not match), or no TLS spoken. Twisted wraps it in the
+    reasons of a ``ResponseNeverReceived``."""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    reasons = getattr(error, "reasons", None) or ()
+    return any(isinstance(r, Failure) and r.check(SSL.Error, VerificationError) for r in reasons)
+
+
 def failure_kind(error: BaseException) -> FailureKind:
-    """Whether ``error`` means the request was never sent, or was lost on the way back."""
+    """Whether ``error`` means the request was never sent, was lost on the way back, or met
+    a certificate that could not be verified."""
+    if tls_failure(error):
+        return FailureKind.TLS
     if isinstance(error, _NOT_SENT):
         return FailureKind.NOT_SENT
     if isinstance(error, _LOST):
@@ -136,12 +161,20 @@ class TreqTransport:
 
     @classmethod
     def create(
-        cls, reactor: Any, *, connections_per_backend: int = 64, connect_timeout: float = 5.0
+        cls,
+        reactor: Any,
+        *,
+        connections_per_backend: int = 64,
+        connect_timeout: float = 5.0,
+        ca_file: str | None = None,
     ) -> TreqTransport:
-        """A transport with its own persistent pool keeping up to ``connections_per_backend``."""
+        """A transport with its own persistent pool keeping up to ``connections_per_backend``;
+        https servers' certificates are verified against ``ca_file`` (PEM), else the system's
+        trusted CAs."""
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = connections_per_backend
-        agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+        policy: BrowserLikePolicyForHTTPS = https_policy(ca_file)
+        agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool)
         return cls(HTTPClient(cast(IAgent, agent)), pool)
 
     def send(self, host: str, port: int, request: HTTPRequest) -> Deferred[HTTPResponse]:

@@ -50,7 +50,7 @@ from twisted.internet import defer
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import Certificate
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -90,6 +90,7 @@ __all__ = [
     "build_register",
     "build_status_leader",
     "go_duration",
+    "https_policy",
     "next_index",
     "parse_agent_checks",
     "parse_agent_services",
@@ -662,6 +663,22 @@ def first_header_values(headers: Any) -> dict[str, str]:
     }
 
 
+def https_policy(ca_file: str | None) -> BrowserLikePolicyForHTTPS:
+    """How an HTTP client trusts https servers: the CA certificates in the PEM file
+    ``ca_file`` (one or several), or the system's trusted CAs when it is None; either way the
+    certificate must name the host called (a DNS name, or an IP address subjectAltName for
+    an address). A file that holds no certificate is a ValueError naming it."""
+    if not ca_file:
+        return BrowserLikePolicyForHTTPS()
+    end = b"-----END CERTIFICATE-----"
+    pem = Path(ca_file).read_bytes()
+    blocks = [block + end for block in pem.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
+    if not blocks:
+        raise ValueError(f"the CA file {ca_file} holds no PEM certificate")
+    trusted = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+    return BrowserLikePolicyForHTTPS(trustRoot=trusted)
+
+
 class TreqTransport:
     """Sends requests with a ``treq`` ``HTTPClient``, bounding each by a timeout on ``clock``.
 
@@ -691,12 +708,7 @@ class TreqTransport:
         """A transport with its own persistent pool (and CA file from the address, for https)."""
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 4
-        if address.ca_file:
-            policy = BrowserLikePolicyForHTTPS(
-                trustRoot=Certificate.loadPEM(Path(address.ca_file).read_bytes())
-            )
-        else:
-            policy = BrowserLikePolicyForHTTPS()
+        policy = https_policy(address.ca_file)
         agent = Agent(reactor, contextFactory=policy, connectTimeout=timeout, pool=pool)
         return cls(address, HTTPClient(cast(IAgent, agent)), reactor, timeout=timeout, pool=pool)
 

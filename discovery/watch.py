@@ -13,7 +13,7 @@ snapshot stays current: a client keeps using the servers it knew rather than non
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from twisted.application.service import Service
@@ -239,9 +239,14 @@ class StaticBackends(Service):
         self._snapshots.publish(snapshot(backends))
 
     @classmethod
-    def from_addresses(cls, addresses: Iterable[tuple[str, int]]) -> StaticBackends:
-        """Backends for ``(host, port)`` pairs, with IDs ``static-<host>-<port>``."""
-        return cls(Backend(f"static-{host}-{port}", host, port) for host, port in addresses)
+    def from_addresses(
+        cls, addresses: Iterable[tuple[str, int]], meta: Mapping[str, str] | None = None
+    ) -> StaticBackends:
+        """Backends for ``(host, port)`` pairs, with IDs ``static-<host>-<port>`` (and the
+        same ``meta``, e.g. the scheme to call them with)."""
+        return cls(
+            Backend(f"static-{host}-{port}", host, port, meta=meta) for host, port in addresses
+        )
 
     @property
     def current(self) -> Backends:

@@ -28,9 +28,10 @@ CONSUL_BINARY = REPO / ".tools" / "bin" / "consul"
 class ConsulAgent:
     """One dev-mode agent process: in-memory state, its own ports, its log in ``workdir``."""
 
-    def __init__(self, binary: Path, workdir: Path) -> None:
+    def __init__(self, binary: Path, workdir: Path, config: dict[str, Any] | None = None) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.config = config  # more agent configuration, written to a -config-file
         self.http_port = free_port()
         self.server_port = free_port()
         self.serf_lan_port = free_port(udp=True)
@@ -66,7 +67,14 @@ class ConsulAgent:
             "-server-port", str(self.server_port),
             "-serf-lan-port", str(self.serf_lan_port),
             "-serf-wan-port", str(self.serf_wan_port),
-        ]  # fmt: skip
+        ] + self._config_file()  # fmt: skip
+
+    def _config_file(self) -> list[str]:
+        if not self.config:
+            return []
+        path = self.workdir / "agent-config.json"
+        path.write_text(json.dumps(self.config))
+        return ["-config-file", str(path)]
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the agent and wait until it has elected itself leader."""

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -79,9 +80,14 @@ class TwistdServer:
         log_dir: Path,
         port: int | None = None,
         expected_errors: list[str] | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         self.args = args
+        # A server listening with TLS (an ssl: --listen the test gives, on ``port``) is talked
+        # to over https, trusting the CA certificate in ``ca_file``.
+        self.ca_file = ca_file
+        self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
         # gRPC on a free loopback port too (its default, 8500, would be shared by every server).
         self.grpc_port: int | None = None
         if not any(a.startswith(("--port", "--grpc_listen")) for a in args):
@@ -93,7 +99,7 @@ class TwistdServer:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self._tls else 'http'}://{LOOPBACK}:{self.port}"
 
     @property
     def grpc_target(self) -> str:
@@ -155,7 +161,7 @@ class TwistdServer:
             self.url + path, data=body, method=method, headers=headers or {}
         )
         try:
-            with urllib.request.urlopen(req, timeout=60) as response:
+            with urllib.request.urlopen(req, timeout=60, context=self._tls) as response:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()

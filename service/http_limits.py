@@ -19,6 +19,10 @@ request line + headers over       431     as soon as they pass the limit
 ``totalHeadersSize``
 headers not complete in           408     ``request_header_timeout`` seconds after the first
 ``request_header_timeout``                byte of the request
+headers and body not complete in  408     ``request_read_timeout`` seconds after the first byte
+``request_read_timeout``                  of the request (a body trickled in, slowloris style)
+more than ``max_connections``     503     as the connection opens, before anything is read
+connections open                          (with ``Retry-After``; see ``service.http_site``)
 Content-Length over the body      413     at the end of the headers, without reading the body
 limit                                     and without ``100 Continue``
 a chunked or gzip body growing    413     as soon as it passes the limit (gzip: its inflated
@@ -39,8 +43,12 @@ most ``linger_seconds`` before closing. Closing at once while the client is stil
 its body would make the kernel reset the connection, and a reset can destroy the answer
 before the client reads it.
 
-Idle keep-alive connections keep Twisted's own idle timeout (``timeOut``); the header
-timeout runs only while a request's head is arriving.
+Idle keep-alive connections keep Twisted's own idle timeout (``timeOut``, 60 s, restarted
+by every byte received); the header and read timeouts run only while a request is arriving,
+and each measures from the request's first byte, so a client sending a byte now and then
+cannot stretch them. The defaults (``service.options``): ``MAX_LENGTH`` 16 KiB,
+``maxHeaders`` 100, ``totalHeadersSize`` 64 KiB, ``--request_header_timeout`` 30 s,
+``--request_read_timeout`` 60 s, ``--max_request_bytes`` 64 MiB, ``--max_connections`` 1024.
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ REASONS = {
     414: b"URI Too Long",
     415: b"Unsupported Media Type",
     431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
 }
 # zlib's window bits for the gzip container (header and CRC), not a raw or zlib stream.
 GZIP_WBITS = 16 + zlib.MAX_WBITS
@@ -185,6 +194,7 @@ class LimitsSite(Protocol):
 
     max_body_bytes: int
     request_header_timeout: float
+    request_read_timeout: float
     reactor: Any  # IReactorTime
 
     def refused(
@@ -226,7 +236,8 @@ class LimitedHTTPChannel(http.HTTPChannel):
     """Twisted's HTTP/1.1 channel, answering every limit it enforces (table above).
 
     The limits are class attributes: ``MAX_LENGTH`` (one line), ``maxHeaders``,
-    ``totalHeadersSize``; the body limit and header timeout come from the Site.
+    ``totalHeadersSize``; the body limit and the timeouts come from the Site. A Site over its
+    connection limit sets ``refusal``: the connection is refused with it as it opens.
     """
 
     MAX_LENGTH = 16 * 1024  # bytes in the request line, and in any one header line
@@ -235,6 +246,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
     linger_seconds = 5.0
 
     site: LimitsSite
+    refusal: ServingError | None = None  # answered as the connection opens (the Site sets it)
 
     def __init__(self) -> None:
         super().__init__()
@@ -242,6 +254,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self._head_bytes = 0
         self._header_count = 0
         self._head_timer: IDelayedCall | None = None
+        self._read_timer: IDelayedCall | None = None
         self._linger_timer: IDelayedCall | None = None
         self._refused = False
         self._request_line = (b"", b"")  # the request line's method and path, for metrics
@@ -249,6 +262,11 @@ class LimitedHTTPChannel(http.HTTPChannel):
         self._current: Any = None  # the request whose head or body is arriving, if made yet
 
     # -- receiving ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.refusal is not None:
+            self.refuse(self.refusal)
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -260,6 +278,8 @@ class LimitedHTTPChannel(http.HTTPChannel):
             self._head_timer = self.callLater(
                 self.site.request_header_timeout, self._head_timed_out
             )
+            self._cancel_read_timer()
+            self._read_timer = self.callLater(self.site.request_read_timeout, self._read_timed_out)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -325,6 +345,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         if self._refused:  # the body was refused part way; the rest is only being drained
             return
+        self._cancel_read_timer()  # the whole request is in
         super().allContentReceived()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
@@ -354,6 +375,7 @@ class LimitedHTTPChannel(http.HTTPChannel):
             return
         self._refused = True
         self._cancel_head_timer()
+        self._cancel_read_timer()
         self.setTimeout(None)
         self.clearLineBuffer()  # LineReceiver parses nothing more of what it has buffered
         request = self._current
@@ -390,6 +412,21 @@ class LimitedHTTPChannel(http.HTTPChannel):
             )
         )
 
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        timeout = self.site.request_read_timeout
+        what = "its headers were still arriving"
+        if not self.line_mode:  # the head is in: the body is what is late
+            received = getattr(self._current, "received", 0)
+            expected = f" of {self.length}" if self.length else ""  # chunked: not known
+            what = f"its body was still arriving ({received}{expected} bytes had come)"
+        self.refuse(
+            RequestTimeout(
+                f"the request was not received whole within {timeout:g} s "
+                f"(--request_read_timeout); {what}"
+            )
+        )
+
     def _stop_lingering(self) -> None:
         self._linger_timer = None
         cast(ITCPTransport, self.transport).abortConnection()
@@ -399,8 +436,14 @@ class LimitedHTTPChannel(http.HTTPChannel):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_head_timer()
+        self._cancel_read_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None

@@ -7,6 +7,14 @@ runs); ``BoundedRequest`` holds each body in memory up to the limit, against the
 writes its access-log line (``service.access_log``), and tracks its connections so a stop
 can drain them (``service.lifecycle``). Every request is filed under a request id, echoed
 as ``X-Request-Id`` on its answer.
+
+Connections are bounded (``--max_connections``). Twisted's own bound
+(``policies.LimitTotalConnectionsFactory``) closes a connection past it without a word; here
+it is answered ``503`` with ``Retry-After`` and ``Connection: close`` as it opens, counted and
+access-logged like any refusal, while the connections already open keep being served. An
+answered refusal lingers while the client may still be sending (``LimitedHTTPChannel``), so
+at most ``max_lingering_refusals`` are answered at once; past that a new connection is closed
+at once with no answer, which bounds the descriptors a flood of connections can hold.
 """
 
 from __future__ import annotations
@@ -145,6 +153,7 @@ class InferenceSite(server.Site):
     displayTracebacks = False
     noisy = False  # no "Starting factory" lines
     protocol = LimitedHTTPChannel  # type: ignore[assignment]
+    max_lingering_refusals = 64  # refusals past max_connections being answered at once
 
     def __init__(
         self,
@@ -152,6 +161,8 @@ class InferenceSite(server.Site):
         *,
         max_body_bytes: int,
         request_header_timeout: float = 30.0,
+        request_read_timeout: float = 60.0,
+        max_connections: int = 1024,
         in_flight: InFlight | None = None,
         budget: RequestBudget | None = None,
         access_log: AccessLog | None = None,
@@ -169,8 +180,11 @@ class InferenceSite(server.Site):
         )
         self.max_body_bytes = max_body_bytes
         self.request_header_timeout = request_header_timeout
+        self.request_read_timeout = request_read_timeout
+        self.max_connections = max_connections
         self.access_log = access_log or AccessLog("off")
         self.auth = auth
+        self.metrics = api.metrics
         self._requests = api.metrics.requests
         self._model_requests = api.metrics.model_requests
         self._route_of = api.route_of
@@ -181,16 +195,36 @@ class InferenceSite(server.Site):
         api.metrics.in_flight.set_function(lambda: self.in_flight.count)
         self.stopping = False
         self._connections: set[Any] = set()
+        self._refusing: set[Any] = set()  # connections past max_connections, being refused
         self._all_closed: list[Deferred] = []
+        api.metrics.open_connections.set_function(lambda: self.open_connections)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served (those being refused are not)."""
+        return len(self._connections) - len(self._refusing)
 
     def buildProtocol(self, addr: Any) -> Any:
+        over_limit = self.open_connections >= self.max_connections
+        if over_limit and len(self._refusing) >= self.max_lingering_refusals:
+            self.metrics.refused_connections.labels("closed").inc()
+            return None  # Twisted closes the connection
         protocol = super().buildProtocol(addr)
         if protocol is not None:
             self._connections.add(protocol)
+            if over_limit:
+                self._refusing.add(protocol)
+                self.metrics.refused_connections.labels("503").inc()
+                protocol.refusal = Unavailable(
+                    f"the server has its limit of {self.max_connections} connections open "
+                    "(--max_connections); retry later or on another server",
+                    retry_after=1,
+                )
             lost = protocol.connectionLost
 
             def connection_lost(reason: Any, protocol: Any = protocol) -> None:
                 self._connections.discard(protocol)
+                self._refusing.discard(protocol)
                 lost(reason)
                 if not self._connections:
                     waiters, self._all_closed = self._all_closed, []
@@ -309,6 +343,25 @@ class InferenceSite(server.Site):
                     bytes_out=bytes_out,
                 )
             )
+
+
+#: File descriptors the process needs besides its HTTP connections: model files, gRPC,
+#: Consul, logs, refusals lingering (``InferenceSite.max_lingering_refusals``).
+OTHER_DESCRIPTORS = 256
+
+
+def open_files_problem(max_connections: int, open_files_limit: int) -> str | None:
+    """Why the process's open-file limit would refuse connections before --max_connections
+    does (the kernel's refusal is a silent close, not a 503), or None."""
+    needed = max_connections + OTHER_DESCRIPTORS
+    if open_files_limit < 0 or open_files_limit >= needed:  # < 0: RLIM_INFINITY
+        return None
+    return (
+        f"the open-file limit ({open_files_limit}) leaves no room for --max_connections="
+        f"{max_connections} and the server's other {OTHER_DESCRIPTORS} descriptors: raise it to "
+        f"{needed} or more (ulimit -n, systemd's LimitNOFILE) or lower --max_connections, or "
+        "connections past it are refused by the kernel without an answer"
+    )
 
 
 def _busy(hold: BodyHold) -> Unavailable:

@@ -69,6 +69,18 @@ class Metrics:
             "HTTP requests received and not yet answered",
             registry=self.registry,
         )
+        self.open_connections = Gauge(
+            "kleinserve_open_connections",
+            "HTTP connections being served (counted against --max_connections)",
+            registry=self.registry,
+        )
+        self.refused_connections = Counter(
+            "kleinserve_refused_connections",
+            "HTTP connections refused past --max_connections: answered 503 (how=503), or, while "
+            "too many refusals are still being answered, closed at once (how=closed)",
+            ("how",),
+            registry=self.registry,
+        )
         self.request_body_bytes = Gauge(
             "kleinserve_request_body_bytes",
             "Request body bytes being received or decoded (held in --max_inflight_request_bytes)",

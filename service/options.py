@@ -63,7 +63,9 @@ class DiscoveryConfig:
     ttl: float = 15.0
     deregister_critical_after: float = 60.0
     drain_delay: float = 5.0  # ServerConfig.drain_delay, which it is always given
-    check_scheme: str = "http"  # of the readiness check's URL: https for an ssl: --listen
+    # The REST port's scheme, https for an ssl: --listen: its readiness check's URL, and the
+    # registration's "scheme" meta that tells clients to call it with https.
+    check_scheme: str = "http"
     check_tls_skip_verify: bool = False  # the agent does not verify the server's certificate
 
 
@@ -94,6 +96,15 @@ class ServerConfig:
     max_enqueued_image_decodes: int = 64
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     request_header_timeout: float = 30.0
+    # Seconds a request has, from its first byte, to arrive whole (headers and body). It bounds
+    # how long a slow sender holds a connection and its share of --max_inflight_request_bytes:
+    # 60 s carries the largest default body (64 MiB) at about 9 Mbit/s.
+    request_read_timeout: float = 60.0
+    # Connections open at once; past it a new connection is answered 503 and closed. Each costs a
+    # file descriptor and its buffers, and at the ~1,900 requests/s one server answers
+    # (docs/scaling.md) a thousand clients with a request each already wait ~0.5 s in its queue:
+    # the next one is served sooner by another server, where the client library retries a 503.
+    max_connections: int = 1024
     # gRPC (TF Serving's API): host:port to listen on, None for no gRPC.
     grpc_listen: str | None = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
     grpc_threads: int = 64
@@ -287,6 +298,20 @@ class Options(usage.Options):
             "checks (and /metrics, unless --auth_metrics) needs Authorization: Bearer TOKEN "
             "(gRPC: authorization metadata), else 401. Re-read on SIGHUP.",
         ),
+        _flag(
+            "request_read_timeout",
+            _default("request_read_timeout"),
+            "Seconds a client has to send a whole request, headers and body, from its first "
+            "byte; then 408 and the connection is closed.",
+            float,
+        ),
+        _flag(
+            "max_connections",
+            _default("max_connections"),
+            "HTTP connections open at once; past it a new connection is answered 503 with "
+            "Retry-After and closed.",
+            int,
+        ),
         # Consul, health and the stop.
         _flag(
             "consul",
@@ -473,6 +498,8 @@ def config_from_options(opts: Any) -> ServerConfig:
         max_enqueued_image_decodes=opts["max_enqueued_image_decodes"],
         max_image_pixels=opts["max_image_pixels"],
         request_header_timeout=opts["request_header_timeout"],
+        request_read_timeout=opts["request_read_timeout"],
+        max_connections=opts["max_connections"],
         grpc_listen=_grpc_listen(opts["port"], opts["grpc_listen"]),
         grpc_threads=opts["grpc_threads"],
         grpc_max_receive_bytes=opts["grpc_max_receive_bytes"],
@@ -583,8 +610,9 @@ def _models(opts: Any, batching: BatchingParameters) -> tuple[Path | None, list[
 
 def _check_numbers(opts: Any) -> None:
     """Refuse the numeric flags outside the range where they mean something."""
-    if opts["request_header_timeout"] <= 0:
-        raise usage.UsageError("--request_header_timeout must be positive")
+    for flag in ("request_header_timeout", "request_read_timeout", "max_connections"):
+        if opts[flag] <= 0:
+            raise usage.UsageError(f"--{flag} must be positive")
     for flag in ("model_config_file_poll_wait_seconds", "max_num_load_retries"):
         if opts[flag] < 0:
             raise usage.UsageError(f"--{flag} must be 0 or more")

@@ -31,15 +31,15 @@ AGENT_RETRY = Backoff(initial=0.5, maximum=15.0, jitter=0.2)
 
 
 def model_tags(
-    repository: ModelRepository, grpc_port: int | None = None
+    repository: ModelRepository, grpc_port: int | None = None, scheme: str = "http"
 ) -> tuple[list[str], dict[str, str]]:
     """Consul tags and meta naming every model with an AVAILABLE version, and those versions
-    (and the gRPC API and its port, when it is served)."""
+    (and the gRPC API and its port, when it is served; ``scheme`` https for a TLS port)."""
     available = {
         name: [number for number, v in versions.items() if v.state == AVAILABLE]
         for name, versions in repository.versions.items()
     }
-    return consul_tags.registration(available, grpc_port=grpc_port)
+    return consul_tags.registration(available, grpc_port=grpc_port, scheme=scheme)
 
 
 def make_registration(
@@ -58,7 +58,7 @@ def make_registration(
     host = discovery.advertise_host or host
     if host is None:
         raise ValueError("no address to register: --advertise, or the local agent's")
-    tags, meta = model_tags(repository, grpc_port)
+    tags, meta = model_tags(repository, grpc_port, discovery.check_scheme)
     url_host = f"[{host}]" if ":" in host else host
     spec = RegistrationSpec(
         service_id=default_service_id(discovery.service_name, host, port),
@@ -120,7 +120,10 @@ def registration_factory(
         registration = make_registration(
             discovery, repository, listening.getHost().port, health, reactor, grpc_port, host
         )
-        repository.subscribe(lambda: registration.update(*model_tags(repository, grpc_port)))
+        scheme = discovery.check_scheme
+        repository.subscribe(
+            lambda: registration.update(*model_tags(repository, grpc_port, scheme))
+        )
         return registration
 
     return register

@@ -47,6 +47,7 @@ def makeService(options: Options) -> MultiService:
 
     config: ServerConfig = options.config
     stop_signals_once(reactor)
+    _warn_about_open_files(config.max_connections)
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads)
     parts = _Parts(config, reactor)
     deadline = StopDeadline(
@@ -142,6 +143,8 @@ class _Parts:
             max_body_bytes=config.max_request_bytes,
             budget=RequestBudget(config.max_inflight_request_bytes),
             request_header_timeout=config.request_header_timeout,
+            request_read_timeout=config.request_read_timeout,
+            max_connections=config.max_connections,
             access_log=self.access_log,
             auth=None
             if self.tokens is None
@@ -289,3 +292,16 @@ def configure_tensorflow(intra: int, inter: int) -> None:
             tf.config.threading.set_intra_op_parallelism_threads(intra)
         if inter:
             tf.config.threading.set_inter_op_parallelism_threads(inter)
+
+
+def _warn_about_open_files(max_connections: int) -> None:
+    import resource
+
+    from twisted.logger import Logger
+
+    from service.http_site import open_files_problem
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    problem = open_files_problem(max_connections, soft)
+    if problem is not None:
+        Logger().warn("{problem}", problem=problem)

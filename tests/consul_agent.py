@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.consul import CONSUL_BINARY, ConsulAgent
 
 
-def new_agent(tmp_path: Path) -> ConsulAgent:
-    """An agent with its ports chosen, logging to ``tmp_path``; skips the test without consul."""
+def new_agent(tmp_path: Path, config: dict[str, Any] | None = None) -> ConsulAgent:
+    """An agent with its ports chosen (and ``config`` added to its configuration), logging
+    to ``tmp_path``; skips the test without consul."""
     if not CONSUL_BINARY.exists():
         pytest.skip(f"no consul binary at {CONSUL_BINARY}: run scripts/bootstrap to install it")
-    return ConsulAgent(CONSUL_BINARY, tmp_path)
+    return ConsulAgent(CONSUL_BINARY, tmp_path, config)
 
 
 @pytest.fixture

@@ -18,12 +18,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import orjson
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from OpenSSL import SSL
 from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
@@ -40,7 +42,13 @@ from client.blocking import read_image
 from client.budget import RetryBudget
 from client.codec import Classification, decode_classifications, decode_outputs, encode_inputs
 from client.dispatch import Attempt, Deadline, Dispatcher
-from client.errors import DeadlineExceeded, InvalidRequest, NoBackendAvailable, ServerError
+from client.errors import (
+    CertificateError,
+    DeadlineExceeded,
+    InvalidRequest,
+    NoBackendAvailable,
+    ServerError,
+)
 from client.multipart import Part, encode_multipart
 from client.progress import Progress, render
 from client.report import FileResult, collect_images, metric_sum, summary, write_results
@@ -49,6 +57,8 @@ from client.sources import ConsulSources, StaticSources
 from client.transport import HTTPRequest, HTTPResponse, TreqTransport
 from discovery.backends import Backend, Backends, snapshot
 from discovery.consul import ConsulAddress
+from tests.certificates import make_ca
+from wire.consul_tags import scheme_of
 from wire.http import DEADLINE_HEADER, REQUEST_ID_HEADER, request_id_problem
 
 A, B, C = (Backend(f"inference-{n}", "127.0.0.1", 8500 + n) for n in (1, 2, 3))
@@ -430,6 +440,37 @@ def test_refused_connection_is_retried_on_another_backend() -> None:
     assert [a.outcome for a in attempts] == ["not sent", "ok"]
     assert attempts[1].sent_at > attempts[0].finished_at  # a jittered backoff in between
     assert d.balancer.is_ejected(A)
+
+
+def test_a_backend_registered_with_https_is_called_with_https() -> None:
+    """Each attempt's request carries its backend's scheme: https for a registration whose
+    meta says scheme: https, http for one without; the URL is built with it."""
+    clock = task.Clock()
+    tls = attrs.evolve(A, meta={"scheme": "https"})
+    transport = FakeTransport(lambda where, r: OK)
+    d = dispatcher(clock, transport, (tls, B), strategy=Strategy.ROUND_ROBIN)
+    result_of(clock, call(d, clock))
+    result_of(clock, call(d, clock))
+    schemes = {where: r.scheme for where, r in transport.sent}
+    assert schemes == {KEY[A]: "https", KEY[B]: "http"}
+    assert transport.sent[0][1].url("10.0.0.1", 8501).startswith("https://10.0.0.1:8501/")
+
+
+def test_a_certificate_not_verified_is_a_certificate_error_at_once() -> None:
+    """A TLS handshake that fails verification ends the call with CertificateError after
+    one attempt (no retry on the other backends), naming the server and what to give."""
+    clock = task.Clock()
+    attempts: list[Attempt] = []
+    refused = SSL.Error([("SSL routines", "", "certificate verify failed")])
+    transport = FakeTransport(lambda where, r: ResponseNeverReceived([Failure(refused)]))
+    tls = tuple(attrs.evolve(b, meta={"scheme": "https"}) for b in ABC)
+    d = dispatcher(clock, transport, tls, attempts=attempts)
+    with pytest.raises(CertificateError) as raised:
+        result_of(clock, call(d, clock))
+    error = str(raised.value)
+    assert "certificate verify failed" in error and "ca_file" in error and "https://" in error
+    assert [a.outcome for a in attempts] == ["TLS"]
+    assert d.stats.retries == 0
 
 
 def test_connection_lost_mid_request_is_retried() -> None:
@@ -994,6 +1035,24 @@ def test_static_backends_and_their_listing() -> None:
     assert StaticSources([("h", 1)]).describe() == "the static backends h:1"
     with pytest.raises(ValueError):
         AsyncInferenceClient("127.0.0.1:8500", backends=[("h", 1)], reactor=task.Clock())
+
+
+def test_static_backends_with_a_ca_file_are_called_with_https(tmp_path: Path) -> None:
+    """backends=[…] with ca_file are TLS servers (scheme https), without it plain http; the
+    CA file may hold several certificates, and one holding none is refused naming it."""
+    first, _, _ = make_ca(tmp_path, "first CA")
+    second, _, _ = make_ca(tmp_path, "second CA")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(first.read_bytes() + second.read_bytes())
+    client = AsyncInferenceClient(backends=[("h", 1)], reactor=task.Clock(), ca_file=str(bundle))
+    (info,) = result_of(task.Clock(), client.backends())
+    assert scheme_of(info.backend.meta) == "https"
+    (plain,) = StaticSources([("h", 1)]).for_model("m").current
+    assert scheme_of(plain.meta) == "http"
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificate here")
+    with pytest.raises(ValueError, match="empty.pem holds no PEM certificate"):
+        AsyncInferenceClient(backends=[("h", 1)], reactor=task.Clock(), ca_file=str(empty))
 
 
 # --- the blocking face and the command line's pure parts --------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -36,6 +37,8 @@ from service.http_paths import (
     malformed,
     parse_version,
 )
+from service.http_site import OTHER_DESCRIPTORS, open_files_problem
+from tests.conftest import CapturedLogs
 from tests.test_http import call, make_api
 
 PREDICT = b'{"instances": [[1, 2], [3, 4]]}'
@@ -268,29 +271,38 @@ class TCPTransport(StringTransport):
         self.write_closed = True
 
 
-class Connection:
-    """One client connection to an InferenceSite: bytes in, the answer's parts out."""
+def make_site(
+    *,
+    max_body_bytes: int = 1000,
+    timeout: float = 30.0,
+    read_timeout: float = 60.0,
+    max_connections: int = 1024,
+    access_log: AccessLog | None = None,
+    auth: HTTPAuth | None = None,
+) -> InferenceSite:
+    """An InferenceSite on the numpy test model, its timers on a ``Clock`` (``site.reactor``)."""
+    api, _, _ = make_api()
+    return InferenceSite(
+        api,
+        max_body_bytes=max_body_bytes,
+        request_header_timeout=timeout,
+        request_read_timeout=read_timeout,
+        max_connections=max_connections,
+        access_log=access_log,
+        auth=auth,
+        reactor=Clock(),
+    )
 
-    def __init__(
-        self,
-        *,
-        max_body_bytes: int = 1000,
-        timeout: float = 30.0,
-        access_log: AccessLog | None = None,
-        auth: HTTPAuth | None = None,
-    ) -> None:
-        self.clock = Clock()
-        api, _, _ = make_api()
-        self.metrics = api.metrics
-        site = InferenceSite(
-            api,
-            max_body_bytes=max_body_bytes,
-            request_header_timeout=timeout,
-            access_log=access_log,
-            auth=auth,
-            reactor=self.clock,
-        )
-        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+
+class Connection:
+    """One client connection to an InferenceSite (a new one, or ``site``'s): bytes in, the
+    answer's parts out."""
+
+    def __init__(self, *, site: InferenceSite | None = None, **limits: Any) -> None:
+        self.site = site if site is not None else make_site(**limits)
+        self.clock: Clock = self.site.reactor
+        self.metrics = self.site.metrics
+        self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
         assert isinstance(self.channel, LimitedHTTPChannel)
         self.transport = TCPTransport()
         self.channel.makeConnection(self.transport)
@@ -314,6 +326,16 @@ class Connection:
         else:
             body = rest[: int(headers[b"content-length"])]
         return int(status_line.split(b" ")[1]), headers, body
+
+    def trickle(self, byte: bytes, *, seconds: int) -> tuple[int, str]:
+        """Send ``byte`` each second for ``seconds - 1`` seconds, checking nothing is
+        answered, then let one more second pass: the refusal that must come then."""
+        for _ in range(seconds - 1):
+            self.clock.advance(1)
+            self.send(byte)
+        assert self.transport.value() == b""
+        self.clock.advance(1)
+        return self.refused()
 
     def refused(self) -> tuple[int, str]:
         """The refusal's status and error message, checking it is JSON and ends the connection."""
@@ -469,12 +491,7 @@ def test_headers_trickled_past_the_timeout_are_408() -> None:
     """Headers sent a byte a second are answered 408 once --request_header_timeout passes."""
     connection = Connection(timeout=30.0)
     connection.send(b"GET /healthz HTTP/1.1\r\n")
-    for _ in range(29):
-        connection.clock.advance(1)
-        connection.send(b"X")
-    assert connection.transport.value() == b""
-    connection.clock.advance(1)
-    status, error = connection.refused()
+    status, error = connection.trickle(b"X", seconds=30)
     assert status == 408 and "30 s" in error and "--request_header_timeout" in error
 
 
@@ -553,3 +570,111 @@ def test_refusals_are_counted_in_the_metrics() -> None:
         "kleinserve_requests_total", {"route": "predict", "code": "413"}
     )
     assert sample == 1.0
+
+
+# -- the whole request's read timeout -------------------------------------------------------------
+
+
+def test_a_body_trickled_past_the_read_timeout_is_408() -> None:
+    """Headers in time, then a body sent a byte a second: 408 once --request_read_timeout
+    has passed since the request's first byte, saying how much of the body had come."""
+    connection = Connection(timeout=30.0, read_timeout=60.0)
+    connection.send(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n")
+    connection.clock.advance(20)
+    connection.send(b"Content-Length: 100\r\n\r\n")
+    status, error = connection.trickle(b" ", seconds=40)
+    assert status == 408 and "60 s" in error and "--request_read_timeout" in error
+    assert "39 of 100 bytes" in error
+
+
+def test_a_large_body_at_a_steady_rate_within_the_read_timeout_is_answered() -> None:
+    """A 50 kB body sent in ten pieces five seconds apart (45 s in all, under the 60 s read
+    timeout, each gap under the header timeout) is answered 200."""
+    connection = Connection(max_body_bytes=100_000, read_timeout=60.0)
+    body = PREDICT + b" " * (50_000 - len(PREDICT))  # JSON allows trailing whitespace
+    connection.send(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n")
+    connection.send(b"Content-Length: %d\r\n\r\n" % len(body))
+    for start in range(0, len(body), 5_000):
+        connection.clock.advance(5)
+        connection.send(body[start : start + 5_000])
+    status, _, answer = connection.answer()
+    assert (status, json.loads(answer)) == (200, PREDICTED)
+
+
+def test_the_read_timeout_starts_again_with_each_request() -> None:
+    """On a kept-alive connection each request gets the whole read timeout from its own first
+    byte: a second request sent 50 s after the first, taking 50 s itself, is answered."""
+    connection = Connection(timeout=30.0, read_timeout=60.0)
+    connection.send(request())
+    first = connection.transport.value()
+    connection.clock.advance(50)
+    second = request()
+    connection.send(second[:-20])  # the head and part of the body
+    connection.clock.advance(25)
+    connection.send(second[-20:-10])
+    connection.clock.advance(25)
+    connection.send(second[-10:])
+    assert connection.transport.value().count(b"HTTP/1.1 200 OK") == 2
+    assert connection.transport.value().startswith(first)
+
+
+# -- the connection limit --------------------------------------------------------------------------
+
+
+def test_a_connection_past_the_limit_is_503_while_the_open_ones_are_served(
+    logs: CapturedLogs,
+) -> None:
+    """With --max_connections=2 a third connection is answered 503 with Retry-After and
+    Connection: close as it opens, counted and access-logged; the two open ones are still
+    served, and once one closes a new connection is served again."""
+    site = make_site(max_connections=2, access_log=AccessLog("json"))
+    first, second = Connection(site=site), Connection(site=site)
+    third = Connection(site=site)
+    status, error = third.refused()
+    _, headers, _ = third.answer()
+    assert status == 503 and headers[b"retry-after"] == b"1"
+    assert "limit of 2 connections" in error and "--max_connections" in error
+    for held in (first, second):
+        held.send(request())
+        assert held.answer()[0] == 200
+    registry = site.metrics.registry
+    assert registry.get_sample_value("kleinserve_refused_connections_total", {"how": "503"}) == 1
+    assert registry.get_sample_value("kleinserve_open_connections") == 2
+    assert (
+        registry.get_sample_value("kleinserve_requests_total", {"route": "other", "code": "503"})
+        == 1
+    )
+    (line,) = [
+        json.loads(e["access_line"])
+        for e in list(logs)
+        if e.get("log_namespace") == "kleinserve.access" and '"status":503' in e["access_line"]
+    ]
+    assert line["request_id"] == headers[b"x-request-id"].decode()
+
+    third.channel.connectionLost(Failure(ConnectionDone()))
+    first.channel.connectionLost(Failure(ConnectionDone()))
+    fourth = Connection(site=site)
+    fourth.send(request())
+    assert fourth.answer()[0] == 200
+
+
+def test_refusals_past_the_linger_bound_are_closed_at_once() -> None:
+    """While max_lingering_refusals refusals are still lingering, a further connection past
+    the limit gets no protocol (Twisted closes it) and is counted as closed."""
+    site = make_site(max_connections=1)
+    site.max_lingering_refusals = 1
+    Connection(site=site)
+    Connection(site=site).refused()
+    assert site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4322)) is None
+    registry = site.metrics.registry
+    assert registry.get_sample_value("kleinserve_refused_connections_total", {"how": "503"}) == 1
+    assert registry.get_sample_value("kleinserve_refused_connections_total", {"how": "closed"}) == 1
+
+
+def test_an_open_file_limit_below_the_connection_limit_is_named() -> None:
+    """An open-file limit without room for --max_connections and the other descriptors is
+    a problem naming both and what to change; one with room, or none, is not."""
+    problem = open_files_problem(1024, 1024)
+    assert problem is not None and "1024" in problem and "LimitNOFILE" in problem
+    assert open_files_problem(1024, 1024 + OTHER_DESCRIPTORS) is None
+    assert open_files_problem(1024, -1) is None  # RLIM_INFINITY

@@ -1,7 +1,8 @@
 """HTTP limits and bad paths against a real ``twistd -n inference``, over raw sockets.
 
 Each limit is answered with its status and a JSON ``{"error": …}`` and the connection is
-closed; after each, a normal predict on another connection still answers 200.
+closed; after each, and while a slow client is being timed out, a normal predict on another
+connection still answers 200.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import pytest
@@ -20,6 +22,8 @@ from tests import models
 pytestmark = pytest.mark.integration
 
 LIMIT = 10_000  # --max_request_bytes
+READ_TIMEOUT = 5  # --request_read_timeout, seconds
+MAX_CONNECTIONS = 6
 PREDICT = json.dumps({"instances": [[1.0, 1.0, 1.0], [0.5, 0.0, -1.0]]}).encode()
 # y = x @ [[1, 2], [3, 4], [5, 6]] + [0.5, -0.5]
 PREDICTED = {"predictions": [[9.5, 11.5], [-4.0, -5.5]]}
@@ -46,6 +50,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
             f"--model_base_path={root / 'linear'}",
             f"--max_request_bytes={LIMIT}",
             "--request_header_timeout=1",
+            f"--request_read_timeout={READ_TIMEOUT}",
+            f"--max_connections={MAX_CONNECTIONS}",
         ],
         tmp_path_factory.mktemp("logs"),
     ).start()
@@ -64,6 +70,25 @@ def read_to_close(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         received += chunk
     return received
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole response from a connection kept open (chunked or with Content-Length)."""
+    received = b""
+    while True:
+        head, found, body = received.partition(b"\r\n\r\n")
+        if found:
+            lengths = [
+                int(line.split(b":", 1)[1])
+                for line in head.lower().split(b"\r\n")
+                if line.startswith(b"content-length:")
+            ]
+            if body.endswith(b"\r\n0\r\n\r\n") or (lengths and len(body) >= lengths[0]):
+                return received
+        chunk = sock.recv(65536)
+        if not chunk:
+            return received
+        received += chunk
 
 
 def parse(raw: bytes) -> Answer:
@@ -113,6 +138,27 @@ def assert_still_serving(server: TwistdServer) -> None:
     """A normal predict, on a connection of its own, answers 200."""
     status, doc = server.post_json("/v1/models/linear:predict", json.loads(PREDICT))
     assert (status, doc) == (200, PREDICTED)
+
+
+def trickle(
+    server: TwistdServer, start: bytes, byte: bytes, meanwhile: Callable[[], None]
+) -> bytes:
+    """Send ``start``, then ``byte`` about every 0.2 s (calling ``meanwhile`` between them)
+    until the server's answer has come; what it answered."""
+    with connect(server) as sock:
+        sock.sendall(start)
+        sock.settimeout(0.2)
+        received = bytearray()
+
+        def send_one() -> bytes:
+            try:
+                sock.sendall(byte)
+                received.extend(sock.recv(65536))
+            except TimeoutError:
+                meanwhile()
+            return bytes(received)
+
+        return poll(send_one, lambda got: b"}" in got, timeout=60)
 
 
 def test_a_predict_is_answered_without_a_server_header(server: TwistdServer) -> None:
@@ -179,20 +225,7 @@ def test_a_chunked_body_past_the_limit_is_413_before_it_ends(server: TwistdServe
 
 def test_headers_trickled_past_the_timeout_are_408(server: TwistdServer) -> None:
     """Headers sent a byte at a time are answered 408 after --request_header_timeout (1 s)."""
-    with connect(server) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
-        sock.settimeout(0.2)
-        received = bytearray()
-
-        def trickle() -> bytes:
-            try:
-                sock.sendall(b"a")
-                received.extend(sock.recv(65536))
-            except TimeoutError:
-                pass
-            return bytes(received)
-
-        raw = poll(trickle, lambda got: b"}" in got, timeout=30)
+    raw = trickle(server, b"GET /healthz HTTP/1.1\r\nX-Slow: ", b"a", lambda: None)
     error = assert_refused(parse(raw), 408)
     assert "--request_header_timeout" in error
     assert_still_serving(server)
@@ -244,3 +277,56 @@ def test_bad_paths_answer_json(server: TwistdServer, path: bytes, status: int, s
         assert answer.status == status, answer.raw
         assert says in answer.error()
     assert_still_serving(server)
+
+
+def test_a_body_trickled_past_the_read_timeout_is_408_while_others_are_served(
+    server: TwistdServer,
+) -> None:
+    """A body sent a byte at a time is answered 408 once --request_read_timeout has passed,
+    naming how much of it had come; meanwhile other clients' predicts are answered."""
+    head = post(b"/v1/models/linear:predict", b"").replace(b"Length: 0", b"Length: 900")
+    raw = trickle(server, head, b" ", lambda: assert_still_serving(server))
+    error = assert_refused(parse(raw), 408)
+    assert "--request_read_timeout" in error and "of 900 bytes" in error
+    assert_still_serving(server)
+
+
+def test_a_body_sent_steadily_within_the_read_timeout_is_answered(server: TwistdServer) -> None:
+    """A body near the size limit sent in ten pieces over about a second (well within the
+    5 s read timeout) is answered 200."""
+    body = PREDICT + b" " * (LIMIT - len(PREDICT))
+    data = post(b"/v1/models/linear:predict", body)
+    with connect(server) as sock:
+        for start in range(0, len(data), len(data) // 10 + 1):
+            sock.sendall(data[start : start + len(data) // 10 + 1])
+            time.sleep(0.1)
+        answer = parse(read_to_close(sock))
+    assert (answer.status, json.loads(answer.body)) == (200, PREDICTED)
+
+
+def test_a_connection_past_the_limit_is_503_while_held_ones_are_served(
+    server: TwistdServer,
+) -> None:
+    """With --max_connections connections open (each answered once, so the server holds
+    them), the next connection is answered 503 with Retry-After and Connection: close, and
+    each held connection still gets its answer; closing one lets a new one in."""
+    keep_alive = post(b"/v1/models/linear:predict", PREDICT).replace(b"Connection: close", b"X: y")
+    held = [connect(server) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for sock in held:
+            sock.sendall(keep_alive)
+            assert parse(read_answer(sock)).status == 200
+        with connect(server) as extra:
+            answer = parse(read_to_close(extra))
+        error = assert_refused(answer, 503)
+        assert answer.headers["retry-after"] == "1"
+        assert f"limit of {MAX_CONNECTIONS} connections" in error and "--max_connections" in error
+        for sock in held:
+            sock.sendall(keep_alive)
+            answer = parse(read_answer(sock))
+            assert (answer.status, json.loads(answer.body)) == (200, PREDICTED)
+    finally:
+        for sock in held:
+            sock.close()
+    status, text = poll(lambda: server.get("/metrics"), lambda got: got[0] == 200, timeout=30)
+    assert 'kleinserve_refused_connections_total{how="503"} 1.0' in str(text)

@@ -45,6 +45,17 @@ def test_http_limit_flags_land_in_the_config(tmp_path) -> None:
     assert (config.request_header_timeout, config.max_request_bytes) == (2.5, 10)
 
 
+def test_read_timeout_and_connection_limit_flags_land_in_the_config(tmp_path) -> None:
+    """--request_read_timeout (default 60 s) and --max_connections (default 1024) land in
+    the config."""
+    defaults = parse(f"--model_base_path={tmp_path}").config
+    assert (defaults.request_read_timeout, defaults.max_connections) == (60.0, 1024)
+    config = parse(
+        f"--model_base_path={tmp_path}", "--request_read_timeout=7.5", "--max_connections=3"
+    ).config
+    assert (config.request_read_timeout, config.max_connections) == (7.5, 3)
+
+
 def test_a_model_config_file_configures_several_models(tmp_path) -> None:
     """--model_config_file brings TF Serving's models, policies and labels, with each model's
     own batching_parameters.txt, and the poll/retry flags land in the config."""
@@ -114,6 +125,9 @@ def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
         (("--model_base_path={tmp}", "--model_name=a/b"), "may not contain"),
         (("--model_base_path={tmp}", "--max_request_bytes=0"), "must be positive"),
         (("--model_base_path={tmp}", "--request_header_timeout=0"), "timeout must be positive"),
+        (("--model_base_path={tmp}", "--request_read_timeout=0"), "timeout must be positive"),
+        (("--model_base_path={tmp}", "--max_connections=0"), "connections must be positive"),
+        (("--model_base_path={tmp}", "--max_connections=many"), "--max_connections takes"),
         (("--model_base_path={tmp}", "--rest_api_port=http"), "rest_api_port"),
         (("--model_base_path={tmp}", "--port=70000"), "--port must be between 0 and 65535"),
         (("--model_base_path={tmp}", "--grpc_listen=8500"), "--grpc_listen takes host:port"),

@@ -16,7 +16,7 @@ from service.dataplane import ModelTarget
 from service.http import InferenceAPI
 from service.signature import DTYPES as SERVER_DTYPES
 from tests.test_http import call, make_api
-from wire.consul_tags import model_tag, registration, served_models
+from wire.consul_tags import model_tag, registration, scheme_of, served_models
 from wire.http import DEADLINE_HEADER, error_body, error_text
 from wire.paths import PREFIX, V2_PREFIX, is_name, model_path, v2_model_path
 
@@ -73,6 +73,19 @@ def test_a_server_with_grpc_says_so_and_names_its_port() -> None:
         "model:a:1",
     ]
     assert meta == {"api": "tfserving-rest", "models": "a:1", "grpc_port": "8500"}
+
+
+def test_a_tls_server_says_https_in_its_meta() -> None:
+    """scheme https adds the meta scheme: https that scheme_of reads; http adds nothing (a
+    registration without it is http); another scheme is refused."""
+    _, meta = registration({"a": [1]}, scheme="https")
+    assert meta == {"api": "tfserving-rest", "models": "a:1", "scheme": "https"}
+    assert scheme_of(meta) == "https"
+    _, plain = registration({"a": [1]})
+    assert "scheme" not in plain and scheme_of(plain) == "http"
+    assert scheme_of({"scheme": "gopher"}) == "http"
+    with pytest.raises(ValueError, match="scheme must be one of http, https"):
+        registration({"a": [1]}, scheme="ftp")
 
 
 def test_registration_tags_name_each_available_version() -> None:
