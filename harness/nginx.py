@@ -49,7 +49,8 @@ def render_upstreams(backends: Iterable[Backend], name: str = UPSTREAM) -> str:
 def render_config(run_dir: Path, listen: int, upstreams: Path) -> str:
     """nginx.conf for one worker proxying everything to ``UPSTREAM``: bodies kept in memory,
     keep-alive upstream connections, a failed or timed-out attempt retried on another server
-    (inference calls are idempotent, hence ``non_idempotent``)."""
+    (inference calls are idempotent, hence ``non_idempotent``). An attempt waits 2 s for an
+    answer: what the bench's client library allows one attempt (its 6 s deadline over 3)."""
     return f"""\
 worker_processes 1;
 user root;
@@ -76,8 +77,8 @@ http {{
             proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;
             proxy_next_upstream_tries 3;
             proxy_connect_timeout 1s;
-            proxy_send_timeout 5s;
-            proxy_read_timeout 5s;
+            proxy_send_timeout 2s;
+            proxy_read_timeout 2s;
         }}
     }}
 }}

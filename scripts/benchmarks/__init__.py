@@ -11,7 +11,7 @@
     procs.py        memory of a process tree, wrk, the batching counters of /metrics
     report.py       ratios, tables and docs/benchmarks.md; plot.py its plot
     empty_app.py    the empty Klein route; flask_app.py  Flask under gunicorn
-    images.py  swap.py  client.py  request_memory.py  memory_cycles.py
+    images.py  swap.py  client.py  request_memory.py  memory_cycles.py  scaleout.py
                     measurements of their own: ``scripts/bench images|swap|client|
                     request-memory|memory-cycles``
 

@@ -3,7 +3,7 @@
     python -m scripts.benchmarks.scaleout_load (--consul HOST:PORT | --proxy HOST:PORT)
         --model digits --instances 64 --concurrency 16 --seconds 20
 
-C calls in flight, each a ``predict`` of one float32 tensor [instances, 28, 28, 1] with the
+C calls in flight (for --seconds, or until --calls calls), each a ``predict`` of one float32 tensor [instances, 28, 28, 1] with the
 client library (``AsyncInferenceClient``, the Open Inference Protocol's binary tensors):
 ``--consul`` resolves the servers from that agent and rotates across them directly;
 ``--proxy`` sends every call to the one proxy (a static backend; ``--attempts`` 1 by
@@ -47,12 +47,18 @@ def percentile(values: list[float], q: float) -> float:
 async def load(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     attempts: dict[str, list[float]] = defaultdict(list)
     outcomes: Counter[str] = Counter()
+    answered: Counter[str] = Counter()
+    # Attempts carry the reactor's (wall clock) time; the report's clock is CLOCK_MONOTONIC,
+    # which every namespace shares with the bench that injects the failures.
+    to_monotonic = time.monotonic() - reactor.seconds()
 
     def on_attempt(attempt: Attempt) -> None:
         key = f"{attempt.backend.address}:{attempt.backend.port}"
         if measuring:
-            attempts[key].append(round(attempt.sent_at, 3))
+            attempts[key].append(round(attempt.sent_at + to_monotonic, 3))
             outcomes[attempt.outcome] += 1
+            if attempt.outcome == "ok":
+                answered[key] += 1
 
     if args.proxy:
         host, _, port = args.proxy.rpartition(":")
@@ -76,9 +82,12 @@ async def load(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
     stop = started + args.seconds
+    sent = 0
 
     async def worker() -> None:
-        while time.monotonic() < stop:
+        nonlocal sent
+        while time.monotonic() < stop and (args.calls is None or sent < args.calls):
+            sent += 1
             t0 = time.monotonic()
             try:
                 await client.predict(args.model, inputs)
@@ -111,6 +120,7 @@ async def load(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "attempt_outcomes": dict(outcomes),
         "attempts_by_server": {k: len(v) for k, v in sorted(attempts.items())},
+        "answered_by_server": dict(sorted(answered.items())),
         "client_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2),
     }
     if args.timeline:
@@ -127,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--calls", type=int, help="stop after this many calls (default: none)")
     parser.add_argument("--timeout", type=float, default=6.0, help="each call's deadline")
     parser.add_argument("--attempts", type=int, help="max attempts (default: 3 direct, 1 proxy)")
     parser.add_argument("--timeline", action="store_true", help="every attempt's start time")
