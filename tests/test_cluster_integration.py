@@ -27,7 +27,8 @@ def load(cluster: Cluster, *where: str, calls: int, seconds: float = 60) -> subp
     """The bench's load generator on the client host: ``calls`` predicts, 8 in flight."""
     command = [
         *exec_prefix(cluster.host("client").netns), sys.executable, "-m",
-        "scripts.benchmarks.scaleout_load", *where, "--instances", "4", "--concurrency", "8",
+        "scripts.benchmarks.scaleout_load", *where, "--model", "digits", "--shape", "4,28,28,1",
+        "--concurrency", "8",
         "--calls", str(calls), "--seconds", str(seconds),
     ]  # fmt: skip
     return subprocess.Popen(

@@ -2,8 +2,9 @@
 stacks (``harness.cluster``: one namespace per host, every link capped with ``tc``).
 
 For N = 1, 2, 3, 4 kleinserve hosts, the client host sends tensor predicts (float32
-[--instances, 28, 28, 1] to the digits model, the Open Inference Protocol's binary tensors)
-at a fixed concurrency, (a) through the nginx proxy, (b) with the client library resolving
+[1, --kib x 256] to a model that only averages them, ``scaleout_model.py``: the link, not
+the CPU, must be what limits; the Open Inference Protocol's binary tensors) at a fixed
+concurrency, (a) through the nginx proxy, (b) with the client library resolving
 the servers from its local Consul agent and rotating across them directly. Each point
 records requests/s, p50/p99 and the bytes on every host's link (the veth counters).
 ``--failures`` then runs, with 3 servers, each of: one server host's link down, its Consul
@@ -32,7 +33,7 @@ from typing import Any
 from harness.cluster import AGENT, PROXY_PORT, SERVER_PORT, Cluster
 from harness.netns import LinkBytes, Shaping, exec_prefix, missing_privileges
 from harness.twistd import REPO
-from scripts.benchmarks import models as bench_models
+from scripts.benchmarks import scaleout_model
 from scripts.benchmarks.plan import CACHE
 from scripts.benchmarks.scaleout_report import markdown, plot, summary_line
 
@@ -54,9 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rate", default="200mbit", help="every link's cap (default %(default)s)")
     parser.add_argument("--delay", default="1ms", help="every link's one-way delay (needs netem)")
     parser.add_argument(
-        "--instances", type=int, default=64, help="images per request (default 64: 196 KiB)"
+        "--kib", type=int, default=512, help="tensor KiB per request (default %(default)s)"
     )
-    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight (default 32)")
+    parser.add_argument("--concurrency", type=int, default=16, help="calls in flight (default 16)")
     parser.add_argument(
         "--seconds", type=float, default=20.0, help="seconds per point (default 20)"
     )
@@ -70,8 +71,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--servers takes whole numbers separated by commas, not {args.servers!r}")
     if not args.server_counts or args.server_counts[0] < 1:
         parser.error("--servers needs counts of at least 1")
-    if args.instances < 1 or args.concurrency < 1 or args.seconds <= 0:
-        parser.error("--instances, --concurrency and --seconds must be positive")
+    if args.kib < 1 or args.concurrency < 1 or args.seconds <= 0:
+        parser.error("--kib, --concurrency and --seconds must be positive")
     return args
 
 
@@ -86,7 +87,8 @@ def load_command(
     )
     return [
         *exec_prefix(cluster.host("client").netns), sys.executable, "-m", "scripts.benchmarks.scaleout_load",
-        *where, "--instances", str(args.instances), "--concurrency", str(args.concurrency),
+        *where, "--model", scaleout_model.NAME, "--shape", f"1,{args.kib * 256}",
+        "--concurrency", str(args.concurrency),
         "--seconds", str(seconds), *(["--timeline"] if timeline else []),
     ]  # fmt: skip
 
@@ -269,11 +271,7 @@ def main(argv: list[str]) -> int:
         say(f"scaleout: skipped: {why}")
         return 0
     signal.signal(signal.SIGTERM, _interrupted)
-    model_base = REPO / "models" / "digits"  # the demo model, else the bench's own export
-    if not model_base.is_dir():
-        model_base = bench_models.ensure_model(
-            "digits", CACHE, CACHE / "logs" / "export-digits.log"
-        )
+    model_base = scaleout_model.ensure(CACHE)
     counts = [] if args.only_failures else args.server_counts
     cluster = Cluster(
         servers=max([*counts, FAILURE_SERVERS if (args.failures or args.only_failures) else 1]),
@@ -281,6 +279,7 @@ def main(argv: list[str]) -> int:
         client_shaping=Shaping(None, args.delay),
         workdir=CACHE / "cluster",
         model_base=model_base,
+        model_name=scaleout_model.NAME,
         say=say,
     )
     results: dict[str, Any] = {
@@ -290,8 +289,8 @@ def main(argv: list[str]) -> int:
             "nproc": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
             "rate": args.rate,
-            "instances": args.instances,
-            "request_bytes": args.instances * 28 * 28 * 4,
+            "model": scaleout_model.NAME,
+            "request_bytes": args.kib * 1024,
             "concurrency": args.concurrency,
             "seconds": args.seconds,
         },

@@ -1,10 +1,10 @@
 """The load of ``scripts/bench scaleout``, run on the cluster's client host (in its namespace).
 
     python -m scripts.benchmarks.scaleout_load (--consul HOST:PORT | --proxy HOST:PORT)
-        --model digits --instances 64 --concurrency 16 --seconds 20
+        --model mean --shape 1,131072 --concurrency 16 --seconds 20
 
-C calls in flight (for --seconds, or until --calls calls), each a ``predict`` of one float32 tensor [instances, 28, 28, 1] with the
-client library (``AsyncInferenceClient``, the Open Inference Protocol's binary tensors):
+C calls in flight (for --seconds, or until --calls calls), each a ``predict`` of one float32
+tensor of ``--shape`` with the client library (``AsyncInferenceClient``, the Open Inference Protocol's binary tensors):
 ``--consul`` resolves the servers from that agent and rotates across them directly;
 ``--proxy`` sends every call to the one proxy (a static backend; ``--attempts`` 1 by
 default there, so that what the proxy does about a failed server is what is measured).
@@ -29,10 +29,10 @@ from client import AsyncInferenceClient
 from client.dispatch import Attempt
 
 
-def tensor(instances: int, shape: tuple[int, ...] = (28, 28, 1)) -> np.ndarray:
-    """The request's tensor: ``instances`` random images, float32, from a fixed seed."""
+def tensor(shape: tuple[int, ...]) -> np.ndarray:
+    """The request's tensor: random float32 in [0, 1) of ``shape``, from a fixed seed."""
     rng = np.random.default_rng(20240607)
-    return rng.random((instances, *shape), dtype=np.float32)
+    return rng.random(shape, dtype=np.float32)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -71,7 +71,7 @@ async def load(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             args.consul, protocol="v2", timeout=args.timeout, max_attempts=args.attempts or 3,
             on_attempt=on_attempt, reactor=reactor,
         )  # fmt: skip
-    inputs = tensor(args.instances)
+    inputs = tensor(args.shape)
     measuring = False
     for _ in range(3):  # the signature read and connections made before the clock starts
         await client.predict(args.model, inputs, timeout=60)
@@ -105,7 +105,7 @@ async def load(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     await client.close()
     result: dict[str, Any] = {
         "mode": "proxy" if args.proxy else "direct",
-        "instances": args.instances,
+        "shape": list(args.shape),
         "request_bytes": int(inputs.nbytes),
         "concurrency": args.concurrency,
         "seconds": round(elapsed, 2),
@@ -133,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--consul", help="the local Consul agent: rotate across its servers")
     where.add_argument("--proxy", help="HOST:PORT of the proxy: every call goes there")
-    parser.add_argument("--model", default="digits")
-    parser.add_argument("--instances", type=int, default=64)
+    parser.add_argument("--model", default="mean")
+    parser.add_argument(
+        "--shape",
+        type=lambda text: tuple(int(n) for n in text.split(",")),
+        default=(1, 131072),
+        help="the tensor's shape, e.g. 64,28,28,1 for digits (default 1,131072: 512 KiB)",
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--calls", type=int, help="stop after this many calls (default: none)")

@@ -91,8 +91,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Run `{meta['command']}` on {meta['date']}, {meta['nproc']} cores shared by every host "
         f"(load average {meta['loadavg_start'][0]} at the start). Every link capped at "
         f"{meta['rate']} each way (tc tbf), delay {meta.get('delay', '?')}; the client host's link "
-        f"not capped. Requests: float32 [{meta['instances']}, 28, 28, 1] to digits, "
-        f"{meta['request_bytes']} bytes of tensor each (Open Inference Protocol binary), "
+        f"not capped. Requests: one float32 tensor of {meta['request_bytes'] // 1024} KiB each "
+        f"to the `{meta['model']}` model (scaleout_model.py; Open Inference Protocol binary), "
         f"{meta['concurrency']} calls in flight, {meta['seconds']:g} s per point"
         + (
             f"; one capped link carries at most {capacity:.0f} such requests/s."
@@ -151,7 +151,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax.legend(fontsize=8)
     meta = results["meta"]
     ax.set_title(
-        f"{meta['instances']} images/request ({meta['request_bytes'] // 1024} KiB), "
+        f"{meta['request_bytes'] // 1024} KiB/request, "
         f"c={meta['concurrency']}, {meta['nproc']} cores, {meta['date']}",
         fontsize=9,
     )
