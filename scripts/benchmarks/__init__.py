@@ -13,7 +13,8 @@
     empty_app.py    the empty Klein route; flask_app.py  Flask under gunicorn
     images.py  swap.py  client.py  request_memory.py  memory_cycles.py  scaleout.py
                     measurements of their own: ``scripts/bench images|swap|client|
-                    request-memory|memory-cycles``
+                    request-memory|memory-cycles|scaleout`` (scaleout_load.py: its load
+                    generator; scaleout_model.py: its model; scaleout_report.py: its page)
 
 Servers, ports and Consul agents come from ``harness/`` at the repository root, the same
 code the tests and ``scripts/demo`` use. Nothing here asserts a timing.
