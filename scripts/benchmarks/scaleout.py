@@ -63,7 +63,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--failures", action="store_true", help="also the failure runs (3 servers)")
     parser.add_argument("--only-failures", action="store_true", help="only the failure runs")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "scaleout-results.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="markdown report, .json and .png beside it (default: docs/scaleout-results.md for "
+        "the whole run, N=1..4 with --failures; else .cache/bench/last/scaleout-results.md, "
+        "so partial runs never overwrite docs/)",
+    )
     args = parser.parse_args(argv)
     try:
         args.server_counts = sorted({int(n) for n in args.servers.split(",") if n.strip()})
@@ -73,6 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--servers needs counts of at least 1")
     if args.kib < 1 or args.concurrency < 1 or args.seconds <= 0:
         parser.error("--kib, --concurrency and --seconds must be positive")
+    whole = args.server_counts == [1, 2, 3, 4] and args.failures and not args.only_failures
+    args.out = args.out or (REPO / "docs" if whole else CACHE / "last") / "scaleout-results.md"
     return args
 
 
