@@ -13,16 +13,14 @@ TensorFlow.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from harness.twistd import REPO
+from scripts.benchmarks.models import VERSION, save_version
 
 NAME = "mean"
-VERSION = 1
 
 
 def ensure(cache: Path) -> Path:
@@ -49,16 +47,7 @@ def export(base: Path) -> None:
         return {"mean": tf.reduce_mean(x, axis=1)}
 
     module.serve = serve
-    base.mkdir(parents=True, exist_ok=True)
-    # Written beside its final place and renamed in, so a half-written model is never used.
-    staged = Path(tempfile.mkdtemp(prefix=f".{VERSION}.tmp-", dir=base))
-    try:
-        tf.saved_model.save(module, str(staged), signatures={"serving_default": serve})
-        staged.chmod(0o755)
-        staged.rename(base / str(VERSION))
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    save_version(module, serve, base)
 
 
 if __name__ == "__main__":
