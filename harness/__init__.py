@@ -6,6 +6,10 @@
     consul.py     ConsulAgent: a dev-mode Consul agent on free ports; start, stop, restart
     processes.py  Proc: any server command (twistd, gunicorn, a plain Klein app) as a process
                   group with its log file; wait ready, stop the group, stop_all on the way out
+    netns.py  cluster.py  nginx.py
+                  scripts/cluster (root only): hosts as network namespaces on one bridge, tc
+                  on their links, a Consul server and an agent per host (``HostAgent``),
+                  kleinserves, nginx with upstreams kept from Consul's health listing
 
 Imported as ``harness`` from the repository root: pytest puts the root on ``sys.path``
 (``pythonpath = .`` in setup.cfg) and scripts run as ``python -m scripts.…`` from the root.

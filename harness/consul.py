@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from discovery.consul import ConsulAddress
+from harness.netns import call_in, exec_prefix
 from harness.ports import LOOPBACK, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,3 +153,42 @@ class ConsulAgent:
                 return response.status
         except urllib.error.HTTPError as e:
             return e.code
+
+
+class HostAgent(ConsulAgent):
+    """A Consul agent on one host of ``harness.cluster``: inside the network namespace
+    ``netns``, bound to the host's ``address``, with Consul's default ports (each namespace has
+    its own), its HTTP API on the host's loopback. ``join`` is the server's address for a
+    client agent; without it the agent is the cluster's one server (``-bootstrap-expect=1``).
+
+    State lives in ``workdir/data-NODE``; ``get``/``put`` run inside the namespace.
+    """
+
+    def __init__(
+        self, binary: Path, workdir: Path, *, node: str, netns: str, address: str, join: str | None
+    ) -> None:
+        self.binary, self.workdir = binary, workdir
+        self.node, self.netns, self.bind, self.join = node, netns, address, join
+        self.http_port, self.process, self.starts = 8500, None, 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"consul-{self.node}-{self.starts}.log"
+
+    def command(self) -> list[str]:
+        role = ["-retry-join", self.join] if self.join else ["-server", "-bootstrap-expect=1"]
+        return [
+            *exec_prefix(self.netns), str(self.binary), "agent", *role,
+            "-node", self.node, "-bind", self.bind, "-client", LOOPBACK,
+            "-data-dir", str(self.workdir / f"data-{self.node}"),
+            # Agents of one machine would all derive the same node ID from it.
+            "-disable-host-node-id",
+            "-dns-port", "-1", "-grpc-port", "-1",
+            "-hcl", "performance { raft_multiplier = 1 }",
+        ]  # fmt: skip
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, dict[str, str], Any]:
+        return call_in(self.netns, lambda: ConsulAgent.get(self, path, timeout))
+
+    def put(self, path: str, body: Any = None, timeout: float = 5.0) -> int:
+        return call_in(self.netns, lambda: ConsulAgent.put(self, path, body, timeout))

@@ -11,9 +11,10 @@
     procs.py        memory of a process tree, wrk, the batching counters of /metrics
     report.py       ratios, tables and docs/benchmarks.md; plot.py its plot
     empty_app.py    the empty Klein route; flask_app.py  Flask under gunicorn
-    images.py  swap.py  client.py  request_memory.py  memory_cycles.py
+    images.py  swap.py  client.py  request_memory.py  memory_cycles.py  scaleout.py
                     measurements of their own: ``scripts/bench images|swap|client|
-                    request-memory|memory-cycles``
+                    request-memory|memory-cycles|scaleout`` (scaleout_load.py: its load
+                    generator; scaleout_model.py: its model; scaleout_report.py: its page)
 
 Servers, ports and Consul agents come from ``harness/`` at the repository root, the same
 code the tests and ``scripts/demo`` use. Nothing here asserts a timing.

@@ -92,6 +92,7 @@ COMMANDS = {
     "client": "scripts.benchmarks.client",
     "request-memory": "scripts.benchmarks.request_memory",
     "memory-cycles": "scripts.benchmarks.memory_cycles",
+    "scaleout": "scripts.benchmarks.scaleout",
 }
 
 

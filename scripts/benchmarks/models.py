@@ -109,6 +109,13 @@ def export_mobilenet(base: Path) -> None:
         return {"probabilities": model(image, training=False)}
 
     module.serve = serve
+    save_version(module, serve, base)
+
+
+def save_version(module: object, serve: object, base: Path) -> None:
+    """Save ``module`` with ``serve`` as its serving_default signature into ``base/1``."""
+    import tensorflow as tf
+
     base.mkdir(parents=True, exist_ok=True)
     # Written beside its final place and renamed in, so a half-written model is never cached.
     staged = Path(tempfile.mkdtemp(prefix=f".{VERSION}.tmp-", dir=base))
