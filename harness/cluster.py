@@ -290,8 +290,15 @@ class Cluster:
 
     def set_delay(self, name: str, delay: str) -> None:
         """Change the one-way delay of host ``name``'s link, keeping its rate."""
+        self.set_shaping(name, Shaping(self.shaping.rate, delay))
+
+    def set_rate(self, name: str, rate: str | None) -> None:
+        """Change the rate cap of host ``name``'s link (None: the cluster's own), keeping its
+        delay."""
+        self.set_shaping(name, Shaping(rate or self.shaping.rate, self.shaping.delay))
+
+    def set_shaping(self, name: str, shaping: Shaping) -> None:
         host = self.host(name)
-        shaping = Shaping(self.shaping.rate, delay)
         for command in shaping_commands(SWITCH, host.netns, host.peer, shaping):
             run(command)
 

@@ -7,7 +7,10 @@ the CPU, must be what limits; the Open Inference Protocol's binary tensors) at a
 concurrency, (a) through the nginx proxy, (b) with the client library resolving
 the servers from its local Consul agent and rotating across them directly. Each point
 records requests/s, p50/p99 and the bytes on every host's link (the veth counters).
-``--failures`` then runs, with 3 servers, each of: one server host's link down, its Consul
+``--balancers`` runs, with 3 servers and one server host's link capped lower
+(``--slow-rate``; this kernel has no ``sch_netem`` for a delay), the client library with each
+balancer (round-robin, P2C, Peak-EWMA): requests/s, p50/p99 and the share of calls the slow
+host answered. ``--failures`` then runs, with 3 servers, each of: one server host's link down, its Consul
 agent killed, its kleinserve SIGSTOPped for 10 s; for each: failed calls, when the client
 stopped sending to it, when Consul marked it critical; the same through the proxy.
 
@@ -64,6 +67,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--failures", action="store_true", help="also the failure runs (3 servers)")
     parser.add_argument("--only-failures", action="store_true", help="only the failure runs")
     parser.add_argument(
+        "--balancers", action="store_true", help="also the balancers against a slow host"
+    )
+    parser.add_argument(
+        "--slow-rate", default="50mbit", help="the slow host's link cap (default %(default)s)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="markdown report, .json and .png beside it (default: docs/scaleout-results.md for "
@@ -85,7 +94,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def load_command(
-    cluster: Cluster, mode: str, args: argparse.Namespace, seconds: float, timeline: bool
+    cluster: Cluster,
+    mode: str,
+    args: argparse.Namespace,
+    seconds: float,
+    timeline: bool,
+    balancer: str = "p2c",
 ) -> list[str]:
     """The load generator, run inside the client host."""
     where = (
@@ -98,6 +112,7 @@ def load_command(
         *where, "--model", scaleout_model.NAME, "--shape", f"1,{args.kib * 256}",
         "--concurrency", str(args.concurrency),
         "--seconds", str(seconds), *(["--timeline"] if timeline else []),
+        "--balancer", balancer,
     ]  # fmt: skip
 
 
@@ -268,6 +283,43 @@ def failure_run(cluster: Cluster, kind: str, mode: str, args: argparse.Namespace
     return row
 
 
+BALANCERS = ("round_robin", "p2c", "peak_ewma")
+
+
+def balancer_runs(cluster: Cluster, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """With ``VICTIM``'s link capped at ``--slow-rate``, each balancer's direct run: how much
+    of the load the slow host answered, and the latency the client saw."""
+    set_servers(cluster, FAILURE_SERVERS)
+    victim = f"{cluster.host(VICTIM).address}:{SERVER_PORT}"
+    cluster.set_rate(VICTIM, args.slow_rate)
+    rows = []
+    try:
+        for balancer in BALANCERS:
+            command = load_command(cluster, "direct", args, args.seconds, False, balancer)
+            with subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) as load:  # fmt: skip
+                result = finish(load, args.seconds + 180)
+            answered = result["answered_by_server"]
+            row = {
+                "balancer": balancer,
+                "slow_rate": args.slow_rate,
+                "rps": result["rps"],
+                "p50_ms": result["p50_ms"],
+                "p99_ms": result["p99_ms"],
+                "failed": result["failed"],
+                "slow_share": round(answered.get(victim, 0) / max(1, sum(answered.values())), 3),
+            }
+            say(
+                f"  {balancer:<11} {row['rps']:7.1f} req/s  p50 {row['p50_ms']} ms  "
+                f"p99 {row['p99_ms']} ms  slow host's share {row['slow_share']:.1%}  "
+                f"failed {row['failed']}"
+            )
+            rows.append(row)
+    finally:
+        cluster.set_rate(VICTIM, None)
+    return rows
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
@@ -282,7 +334,12 @@ def main(argv: list[str]) -> int:
     model_base = scaleout_model.ensure(CACHE)
     counts = [] if args.only_failures else args.server_counts
     cluster = Cluster(
-        servers=max([*counts, FAILURE_SERVERS if (args.failures or args.only_failures) else 1]),
+        servers=max(
+            [
+                *counts,
+                FAILURE_SERVERS if (args.failures or args.only_failures or args.balancers) else 1,
+            ]
+        ),
         shaping=Shaping(args.rate, args.delay),
         client_shaping=Shaping(None, args.delay),
         workdir=CACHE / "cluster",
@@ -304,6 +361,7 @@ def main(argv: list[str]) -> int:
         },
         "points": [],
         "failures": [],
+        "balancers": [],
     }
     started = time.monotonic()
     try:
@@ -314,6 +372,9 @@ def main(argv: list[str]) -> int:
             set_servers(cluster, n)
             for mode in ("proxy", "direct"):
                 results["points"].append({"mode": mode, **measure(cluster, mode, n, args)})
+        if args.balancers:
+            say(f"scaleout: balancers, {VICTIM}'s link capped at {args.slow_rate}")
+            results["balancers"] = balancer_runs(cluster, args)
         if args.failures or args.only_failures:
             say(f"scaleout: failures of {VICTIM}, {FAILURE_SERVERS} servers")
             for kind in FAILURES:

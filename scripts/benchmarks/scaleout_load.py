@@ -69,7 +69,7 @@ async def load(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     else:
         client = AsyncInferenceClient(
             args.consul, protocol="v2", timeout=args.timeout, max_attempts=args.attempts or 3,
-            on_attempt=on_attempt, reactor=reactor,
+            on_attempt=on_attempt, reactor=reactor, balancer=args.balancer,
         )  # fmt: skip
     inputs = tensor(args.shape)
     measuring = False
@@ -108,6 +108,7 @@ async def load(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         "shape": list(args.shape),
         "request_bytes": int(inputs.nbytes),
         "concurrency": args.concurrency,
+        "balancer": None if args.proxy else args.balancer,
         "seconds": round(elapsed, 2),
         "started": round(started, 3),
         "calls": len(latencies) + sum(failures.values()),
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=6.0, help="each call's deadline")
     parser.add_argument("--attempts", type=int, help="max attempts (default: 3 direct, 1 proxy)")
     parser.add_argument("--timeline", action="store_true", help="every attempt's start time")
+    parser.add_argument(
+        "--balancer", default="p2c", help="the client's balancer (direct): p2c, peak_ewma, …"
+    )
     args = parser.parse_args(argv)
 
     async def body(reactor: Any) -> None:

@@ -80,6 +80,19 @@ def failures_table(results: dict[str, Any]) -> str:
     return table(head, rows, True)
 
 
+def balancers_table(results: dict[str, Any]) -> str:
+    rows = [
+        "| balancer | req/s | p50 ms | p99 ms | slow host's share | failed calls |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["balancers"]:
+        rows.append(
+            f"| {r['balancer']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['slow_share']:.1%} | {r['failed']} |"
+        )
+    return "\n".join(rows)
+
+
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     capacity = link_capacity_rps(results)
@@ -118,6 +131,17 @@ def markdown(results: dict[str, Any]) -> str:
             "passing listing of the client host's agent.",
             "",
             failures_table(results),
+            "",
+        ]
+    if results.get("balancers"):
+        lines += [
+            "## Balancers with one slow host (3 servers)",
+            "",
+            f"srv2's link capped at {results['balancers'][0]['slow_rate']} (the others at "
+            f"{meta['rate']}), the client library rotating directly with each balancer. "
+            "*Slow host's share*: of the calls answered, the ones srv2 answered.",
+            "",
+            balancers_table(results),
             "",
         ]
     lines.append(f"Kleinserve logs held {meta.get('server_errors', '?')} unexpected tracebacks.")
