@@ -151,7 +151,10 @@ class InferenceSite(server.Site):
         budget: RequestBudget | None = None,
         access_log: AccessLog | None = None,
         reactor: Any = None,
+        count_requests: bool = True,
     ) -> None:
+        """``count_requests=False``: the site of the main process's socket for front
+        processes (``--http_processes``), whose requests the front processes count."""
         # parsePOSTFormSubmission=False: Twisted would otherwise parse every POST's content type
         # with the email package (~10% of a small predict's reactor time), run parse_qs over
         # curl -d bodies, and buffer multipart uploads whole; routes parse what they accept.
@@ -165,6 +168,7 @@ class InferenceSite(server.Site):
         self.request_header_timeout = request_header_timeout
         self.access_log = access_log or AccessLog("off")
         self._requests = api.metrics.requests
+        self._count = count_requests
         self._route_label = api.route_label
         self.in_flight = in_flight or InFlight()
         self.budget = budget or RequestBudget(4 * max_body_bytes)
@@ -227,7 +231,8 @@ class InferenceSite(server.Site):
         (``"other"`` when none did), and write its access-log line (Twisted's own
         access-log line is not written)."""
         label = getattr(request, "route_label", OTHER_ROUTE)
-        self._requests.labels(label, str(request.code)).inc()
+        if self._count:
+            self._requests.labels(label, str(request.code)).inc()
         record = getattr(request, "record", None)  # None: not a BoundedRequest
         if self.access_log.enabled and record is not None:
             self.access_log.write(
@@ -263,7 +268,8 @@ class InferenceSite(server.Site):
         the line never arrived whole).
         """
         label = self._route_label(method, path)
-        self._requests.labels(label, str(status)).inc()
+        if self._count:
+            self._requests.labels(label, str(status)).inc()
         if self.access_log.enabled:
             self.access_log.write(
                 entry(

@@ -48,12 +48,16 @@ def makeService(options: Options) -> MultiService:
     config: ServerConfig = options.config
     stop_signals_once(reactor)
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads)
-    parts = _Parts(config, reactor)
+    parts = _Parts(config, reactor, fronts=config.http_processes > 1)
     deadline = StopDeadline(
         reactor, drain_delay=config.drain_delay, drain_timeout=config.drain_timeout
     )
-    port = _http_port(parts, config, deadline, reactor)
     ports = MultiService()  # stopped together: each drains at once, within the one deadline
+    forwarded = None  # --http_processes > 1: the port the front processes forward to
+    if config.http_processes > 1:
+        port, forwarded = _front_processes(parts, config, deadline, reactor)
+    else:
+        port = _http_port(parts, config, deadline, reactor)
     port.setServiceParent(ports)
     if config.grpc_listen is not None:
         _grpc_port(parts, config, deadline, reactor).setServiceParent(ports)
@@ -64,9 +68,11 @@ def makeService(options: Options) -> MultiService:
         _reloader(parts, config, reactor),
         parts.images,
         parts.decoder,
+        forwarded,  # stopped after the front processes, which forward to it
         ports,
     ):
-        service.setServiceParent(top)
+        if service is not None:
+            service.setServiceParent(top)
     if config.discovery is not None:
         grpc_port = int(config.grpc_listen.rpartition(":")[2]) if config.grpc_listen else None
         _registration(parts, config.discovery, port, reactor, grpc_port).setServiceParent(top)
@@ -78,7 +84,9 @@ def makeService(options: Options) -> MultiService:
 class _Parts:
     """The serving parts every later step wires: hooks, repository, health, decoders, the site."""
 
-    def __init__(self, config: ServerConfig, reactor: Any) -> None:
+    def __init__(self, config: ServerConfig, reactor: Any, *, fronts: bool = False) -> None:
+        """``fronts``: HTTP is served by front processes (``--http_processes`` > 1); the site
+        built here then answers only what they forward, and neither counts nor logs it."""
         from service.access_log import AccessLog
         from service.budget import RequestBudget
         from service.dataplane import DataPlane
@@ -138,19 +146,24 @@ class _Parts:
             max_body_bytes=config.max_request_bytes,
             budget=RequestBudget(config.max_inflight_request_bytes),
             request_header_timeout=config.request_header_timeout,
-            access_log=self.access_log,
+            access_log=None if fronts else self.access_log,
             reactor=reactor,
+            count_requests=not fronts,
         )
+        self.metrics = metrics
+
+
+def _cut_queued(repository: Any) -> int:
+    """At the drain deadline: answer what is still queued 503 (retry elsewhere); how many."""
+    from service.errors import Unavailable
+
+    stopping = Unavailable("the server is stopping; retry on another server", retry_after=1)
+    return sum(queue.abort_waiting(stopping) for queue in repository.queues())
 
 
 def _http_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any) -> Any:
     """The listening port, which on stop drains, then answers what is still queued 503."""
-    from service.errors import Unavailable
     from service.lifecycle import HTTPPort
-
-    def cut_queued() -> int:
-        stopping = Unavailable("the server is stopping; retry on another server", retry_after=1)
-        return sum(queue.abort_waiting(stopping) for queue in parts.repository.queues())
 
     return HTTPPort(
         serverFromString(reactor, config.listen),
@@ -158,8 +171,50 @@ def _http_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
         parts.site.in_flight,
         reactor=reactor,
         deadline=deadline,
-        cut_queued=cut_queued,
+        cut_queued=partial(_cut_queued, parts.repository),
     )
+
+
+def _front_processes(
+    parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any
+) -> tuple[IService, IService]:
+    """--http_processes > 1: the front processes on the port (``service.front_main``), and
+    the unix socket where they forward what the main process answers (status, metadata,
+    health, metrics, uploads, hooks, classify, regress)."""
+    from twisted.internet.endpoints import UNIXServerEndpoint
+
+    from service.front_main import FrontProcesses, FrontStats
+    from service.lifecycle import HTTPPort
+
+    # Linux's abstract socket namespace: nothing to remove from the file system afterwards.
+    forward_socket = f"\0kleinserve-{os.getpid()}-forward"
+    forwarded = HTTPPort(
+        UNIXServerEndpoint(reactor, forward_socket),
+        parts.site,
+        parts.site.in_flight,
+        reactor=reactor,
+        deadline=deadline,
+        cut_queued=partial(_cut_queued, parts.repository),
+    )
+    fronts = FrontProcesses(
+        config.listen,
+        config.http_processes,
+        parts.plane,
+        reactor=reactor,
+        deadline=deadline,
+        stats=FrontStats(parts.metrics),
+        access_log=parts.access_log,
+        settings={
+            "forward_socket": forward_socket,
+            "max_request_bytes": config.max_request_bytes,
+            "max_inflight_request_bytes": config.max_inflight_request_bytes,
+            "request_header_timeout": config.request_header_timeout,
+            "access_log": config.access_log,
+            "prometheus_path": config.prometheus_path,
+        },
+        cut_queued=partial(_cut_queued, parts.repository),
+    )
+    return fronts, forwarded
 
 
 def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any) -> IService:

@@ -88,6 +88,13 @@ def test_listen_takes_an_endpoint_string(tmp_path) -> None:
     assert parse(f"--model_base_path={tmp_path}").config.listen == "tcp:8501"
 
 
+def test_http_processes_default_to_one(tmp_path) -> None:
+    """--http_processes is 1 (this process alone) unless given."""
+    base = f"--model_base_path={tmp_path}"
+    assert parse(base).config.http_processes == 1
+    assert parse(base, "--http_processes=3").config.http_processes == 3
+
+
 def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
     """--port (TF Serving's gRPC flag, 8500) on all interfaces; 0 is off; --grpc_listen wins."""
     base = f"--model_base_path={tmp_path}"
@@ -123,6 +130,11 @@ def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
             "--num_request_iterations_for_warmup must be 0 or more",
         ),
         (("--model_base_path={tmp}", "--grpc_max_receive_bytes=-1"), "0 \\(unbounded\\)"),
+        (("--model_base_path={tmp}", "--http_processes=0"), "between 1 and 64"),
+        (
+            ("--model_base_path={tmp}", "--http_processes=2", "--listen=unix:/tmp/x.sock"),
+            "needs a TCP --listen",
+        ),
     ],
 )
 def test_bad_flags_are_usage_errors(tmp_path, args, message) -> None:
