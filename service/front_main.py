@@ -61,6 +61,7 @@ log = Logger()
 
 RING_BYTES = 64 * 1024 * 1024  # per front process; tmpfs pages are only used as touched
 RESTART_BACKOFF = Backoff(initial=0.5, maximum=10.0)
+STABLE_SECONDS = 60.0  # a front process that served this long restarts after the shortest delay
 
 
 class FrontStats:
@@ -298,6 +299,7 @@ class _Slot:
         self.connection: FrontConnection | None = None
         self.exited: Deferred | None = None
         self.failures = 0
+        self.started_at = 0.0
         self._restart: Any = None
 
     def start(self) -> None:
@@ -322,6 +324,7 @@ class _Slot:
         ours.close()
         settings = dict(owner.settings, segment=name, process=self.number)
         self.exited = Deferred()
+        self.started_at = owner.reactor.seconds()
         try:
             self.process = owner.reactor.spawnProcess(
                 _Output(self),
@@ -359,6 +362,8 @@ class _Slot:
             exited.callback(None)
         if self.owner.stopping:
             return
+        if self.owner.reactor.seconds() - self.started_at > STABLE_SECONDS:
+            self.failures = 0  # it had been serving: not a crash loop
         self.failures += 1
         delay = RESTART_BACKOFF.delay(self.failures - 1, self.owner.random)
         log.warn(

@@ -56,6 +56,10 @@ log = Logger()
 GONE = "the server's main process did not answer; retry"
 
 
+def _nothing(_: Header | None) -> None:
+    pass
+
+
 class MainChannel(Int32StringReceiver):
     """The front process's end of the socket to the main process."""
 
@@ -65,16 +69,20 @@ class MainChannel(Int32StringReceiver):
         self._on_stop = on_stop
         self._on_lost = on_lost
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[Deferred, Callable[[], object]]] = {}
+        self._waiting: dict[int, tuple[Deferred, Callable[[Header | None], object]]] = {}
         self.lost = False
 
     def call(
-        self, header: Header, tail: list[bytes] | None = None, done: Callable[[], object] = list
+        self,
+        header: Header,
+        tail: list[bytes] | None = None,
+        done: Callable[[Header | None], object] = _nothing,
     ) -> tuple[int, Deferred]:
         """Send ``header`` with a fresh id; the Deferred fires with the answer (header, tail).
 
-        ``done`` runs when the answer arrives (or the main process is gone), whether or not
-        the Deferred was cancelled meanwhile: the ring regions the call used are freed then.
+        ``done`` runs with the answer's header when it arrives (None if the main process is
+        gone), whether or not the Deferred was cancelled meanwhile: the ring regions the call
+        used are freed then, and a lease whose request has left is released.
         """
         if self.lost:
             raise Unavailable(GONE, retry_after=1)
@@ -96,7 +104,7 @@ class MainChannel(Int32StringReceiver):
             waiting = self._waiting.pop(header["id"], None)
             if waiting is not None:
                 answer, done = waiting
-                done()
+                done(header)
                 if not answer.called:
                     answer.callback((header, tail))
         elif op == "stop":
@@ -106,7 +114,7 @@ class MainChannel(Int32StringReceiver):
         self.lost = True
         waiting, self._waiting = self._waiting, {}
         for answer, done in waiting.values():
-            done()
+            done(None)
             if not answer.called:
                 answer.errback(Failure(Unavailable(GONE, retry_after=1)))
         self._on_lost()
@@ -140,10 +148,21 @@ class RemotePlane:
 
     @contextlib.asynccontextmanager
     async def lease(self, target: ModelTarget) -> AsyncIterator[RemoteLease]:
+        left = [False]  # the request left before its lease came: release it when it comes
+
+        def arrived(header: Header | None) -> None:
+            if left[0] and header is not None and "lease" in header:
+                self.channel.notify({"op": "release", "lease": header["lease"]})
+
         _, answering = self.channel.call(
-            {"op": "lease", "target": [target.name, target.version, target.label]}
+            {"op": "lease", "target": [target.name, target.version, target.label]},
+            done=arrived,
         )
-        reply, _ = await answering
+        try:
+            reply, _ = await answering
+        except CancelledError:
+            left[0] = True
+            raise
         answer = _checked(reply)
         key = (answer["name"], int(answer["version"]))
         if "signatures" in answer:
@@ -200,7 +219,7 @@ class RemoteLease:
         plane = self._plane
         specs, tail, regions = put_tensors(inputs, plane.ring)
 
-        def free() -> None:
+        def free(_: Header | None = None) -> None:
             if plane.ring is not None:
                 for offset in regions:
                     plane.ring.free(offset)
