@@ -116,6 +116,15 @@ def _statuses(server: TwistdServer, images: np.ndarray) -> list[int]:
         return [status for status, _ in answers]
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def _metric(text: str, prefix: str) -> float:
     match = re.search(re.escape(prefix) + r"[^\n]* ([0-9.e+]+)\n", text)
     return float(match.group(1)) if match else 0.0
@@ -301,5 +310,51 @@ def test_sigterm_under_load_exits_in_its_bound_and_leaves_no_shared_memory(tmp_p
         code = server.process.wait(timeout=5 + 10)  # the bound, and slack for a busy machine
     server.stop()
     assert code == -signal.SIGTERM
-    assert [p for p in fronts if Path(f"/proc/{p}").exists()] == []
+    assert [p for p in fronts if _alive(p)] == []
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"kleinserve-{pid}-")] == []
+
+
+def test_forwarded_routes_metrics_and_access_log_cover_the_front_processes(server) -> None:
+    """An image upload is forwarded to the main process and answered; /metrics counts the
+    front processes' requests; the access log has their lines with model, version, batch."""
+    seven = (REPO / "samples" / "seven.png").read_bytes()
+    status, _, body = server.request(
+        "POST", "/v1/models/digits:classify_image", seven, {"content-type": "image/png"}
+    )
+    assert status == 200, body
+    assert json.loads(body)["predictions"][0]["label"] == "7"
+    before = _metric(_metrics(server), 'kleinserve_requests_total{code="200",route="predict"')
+    assert _statuses(server, _images(4)) == [200] * 4
+    server.wait_for(
+        lambda: (
+            _metric(_metrics(server), 'kleinserve_requests_total{code="200",route="predict"')
+            >= before + 4
+        ),
+        timeout=30,
+    )
+    assert _metric(_metrics(server), 'kleinserve_requests_total{code="200",route="classify_image"')
+    assert re.search(
+        r'"POST /v1/models/digits:predict" 200 predict model=digits version=1 .* batch=[12] ',
+        server.log(),
+    )
+    assert '"POST /v1/models/digits:classify_image" 200 classify_image' in server.log()
+
+
+def test_a_killed_main_process_leaves_no_front_process_and_no_shared_memory(tmp_path) -> None:
+    """SIGKILL to the main process: its front processes exit (their channel closed) and its
+    rings are unlinked (by the resource tracker that registered them)."""
+    _digits_or_skip()
+    server = _start(tmp_path)
+    server.wait_ready()
+    assert server.process is not None
+    pid = server.process.pid
+    fronts = _fronts(server)
+    assert len(fronts) == 2
+    server.process.kill()
+    server.process.wait()
+    server.wait_for(lambda: not any(_alive(p) for p in fronts), timeout=30)
+    server.wait_for(
+        lambda: not any(n.startswith(f"kleinserve-{pid}-") for n in os.listdir("/dev/shm")),
+        timeout=30,
+    )
+    server.stop()
