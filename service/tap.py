@@ -207,7 +207,11 @@ def _front_processes(
         settings={
             "forward_socket": forward_socket,
             "max_request_bytes": config.max_request_bytes,
-            "max_inflight_request_bytes": config.max_inflight_request_bytes,
+            # The server's bound, shared out (each may still take one request of the limit).
+            "max_inflight_request_bytes": max(
+                config.max_inflight_request_bytes // config.http_processes,
+                config.max_request_bytes,
+            ),
             "request_header_timeout": config.request_header_timeout,
             "access_log": config.access_log,
             "prometheus_path": config.prometheus_path,

@@ -155,6 +155,17 @@ def test_twistd_help_does_not_import_tensorflow() -> None:
     assert TWISTD.exists()
 
 
+def test_a_front_process_imports_no_tensorflow() -> None:
+    """What a front process of --http_processes imports (service.front: the HTTP routes,
+    the remote data plane) leaves TensorFlow and its protos out of sys.modules."""
+    code = (
+        "import sys, service.front; print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('tensorflow', 'tensorflow_serving', 'keras')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(
     ("advertise", "listen", "expected"),
     [
