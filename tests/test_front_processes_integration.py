@@ -358,3 +358,32 @@ def test_a_killed_main_process_leaves_no_front_process_and_no_shared_memory(tmp_
         timeout=30,
     )
     server.stop()
+
+
+def test_hooks_run_in_the_main_process_behind_front_processes(tmp_path) -> None:
+    """A version with hooks: :invoke and :predict are forwarded whole and answered by its
+    hooks in the main process (examples/hooks/digit_labels reads a picture of a seven)."""
+    _digits_or_skip()
+    from tests.test_hooks_integration import digits_version, example
+
+    base = tmp_path / "labels"
+    digits_version(base, 1, example("digit_labels"))
+    server = TwistdServer(
+        ["--model_name=labels", f"--model_base_path={base}", "--http_processes=2"]
+        + ["--enable_model_hooks"],
+        tmp_path,
+    ).start()
+    try:
+        server.wait_ready()
+        seven = (REPO / "samples" / "seven.png").read_bytes()
+        answers = [
+            server.request(
+                "POST", f"/v1/models/labels:{verb}", seven, {"content-type": "image/png"}
+            )
+            for verb in ("invoke", "predict")
+        ]
+    finally:
+        server.stop()
+    for status, _, body in answers:
+        assert status == 200, body
+        assert json.loads(body)["digit"] == "seven"
