@@ -387,3 +387,65 @@ def test_hooks_run_in_the_main_process_behind_front_processes(tmp_path) -> None:
     for status, _, body in answers:
         assert status == 200, body
         assert json.loads(body)["digit"] == "seven"
+
+
+def test_v2_binary_tensors_cross_both_ways(server) -> None:
+    """A v2 infer with its input and output as binary data (Triton's extension) answers what
+    the same request as JSON answers."""
+    image = _images(1, seed=11)
+    raw = image.astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": [1, 28, 28, 1],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    with ThreadPoolExecutor(max_workers=2) as pool:  # a pair: no lone wait for a batch
+        binary, as_json = pool.map(
+            lambda request: request(),
+            [
+                lambda: server.request(
+                    "POST",
+                    "/v2/models/digits/infer",
+                    header + raw,
+                    {
+                        "content-type": "application/octet-stream",
+                        "inference-header-content-length": str(len(header)),
+                    },
+                ),
+                lambda: server.request(
+                    "POST",
+                    "/v2/models/digits/infer",
+                    json.dumps(
+                        {
+                            "inputs": [
+                                {
+                                    "name": "image",
+                                    "datatype": "FP32",
+                                    "shape": [1, 28, 28, 1],
+                                    "data": image.reshape(-1).tolist(),
+                                }
+                            ]
+                        }
+                    ).encode(),
+                    {"content-type": "application/json"},
+                ),
+            ],
+        )
+    status, headers, body = binary
+    assert status == 200, body
+    length = int({k.lower(): v for k, v in headers.items()}["inference-header-content-length"])
+    doc = json.loads(body[:length])
+    assert doc["outputs"][0]["parameters"]["binary_data_size"] == 40
+    scores = np.frombuffer(body[length:], dtype="<f4")
+    status, _, body = as_json
+    assert status == 200, body
+    want = next(o for o in json.loads(body)["outputs"] if o["name"] == "probabilities")
+    np.testing.assert_allclose(scores, want["data"], rtol=1e-5, atol=1e-6)
