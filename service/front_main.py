@@ -27,7 +27,6 @@ import os
 import random
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from multiprocessing.shared_memory import SharedMemory
@@ -132,7 +131,8 @@ class FrontConnection(Int32StringReceiver):
         self._ended = ended
         self._leases: dict[int, tuple[Any, VersionLease]] = {}
         self._next_lease = 0
-        self._sent: dict[tuple[str, int], int] = {}  # versions whose signatures were sent
+        # The signatures sent, per version (kept, so a reloaded version's are told apart).
+        self._sent: dict[tuple[str, int], Any] = {}
         self._work: dict[int, _Work] = {}
         self._running: list[Deferred] = []
         self.lost = False
@@ -183,8 +183,8 @@ class FrontConnection(Int32StringReceiver):
             "hooks": lease.hooks is not None,
         }
         key = (lease.name, lease.version)
-        if self._sent.get(key) != id(signatures):  # first time, or the version was reloaded
-            self._sent[key] = id(signatures)
+        if self._sent.get(key) is not signatures:  # first time, or the version was reloaded
+            self._sent[key] = signatures
             answer["signatures"] = {k: signature_doc(s) for k, s in signatures.items()}
             answer["signature_defs"] = lease.signature_defs()
         self.send(answer)
@@ -484,8 +484,3 @@ def _fired() -> Deferred:
     d: Deferred = Deferred()
     d.callback(None)
     return d
-
-
-def forward_socket_dir() -> str:
-    """A private directory for the unix socket the front processes forward requests to."""
-    return tempfile.mkdtemp(prefix="kleinserve-")
