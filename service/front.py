@@ -36,7 +36,7 @@ from service.health import Health
 from service.http import InferenceAPI, InferenceSite
 from service.lifecycle import within
 from service.metrics import Metrics
-from service.shm_ring import Ring, attach_segment
+from service.shm_ring import attach_segment, halves
 
 log = Logger()
 
@@ -66,7 +66,9 @@ class Front:
         self.stopping = False
         self.channel = MainChannel(self.stop, self._main_gone)
         segment = settings.get("segment")
-        self.ring = Ring(attach_segment(segment)) if segment else None
+        self.segment = attach_segment(segment) if segment else None
+        # Our inputs go in the first half; the main process's outputs come in the second.
+        self.ring = halves(self.segment.buf)[0] if self.segment and self.segment.buf else None
         self.metrics = Metrics()
         self.decoder = BodyDecoder(reactor=reactor)
         api = InferenceAPI(

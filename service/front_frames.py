@@ -5,9 +5,10 @@ length prefix): a 4-byte header length, the header as JSON (orjson), then a tail
 bytes. Tensors travel as specs in the header, ``[name, dtype, shape, place]``, where
 ``place`` says where the bytes are:
 
-* ``["shm", offset]``: in the front process's shared-memory ring (``service.shm_ring``), at
-  ``offset``; the receiver wraps it with ``np.ndarray(buffer=…)``, no copy;
-* ``["tail", start]``: in this frame's tail (answers, and inputs that do not fit the ring);
+* ``["shm", offset]``: in the sender's shared-memory ring (``service.shm_ring``), at
+  ``offset``; the main process wraps inputs with ``np.ndarray(buffer=…)``, no copy; the front
+  process copies outputs out and gives their regions back;
+* ``["tail", start]``: in this frame's tail (tensors that do not fit the ring);
 * ``["obj", start, [len, …]]``: an object array of byte strings (DT_STRING), one after the
   other in the tail.
 
@@ -93,9 +94,10 @@ def put_tensors(
 
 
 def take_tensors(
-    specs: list[Any], tail: memoryview, shared: memoryview | None = None
+    specs: list[Any], tail: memoryview, shared: memoryview | None = None, *, copy: bool = False
 ) -> dict[str, np.ndarray]:
-    """The tensors of ``specs``: views of ``shared`` (the sender's ring) or of ``tail``."""
+    """The tensors of ``specs``: views of ``shared`` (the sender's ring; copies of it with
+    ``copy``, so the region can be given back at once) or of ``tail``."""
     tensors: dict[str, np.ndarray] = {}
     for name, dtype_str, shape, place in specs:
         if place[0] == "obj":
@@ -110,11 +112,17 @@ def take_tensors(
         if place[0] == "shm":
             if shared is None:
                 raise ValueError("a tensor in shared memory, but no ring is attached")
-            tensors[name] = np.ndarray(shape, dtype, buffer=shared, offset=place[1])
+            view = np.ndarray(shape, dtype, buffer=shared, offset=place[1])
+            tensors[name] = view.copy() if copy else view
         else:
             count = int(np.prod(shape, dtype=np.int64))
             tensors[name] = np.frombuffer(tail, dtype, count, place[1]).reshape(shape)
     return tensors
+
+
+def shared_regions(specs: list[Any]) -> list[int]:
+    """The ring offsets the tensors of ``specs`` are at."""
+    return [place[1] for _, _, _, place in specs if place[0] == "shm"]
 
 
 def _as_bytes(value: Any) -> bytes:

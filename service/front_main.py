@@ -12,7 +12,8 @@ is left, and closes the socket. Rings are unlinked when their process ends and a
 ``FrontConnection`` serves one front process over its socket: leases (held here until the
 front process releases them or dies), predicts (inputs read in place from the ring and
 submitted to the version's batching queue with the request's deadline, so every front
-process's requests share batches), cancels, access-log entries and HTTP counter reports
+process's requests share batches; outputs written into the ring's second half, whose
+regions the front process gives back once it has copied them out), cancels, access-log entries and HTTP counter reports
 (``FrontStats``).
 
 A region of a ring is the front process's again once its predict is answered, so a predict
@@ -52,7 +53,7 @@ from service.front_remote import signature_doc
 from service.lifecycle import EXIT_CANNOT_LISTEN, exit_after_stop, within
 from service.metrics import Metrics
 from service.plane_types import Cancellation, ModelTarget
-from service.shm_ring import create_segment, release_segment
+from service.shm_ring import create_segment, halves, release_segment
 from service.shutdown import CUT_MARGIN, StopDeadline
 from wire.backoff import Backoff
 
@@ -125,6 +126,8 @@ class FrontConnection(Int32StringReceiver):
     ) -> None:
         self._plane = plane
         self._shared = segment.buf if segment is not None else None
+        # The front process's inputs are in the first half; our outputs go in the second.
+        self._outputs = halves(self._shared)[1] if self._shared is not None else None
         self._key = key
         self._stats = stats
         self._access_log = access_log
@@ -140,6 +143,9 @@ class FrontConnection(Int32StringReceiver):
     def stringReceived(self, frame: bytes) -> None:
         try:
             header, tail = unpack(frame)
+            if self._outputs is not None:
+                for offset in header.get("freed", ()):
+                    self._outputs.free(int(offset))
             op = header.get("op")
             if op == "predict":
                 self._predict(header, tail)
@@ -237,7 +243,7 @@ class FrontConnection(Int32StringReceiver):
                 error = Internal("internal error; see the server log")
             self.send({"id": call_id, "error": error_spec(error)})
             return
-        specs, tail, _ = put_tensors(result)
+        specs, tail, _ = put_tensors(result, self._outputs)
         queued = work.queued
         self.send(
             {

@@ -10,7 +10,7 @@ once, and notices. ``RemotePlane`` is the data plane as the HTTP front doors
   process says the version was reloaded), so ``signature(name)`` needs no round trip;
 * ``predict`` checks the inputs against the signature here (the same messages as in one
   process), writes them into the shared-memory ring and asks the main process to run them
-  through the version's batching queue; the outputs come back in the answer's frame.
+  through the version's batching queue; the outputs come back in the main process's ring.
 
 Everything else a front door can be asked (status, metadata, health, metrics, uploads,
 hooks, classify and regress) is forwarded whole, as HTTP over a unix socket, to the main
@@ -46,7 +46,15 @@ from zope.interface import implementer
 
 from service.batching import Queued
 from service.errors import ServingError, Unavailable
-from service.front_frames import Header, error_of, pack, put_tensors, take_tensors, unpack
+from service.front_frames import (
+    Header,
+    error_of,
+    pack,
+    put_tensors,
+    shared_regions,
+    take_tensors,
+    unpack,
+)
 from service.plane_types import Cancellation, ModelTarget, Tensors
 from service.shm_ring import Ring
 from service.signature import Signature, TensorInfo, check_inputs, find_signature
@@ -70,6 +78,7 @@ class MainChannel(Int32StringReceiver):
         self._on_lost = on_lost
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[Deferred, Callable[[Header | None], object]]] = {}
+        self._freed: list[int] = []  # the main process's output regions, to give back
         self.lost = False
 
     def call(
@@ -90,12 +99,22 @@ class MainChannel(Int32StringReceiver):
         header["id"] = call_id
         answer: Deferred = Deferred()
         self._waiting[call_id] = (answer, done)
-        self.sendString(pack(header, tail))
+        self._send(header, tail)
         return call_id, answer
 
     def notify(self, header: Header) -> None:
         if not self.lost:
-            self.sendString(pack(header))
+            self._send(header)
+
+    def give_back(self, offsets: list[int]) -> None:
+        """Output regions read: they go back with the next message (a release follows every
+        predict, so they are not kept long)."""
+        self._freed.extend(offsets)
+
+    def _send(self, header: Header, tail: list[bytes] | None = None) -> None:
+        if self._freed:
+            header["freed"], self._freed = self._freed, []
+        self.sendString(pack(header, tail))
 
     def stringReceived(self, frame: bytes) -> None:
         header, tail = unpack(frame)
@@ -219,10 +238,14 @@ class RemoteLease:
         plane = self._plane
         specs, tail, regions = put_tensors(inputs, plane.ring)
 
-        def free(_: Header | None = None) -> None:
+        abandoned = [False]  # the request left: nobody reads the outputs when they come
+
+        def free(answer: Header | None = None) -> None:
             if plane.ring is not None:
                 for offset in regions:
                     plane.ring.free(offset)
+            if answer is not None and abandoned[0]:
+                plane.channel.give_back(shared_regions(answer.get("outputs", ())))
 
         header: Header = {
             "op": "predict",
@@ -247,12 +270,19 @@ class RemoteLease:
         answering.addErrback(_cancelled_also, cancel)
         try:
             reply, reply_tail = await answering
+        except CancelledError:
+            abandoned[0] = True
+            raise
         finally:
             pending[0] = False
         answer = _checked(reply)
         if queued is not None and answer.get("batch") is not None:
             queued.batched(float(answer["wait"]), int(answer["batch"]))
-        return take_tensors(answer["outputs"], reply_tail)
+        specs = answer["outputs"]
+        shared = plane.ring.buffer if plane.ring is not None else None
+        outputs = take_tensors(specs, reply_tail, shared, copy=True)
+        plane.channel.give_back(shared_regions(specs))
+        return outputs
 
 
 def _cancelled_also(failure: Failure, cancel: Callable[[], object]) -> Failure:

@@ -4,11 +4,13 @@ process (``--http_processes``, docs/scaling.md).
 The main process creates one segment per front process it starts (``create_segment``),
 passes its name, and unlinks it when that process ends or the server stops (nothing is left
 in ``/dev/shm``; if the main process itself is killed, Python's resource tracker, which
-registered the segment, unlinks it). The front process attaches (``attach_segment``) and
-hands out regions of it with ``RingAllocator``: a request's tensors are written once into
-their region, read in place by the main process, and the region is freed when the main
-process answers the request (it answers every request once, and only when nothing of it is
-still read: see ``service.front_main``).
+registered the segment, unlinks it). The front process attaches (``attach_segment``).
+The segment is two rings (``halves``). In the first the front process hands out regions with
+``RingAllocator``: a request's inputs are written once into their region, read in place by the
+main process, and the region is freed when the main process answers the request (it answers
+every request once, and only when nothing of it is still read: see ``service.front_main``).
+In the second the main process writes a request's outputs; the front process copies them out
+when the answer arrives and gives the regions back with its next message (``freed``).
 """
 
 from __future__ import annotations
@@ -78,19 +80,31 @@ class RingAllocator:
 
 
 class Ring:
-    """A ``RingAllocator`` over an attached segment: what ``front_frames.put_tensors`` fills."""
+    """A ``RingAllocator`` over ``size`` bytes of ``buffer`` from ``start`` (offsets are the
+    buffer's): what ``front_frames.put_tensors`` fills."""
 
-    def __init__(self, segment: SharedMemory) -> None:
-        self.segment = segment
-        assert segment.buf is not None, "an open segment"
-        self.buffer: memoryview = segment.buf
-        self._allocator = RingAllocator(segment.size)
+    def __init__(self, buffer: memoryview, start: int, size: int) -> None:
+        self.buffer = buffer
+        self._start = start
+        self._allocator = RingAllocator(size)
 
     def allocate(self, size: int) -> int | None:
-        return self._allocator.allocate(size)
+        offset = self._allocator.allocate(size)
+        return None if offset is None else self._start + offset
 
     def free(self, offset: int) -> None:
-        self._allocator.free(offset)
+        self._allocator.free(offset - self._start)
+
+    @property
+    def used(self) -> int:
+        return self._allocator.used
+
+
+def halves(buffer: memoryview) -> tuple[Ring, Ring]:
+    """A segment's two rings: the front process's inputs (first half), the main process's
+    outputs (second half). Each side allocates in its own and frees what the other gives back."""
+    half = len(buffer) // 2 // ALIGN * ALIGN
+    return Ring(buffer, 0, half), Ring(buffer, half, len(buffer) - half)
 
 
 def create_segment(name: str, size: int) -> SharedMemory:

@@ -17,7 +17,7 @@ from service.front_main import FrontConnection, FrontStats
 from service.front_remote import MainChannel, RemotePlane
 from service.metrics import Metrics
 from service.plane_types import Cancellation, ModelTarget
-from service.shm_ring import RingAllocator
+from service.shm_ring import Ring, halves
 from tests.deferreds import result_of
 from tests.test_dataplane import Held, make_plane
 
@@ -40,34 +40,21 @@ class _Pipe:
         self.closed = True
 
 
-class _Ring:
-    def __init__(self, size: int = 4096) -> None:
-        self._allocator = RingAllocator(size)
-        self.buffer = memoryview(bytearray(size))
-
-    def allocate(self, size: int) -> int | None:
-        return self._allocator.allocate(size)
-
-    def free(self, offset: int) -> None:
-        self._allocator.free(offset)
-
-    @property
-    def used(self) -> int:
-        return self._allocator.used
-
-
 class _Segment:
-    def __init__(self, ring: _Ring) -> None:
-        self.buf = ring.buffer
+    """What FrontConnection reads of a shared-memory segment: its buffer."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.buf = memoryview(bytearray(size))
 
 
-def _joined(executor: Any = None) -> tuple[RemotePlane, FrontConnection, Any, _Ring]:
+def _joined(executor: Any = None) -> tuple[RemotePlane, FrontConnection, Any, Ring]:
     plane, version, clock = make_plane(executor) if executor else make_plane()
-    ring = _Ring()
+    segment = _Segment()
+    ring, _ = halves(segment.buf)  # the front process's half
     front = MainChannel(on_stop=lambda _: None, on_lost=lambda: None)
     main = FrontConnection(
         plane,
-        _Segment(ring),  # type: ignore[arg-type]
+        segment,  # type: ignore[arg-type]
         key=(0, 1),
         stats=FrontStats(Metrics(CollectorRegistry())),
         access_log=AccessLog("off"),
@@ -77,7 +64,13 @@ def _joined(executor: Any = None) -> tuple[RemotePlane, FrontConnection, Any, _R
     to_main.peer, to_front.peer = main, front
     front.makeConnection(to_main)  # type: ignore[arg-type]
     main.makeConnection(to_front)  # type: ignore[arg-type]
-    return RemotePlane(front, ring, clock), main, version, ring  # type: ignore[arg-type]
+    return RemotePlane(front, ring, clock), main, version, ring
+
+
+def _outputs_held(main: FrontConnection) -> int:
+    """Bytes of the main process's output ring not yet given back."""
+    assert main._outputs is not None
+    return main._outputs.used
 
 
 X = {"x": np.array([[1.0, 2.0]], dtype=np.float32)}
@@ -89,12 +82,14 @@ async def _predict(plane: RemotePlane, target: ModelTarget, **kwargs: Any) -> An
 
 
 def test_a_predict_runs_in_the_main_process_and_frees_its_ring_region() -> None:
-    """The outputs come back; the lease and the ring region are given back with them."""
-    plane, _, version, ring = _joined()
+    """The outputs come back through the main process's ring; the lease, the input region
+    and the output region are all given back."""
+    plane, main, version, ring = _joined()
     outputs = result_of(Deferred.fromCoroutine(_predict(plane, ModelTarget("m"))))
     np.testing.assert_array_equal(outputs["y"], [[2.0, 4.0]])
     assert version.holders.count == 0
     assert ring.used == 0
+    assert _outputs_held(main) == 0  # copied out, and given back with the release
 
 
 def test_errors_come_back_as_the_same_serving_errors() -> None:
@@ -130,9 +125,10 @@ def test_a_cancelled_request_not_started_is_dropped_and_its_region_freed() -> No
 
 
 def test_a_cancelled_request_already_running_keeps_its_region_until_it_ends() -> None:
-    """Rows a thread may be reading are not given back before the batch has run."""
+    """Rows a thread may be reading are not given back before the batch has run; the outputs
+    nobody reads are given back too."""
     held = Held()
-    plane, _, version, ring = _joined(held)
+    plane, main, version, ring = _joined(held)
     answer = Deferred.fromCoroutine(_predict(plane, ModelTarget("m")))
     assert len(held.batches) == 1  # running
     answer.cancel()  # Klein does this when the client leaves
@@ -140,6 +136,8 @@ def test_a_cancelled_request_already_running_keeps_its_region_until_it_ends() ->
     assert ring.used > 0
     held.run_next()
     assert ring.used == 0 and version.holders.count == 0
+    plane.channel.notify({"op": "counts"})  # any next message gives the outputs back
+    assert _outputs_held(main) == 0
 
 
 def test_a_front_process_gone_releases_its_leases_once_its_work_has_run() -> None:

@@ -58,13 +58,15 @@ def test_a_tensor_the_ring_has_no_room_for_goes_in_the_tail() -> None:
 
 
 def test_ring_tensors_are_read_in_place() -> None:
-    """What arrives through the ring is a view of the ring, not a copy."""
+    """What arrives through the ring is a view of the ring, unless a copy is asked for."""
     ring = _BytesRing(1024)
     specs, tail, _ = put_tensors({"x": np.ones(4, dtype=np.float32)}, ring)
     header, rest = unpack(pack({"inputs": specs}, tail))
     out = take_tensors(header["inputs"], rest, ring.buffer)["x"]
+    copied = take_tensors(header["inputs"], rest, ring.buffer, copy=True)["x"]
     ring.buffer[specs[0][3][1] : specs[0][3][1] + 4] = np.float32(7).tobytes()
     assert out[0] == 7
+    assert copied[0] == 1  # a copy: its region may be given back at once
 
 
 def test_errors_cross_as_their_own_class_and_status() -> None:
