@@ -215,7 +215,7 @@ def test_requests_from_both_front_processes_share_a_batch(server) -> None:
     """One request through each front process, at once: they run as one batch of 2."""
     connections: dict[str, http.client.HTTPConnection] = {}
     image = _images(1)[0]
-    for _ in range(12):  # a kept-alive connection to each front process
+    for _ in range(20):  # a kept-alive connection to each front process
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         process = _process_of(server, conn, image)  # a lone row: it runs after 2 s alone
         if process in connections:
