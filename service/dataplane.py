@@ -39,8 +39,8 @@ decoding on ``ImageDecoder``'s threads.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, cast
 
 import attrs
 import numpy as np
@@ -66,59 +66,28 @@ from service.model_hooks import (
     coerce_inputs,
     hook_failure,
 )
+from service.plane_types import (
+    Answer,
+    Cancellation,
+    Decoded,
+    Encoded,
+    ModelTarget,
+    Tensors,
+)
 from service.repository import AVAILABLE, LoadedVersion, ModelRepository, batch_rows
 from service.signature import Signature, check_inputs
 
-Tensors = dict[str, np.ndarray]
-Answer = TypeVar("Answer")  # what a front door makes of an answer (``through_hooks``)
-# A front door's decoding for ``through_hooks``: signature name, inputs, how to answer.
-Decoded = tuple[str | None, Tensors, Any]
-
-
-@attrs.frozen
-class Encoded:
-    """An answer's body, ready to send, and its content type."""
-
-    body: bytes
-    content_type: bytes
-    headers: tuple[tuple[bytes, bytes], ...] = ()  # any other headers the answer needs
-
-
-@attrs.frozen
-class ModelTarget:
-    """The model a request names: a version number, a label, or neither (the latest)."""
-
-    name: str
-    version: int | None = None
-    label: str | None = None
-
-
-class Cancellation:
-    """Set once when the caller gives up; what was registered with ``on_cancel`` then runs.
-
-    A front door makes one per request and wires it to its own "caller went away" signal
-    (for HTTP, ``request.notifyFinish()``'s errback).
-    """
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self._callbacks: list[Callable[[], object]] = []
-
-    def on_cancel(self, callback: Callable[[], object]) -> None:
-        """Run ``callback`` when cancelled (at once if already cancelled)."""
-        if self.cancelled:
-            callback()
-        else:
-            self._callbacks.append(callback)
-
-    def cancel(self, _: object = None) -> None:
-        """The caller went away (any argument is ignored: it may be an errback's failure)."""
-        if self.cancelled:
-            return
-        self.cancelled = True
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
+__all__ = [
+    "Cancellation",
+    "DataPlane",
+    "Decoded",
+    "Encoded",
+    "ImageResults",
+    "Metadata",
+    "ModelTarget",
+    "Tensors",
+    "VersionLease",
+]
 
 
 @attrs.frozen
@@ -172,16 +141,16 @@ class DataPlane:
 
     # -- lookups (no await) ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lease(self, target: ModelTarget) -> Iterator[VersionLease]:
-        """The AVAILABLE version ``target`` names, held until the ``with`` block ends.
+    def lease(self, target: ModelTarget) -> Held:
+        """The AVAILABLE version ``target`` names, held until the ``with`` (or ``async with``)
+        block ends.
 
         404 for an unknown model or version, 400 for an unknown label, 503 while no version
-        is AVAILABLE. Enter it before the request's first await.
+        is AVAILABLE. Enter it before the request's first await (``async with`` enters it
+        without awaiting anything). The HTTP front doors use ``async with``: a front process
+        (``service.front_remote.RemotePlane``) must ask the main process for its lease.
         """
-        version = self.repository.lookup(target.name, target.version, target.label)
-        with version.lease():
-            yield VersionLease(self, version)
+        return Held(self, target)
 
     def status(self, target: ModelTarget) -> list[dict[str, Any]]:
         """TF Serving's ModelVersionStatus of the versions ``target`` names, newest first."""
@@ -290,6 +259,34 @@ class DataPlane:
             )
 
 
+class Held:
+    """A lease being held (``DataPlane.lease``), as a context manager of either kind."""
+
+    def __init__(self, plane: DataPlane, target: ModelTarget) -> None:
+        self._plane = plane
+        self._target = target
+        self._held: contextlib.AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> VersionLease:
+        target = self._target
+        version = self._plane.repository.lookup(target.name, target.version, target.label)
+        held = version.lease()
+        held.__enter__()
+        self._held = held
+        return VersionLease(self._plane, version)
+
+    def __exit__(self, *exc: Any) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(*exc)
+
+    async def __aenter__(self) -> VersionLease:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.__exit__(*exc)
+
+
 class VersionLease:
     """One request's hold on one AVAILABLE version (``DataPlane.lease``), and its operations.
 
@@ -315,6 +312,10 @@ class VersionLease:
 
     def signature_defs(self) -> Mapping[str, Any]:
         return self._version.require().signature_defs
+
+    def signatures(self) -> Mapping[str, Signature]:
+        """Every signature of the version (the same mapping until the version is reloaded)."""
+        return self._version.require().signatures
 
     @property
     def hooks(self) -> VersionHooks | None:

@@ -28,8 +28,10 @@ server bounds), numbers are checked and copied by C loops (``set(map(type, …))
 to report the first bad value as TF Serving would. Every error is an ``InvalidArgument`` (400)
 that names the place in the body, ``examples[2]["x"][1]``, followed by TF Serving's message.
 
-Imports TensorFlow's Example protos (``example_pb2``): the server has TensorFlow loaded anyway,
-and protobuf's C implementation builds and serializes them faster than Python could.
+Uses TensorFlow's Example protos (``example_pb2``): the server has TensorFlow loaded anyway,
+and protobuf's C implementation builds and serializes them faster than Python could. They are
+imported on first use, not with this module: the front processes of ``--http_processes``
+import the HTTP routes (and so this module) but never TensorFlow.
 
 Deliberate differences from TF Serving: the signature's input ``inputs`` must be DT_STRING
 (TF Serving would fail inside the model); TF Serving's whole-body echo ("JSON Value: {…}")
@@ -52,7 +54,6 @@ from typing import Any
 import attrs
 import numpy as np
 import orjson
-from tensorflow.core.example import example_pb2
 
 from service import codec
 from service.errors import InvalidArgument
@@ -121,6 +122,8 @@ def serialize_example(features: Any, where: str) -> bytes:
         raise InvalidArgument(
             f"{where}: Example must be JSON object but got JSON {_json_type(features)}"
         )
+    from tensorflow.core.example import example_pb2  # on first use: see the module docstring
+
     example = example_pb2.Example()
     feature_map = example.features.feature
     for name, value in features.items():

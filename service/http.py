@@ -43,13 +43,13 @@ received or decoded count against one ``RequestBudget`` (``service.budget``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import unquote
 
 from klein import Klein
 from klein.interfaces import IKleinRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.iweb import IRequest
@@ -58,7 +58,6 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from service import codec, examples, v2
 from service.batching import Queued
-from service.dataplane import DataPlane, Decoded, Encoded, ModelTarget, VersionLease
 from service.decoding import BodyDecoder
 from service.errors import FailedPrecondition, InvalidArgument, ServingError
 from service.health import Health
@@ -71,6 +70,7 @@ from service.http_request import (
     counted,
     deadline_of,
     decode_body,
+    forwarded,
     hook_request_of,
     read_body,
     request_id_of,
@@ -81,9 +81,13 @@ from service.http_site import OTHER_ROUTE, InferenceSite
 from service.images import ImageDecoder, parse_upload
 from service.metrics import Metrics
 from service.model_hooks import HOOKS_FILE
-from service.repository import ModelRepository
+from service.plane_types import Decoded, Encoded, ModelTarget
 from wire.http import error_body
 from wire.paths import PREFIX
+
+if TYPE_CHECKING:
+    from service.dataplane import DataPlane, VersionLease
+    from service.repository import ModelRepository
 
 __all__ = ["JSON_CONTENT_TYPES", "InferenceAPI", "InferenceSite", "UTF8URLs", "read_body"]
 
@@ -118,11 +122,21 @@ class InferenceAPI:
         default_model: str | None = None,
         health: Health | None = None,
         decoder: BodyDecoder | None = None,
-        plane: DataPlane | None = None,
+        plane: Any = None,
         prometheus_path: str | None = None,
+        forward: Callable[[IRequest], Any] | None = None,
     ) -> None:
+        """``plane``: the data plane (``service.dataplane.DataPlane``; in a front process
+        ``service.front_remote.RemotePlane``). ``forward``: in a front process, what answers
+        the routes the main process answers (``service.http_request.forwarded``); None in
+        the process that holds the models."""
+        if plane is None:
+            from service.dataplane import DataPlane
+
+            plane = DataPlane(repository, images=images, default_model=default_model)
         self.repository = repository
-        self.plane = plane or DataPlane(repository, images=images, default_model=default_model)
+        self.plane: DataPlane = plane
+        self.forward = forward
         self.health = health or Health(repository, stall_seconds=60.0)
         self.metrics = metrics
         self.overload_fraction = overload_fraction
@@ -204,9 +218,11 @@ class InferenceAPI:
     @app.route("/v1/models/<target:target>:predict", methods=["POST"])
     @counted("predict")
     async def predict(self, request: server.Request, target: ModelTarget) -> bytes:
-        with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+        async with self.plane.lease(target) as model:  # a swap unloads it only after the answer
             queued = serving(request, model.name, model.version)
             if model.hooks is not None:
+                if self.forward is not None:  # a front process: hooks run in the main one
+                    return cast(bytes, await self.forward(request))
                 return await self._through_hooks(request, model, "predict", queued)
             decoded = await self._decode_json(
                 request, lambda body: codec.decode_body(body, model.signature)
@@ -223,9 +239,10 @@ class InferenceAPI:
 
     @app.route("/v1/models/<target:target>:invoke", methods=["POST"])
     @counted("invoke")
+    @forwarded
     async def invoke(self, request: server.Request, target: ModelTarget) -> bytes:
         """A body of any content type for the version's ``preprocess`` or ``handle`` hook."""
-        with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+        async with self.plane.lease(target) as model:  # a swap unloads it only after the answer
             if model.hooks is None or not model.hooks.takes_raw_bodies:
                 raise FailedPrecondition(
                     f"model {model.name!r} version {model.version} has no preprocess or handle "
@@ -268,18 +285,20 @@ class InferenceAPI:
 
     @app.route("/v1/models/<target:target>:classify", methods=["POST"])
     @counted("classify")
+    @forwarded
     async def classify(self, request: server.Request, target: ModelTarget) -> bytes:
         """TF Serving's Classify: the examples run as k rows of the DT_STRING input."""
         return await self._examples(request, target, examples.CLASSIFY)
 
     @app.route("/v1/models/<target:target>:regress", methods=["POST"])
     @counted("regress")
+    @forwarded
     async def regress(self, request: server.Request, target: ModelTarget) -> bytes:
         """TF Serving's Regress: the examples run as k rows of the DT_STRING input."""
         return await self._examples(request, target, examples.REGRESS)
 
     async def _examples(self, request: server.Request, target: ModelTarget, verb: str) -> bytes:
-        with self.plane.lease(target) as model:  # a swap unloads it only after the answer
+        async with self.plane.lease(target) as model:  # a swap unloads it only after the answer
             queued = serving(request, model.name, model.version)
             decoded = await self._decode_json(
                 request, lambda body: examples.decode_examples(body, verb)
@@ -301,6 +320,7 @@ class InferenceAPI:
 
     @app.route("/v1/models/<target:target>", methods=["GET"])
     @counted("status")
+    @forwarded
     def status(self, request: IRequest, target: ModelTarget) -> bytes:
         status = self.plane.status(target)
         request.setHeader(b"content-type", JSON)
@@ -308,6 +328,7 @@ class InferenceAPI:
 
     @app.route("/v1/models/<target:target>/metadata", methods=["GET"])
     @counted("metadata")
+    @forwarded
     def metadata(self, request: IRequest, target: ModelTarget) -> bytes:
         metadata = self.plane.metadata(target)
         serving(request, metadata.name, metadata.version)
@@ -356,18 +377,22 @@ class InferenceAPI:
 
     @app.route("/", methods=["POST"])
     @counted("classify_image")
+    @forwarded
     async def upload(self, request: server.Request) -> bytes:
         """An image upload for the default model: ``curl -F data=@picture.jpg http://host:8501/``."""
         return await self._classify_image(request, ModelTarget(self.plane.default_model()))
 
     @app.route("/v1/models/<target:target>:classify_image", methods=["POST"])
     @counted("classify_image")
+    @forwarded
     async def classify_image(self, request: server.Request, target: ModelTarget) -> bytes:
         return await self._classify_image(request, target)
 
     async def _classify_image(self, request: server.Request, target: ModelTarget) -> bytes:
         self.plane.require_images()  # 503 before the lookup
-        with self.plane.lease(target) as model:  # decoding awaits: the version must outlive it
+        async with self.plane.lease(
+            target
+        ) as model:  # decoding awaits: the version must outlive it
             queued = serving(request, model.name, model.version)
             body = read_body(request, UPLOAD_CONTENT_TYPES, hint=UPLOAD_HINT)
             args: dict[bytes, list[bytes]] = request.args or {}
@@ -396,6 +421,7 @@ class InferenceAPI:
 
     @app.route("/healthz", methods=["GET"])
     @counted("healthz")
+    @forwarded
     def healthz(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", JSON)
         problem = self.health.problem()
@@ -406,6 +432,7 @@ class InferenceAPI:
 
     @app.route("/readyz", methods=["GET"])
     @counted("readyz")
+    @forwarded
     def readyz(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", JSON)
         models = {
@@ -433,6 +460,7 @@ class InferenceAPI:
 
     @app.route("/metrics", methods=["GET"])
     @counted("metrics")
+    @forwarded
     def metrics_page(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self.metrics.registry)
@@ -462,13 +490,19 @@ class MetricsAlias(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: IResource, path: bytes, render: Callable[[IRequest], bytes]) -> None:
+    def __init__(self, inner: IResource, path: bytes, render: Callable[[IRequest], Any]) -> None:
         super().__init__()
         self._inner, self._path, self._render = inner, path.rstrip(b"/") or b"/", render
 
     def render(self, request: IRequest) -> bytes | int:
         if request.method in (b"GET", b"HEAD") and request.path.rstrip(b"/") == self._path:
-            return self._render(request)
+            page = self._render(request)
+            if not isinstance(page, Deferred):
+                return page
+            # A front process forwards the page to the main process (``forwarded``).
+            page.addErrback(lambda _: codec.encode_json(error_body("metrics unavailable", None)))
+            page.addCallback(lambda body: (request.write(body), request.finish()))
+            return server.NOT_DONE_YET
         return cast(int | bytes, self._inner.render(request))
 
 

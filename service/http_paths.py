@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from werkzeug.routing import BaseConverter
 
-from service.dataplane import ModelTarget
 from service.errors import InvalidArgument
+from service.plane_types import ModelTarget
 from wire.paths import INT64_MAX, NAME_PATTERN
 from wire.paths import TARGET as _TARGET  # the whole grammar, to explain a URL no route took
 

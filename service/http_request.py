@@ -22,7 +22,7 @@ import functools
 import io
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 from twisted.internet.defer import Deferred
@@ -32,10 +32,13 @@ from twisted.web.iweb import IRequest
 from service.access_log import RequestRecord
 from service.batching import Queued
 from service.budget import BodyHold
-from service.dataplane import Cancellation, Encoded, ModelTarget, VersionLease
 from service.decoding import BodyDecoder
 from service.errors import InvalidArgument, UnsupportedMediaType
 from service.model_hooks import HookRequest
+from service.plane_types import Cancellation, Encoded, ModelTarget
+
+if TYPE_CHECKING:
+    from service.dataplane import VersionLease
 
 T = TypeVar("T")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -80,6 +83,19 @@ def note_target(record: RequestRecord, route_args: Mapping[str, Any]) -> None:
         record.model, record.version = target.name, target.version
     elif isinstance(name, str):
         record.model = name
+
+
+def forwarded(handler: Handler) -> Handler:
+    """In a front process (``--http_processes``), the route is answered by the main process:
+    the request goes there whole (``InferenceAPI.forward``, ``service.front_remote``)."""
+
+    @functools.wraps(handler)
+    def route(self: Any, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        if self.forward is not None:
+            return self.forward(request)
+        return handler(self, request, *args, **kwargs)
+
+    return cast(Handler, route)
 
 
 def record_of(request: IRequest) -> RequestRecord | None:

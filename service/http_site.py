@@ -168,7 +168,11 @@ class InferenceSite(server.Site):
         access_log: AccessLog | None = None,
         auth: HTTPAuth | None = None,
         reactor: Any = None,
+        count_requests: bool = True,
     ) -> None:
+        """``count_requests=False``: the site of the main process's socket for front
+        processes (``--http_processes``), whose requests (and their models' request metrics)
+        the front processes count."""
         # parsePOSTFormSubmission=False: Twisted would otherwise parse every POST's content type
         # with the email package (~10% of a small predict's reactor time), run parse_qs over
         # curl -d bodies, and buffer multipart uploads whole; routes parse what they accept.
@@ -188,6 +192,7 @@ class InferenceSite(server.Site):
         self._requests = api.metrics.requests
         self._model_requests = api.metrics.model_requests
         self._route_of = api.route_of
+        self._count = count_requests
         self.in_flight = in_flight or InFlight()
         self.budget = budget or RequestBudget(4 * max_body_bytes)
         api.metrics.request_body_bytes.set_function(lambda: self.budget.held)
@@ -276,13 +281,14 @@ class InferenceSite(server.Site):
         (``service.request_metrics``, from its access-log record); and write its access-log
         line (Twisted's own access-log line is not written)."""
         label = getattr(request, "route_label", OTHER_ROUTE)
-        self._requests.labels(label, str(request.code)).inc()
+        if self._count:
+            self._requests.labels(label, str(request.code)).inc()
         record = getattr(request, "record", None)  # None: not a BoundedRequest
         if record is None:
             return
         finished = self.reactor.seconds()
         api = HTTP_ROUTES.get(label)
-        if api is not None:
+        if api is not None and self._count:  # else the front process counts it
             self._model_requests.observe(
                 api, record.model, record.version, request.code, finished - record.started
             )
@@ -320,12 +326,13 @@ class InferenceSite(server.Site):
         the line never arrived whole); the model and version its URL names are noted too.
         """
         label, args = self._route_of(method, path)
-        self._requests.labels(label, str(status)).inc()
+        if self._count:
+            self._requests.labels(label, str(status)).inc()
         if record.model is None:
             note_target(record, args)
         finished = self.reactor.seconds()
         api = HTTP_ROUTES.get(label)
-        if api is not None:
+        if api is not None and self._count:
             self._model_requests.observe(
                 api, record.model, record.version, status, finished - record.started
             )

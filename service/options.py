@@ -108,6 +108,8 @@ class ServerConfig:
     # gRPC (TF Serving's API): host:port to listen on, None for no gRPC.
     grpc_listen: str | None = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
     grpc_threads: int = 64
+    # Front processes answering HTTP (service.front_main); 1: this process alone, as always.
+    http_processes: int = 1
     grpc_max_receive_bytes: int = 0  # 0: unbounded, as TF Serving
     # Times each record of a version's assets.extra/tf_serving_warmup_requests is replayed.
     warmup_iterations: int = 1
@@ -184,6 +186,14 @@ class Options(usage.Options):
             "grpc_listen",
             None,
             "host:port for the gRPC API instead of --port, e.g. 127.0.0.1:8500 or [::]:8500.",
+        ),
+        _flag(
+            "http_processes",
+            _default("http_processes"),
+            "Processes answering HTTP on the port (1: this one). More than 1: that many front "
+            "processes without TensorFlow parse and encode HTTP and hand tensors to this "
+            "process, which runs the models (docs/scaling.md). TCP --listen only.",
+            int,
         ),
         _flag(
             "grpc_threads",
@@ -502,6 +512,7 @@ def config_from_options(opts: Any) -> ServerConfig:
         max_connections=opts["max_connections"],
         grpc_listen=_grpc_listen(opts["port"], opts["grpc_listen"]),
         grpc_threads=opts["grpc_threads"],
+        http_processes=opts["http_processes"],
         grpc_max_receive_bytes=opts["grpc_max_receive_bytes"],
         warmup_iterations=opts["num_request_iterations_for_warmup"],
         enable_model_hooks=bool(opts["enable_model_hooks"]),
@@ -632,6 +643,10 @@ def _check_numbers(opts: Any) -> None:
         raise usage.UsageError("--num_request_iterations_for_warmup must be 0 or more")
     if opts["grpc_threads"] <= 0:
         raise usage.UsageError("--grpc_threads must be positive")
+    if not 1 <= opts["http_processes"] <= 64:
+        raise usage.UsageError("--http_processes must be between 1 and 64")
+    if opts["http_processes"] > 1 and not (opts["listen"] or "tcp:").startswith("tcp"):
+        raise usage.UsageError("--http_processes above 1 needs a TCP --listen (tcp:PORT…)")
     if opts["grpc_max_receive_bytes"] < 0:
         raise usage.UsageError("--grpc_max_receive_bytes must be 0 (unbounded) or more")
     if opts["drain_timeout"] <= CUT_MARGIN:

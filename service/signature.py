@@ -13,7 +13,7 @@ import attrs
 import numpy as np
 
 from service.errors import InvalidArgument
-from wire.dtypes import NUMPY_NAMES
+from wire.dtypes import DEFAULT_SIGNATURE, NUMPY_NAMES
 
 #: TensorFlow's DataType enum names (as TF Serving's metadata writes them) and the numpy
 #: dtype a tensor of that type is held in (``wire.dtypes``, the table the client reads too).
@@ -132,3 +132,18 @@ def quoted(names: Sequence[str]) -> str:
 def shape_text(shape: Shape | tuple[int, ...]) -> str:
     assert shape is not None
     return "[" + ", ".join("?" if size is None else str(size) for size in shape) + "]"
+
+
+def find_signature(
+    signatures: Mapping[str, Signature], name: str | None, model: str, version: int
+) -> Signature:
+    """The named signature (the default one for None) of a model version, or InvalidArgument."""
+    key = name or DEFAULT_SIGNATURE
+    try:
+        return signatures[key]
+    except KeyError:
+        known = ", ".join(sorted(signatures))
+        raise InvalidArgument(
+            f"serving signature name: {key!r} not found in signature def; "
+            f"model {model!r} version {version} has: {known}"
+        ) from None

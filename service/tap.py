@@ -49,12 +49,16 @@ def makeService(options: Options) -> MultiService:
     stop_signals_once(reactor)
     _warn_about_open_files(config.max_connections)
     configure_tensorflow(config.intra_op_threads, config.inter_op_threads)
-    parts = _Parts(config, reactor)
+    parts = _Parts(config, reactor, fronts=config.http_processes > 1)
     deadline = StopDeadline(
         reactor, drain_delay=config.drain_delay, drain_timeout=config.drain_timeout
     )
-    port = _http_port(parts, config, deadline, reactor)
     ports = MultiService()  # stopped together: each drains at once, within the one deadline
+    forwarded = None  # --http_processes > 1: the port the front processes forward to
+    if config.http_processes > 1:
+        port, forwarded = _front_processes(parts, config, deadline, reactor)
+    else:
+        port = _http_port(parts, config, deadline, reactor)
     port.setServiceParent(ports)
     if config.grpc_listen is not None:
         _grpc_port(parts, config, deadline, reactor).setServiceParent(ports)
@@ -62,12 +66,14 @@ def makeService(options: Options) -> MultiService:
     for service in (
         parts.hooks.pool,  # before the loads, which set hooks up on it; stopped last
         parts.repository,
-        _reloader(parts, config, reactor),
+        _reloader(parts, config, reactor, port if config.http_processes > 1 else None),
         parts.images,
         parts.decoder,
+        forwarded,  # stopped after the front processes, which forward to it
         ports,
     ):
-        service.setServiceParent(top)
+        if service is not None:
+            service.setServiceParent(top)
     if config.discovery is not None:
         grpc_port = int(config.grpc_listen.rpartition(":")[2]) if config.grpc_listen else None
         _registration(parts, config.discovery, port, reactor, grpc_port).setServiceParent(top)
@@ -80,7 +86,9 @@ class _Parts:
     """The serving parts every later step wires: metrics, hooks, repository, health, decoders,
     the site."""
 
-    def __init__(self, config: ServerConfig, reactor: Any) -> None:
+    def __init__(self, config: ServerConfig, reactor: Any, *, fronts: bool = False) -> None:
+        """``fronts``: HTTP is served by front processes (``--http_processes`` > 1); the site
+        built here then answers only what they forward, and neither counts nor logs it."""
         from service.access_log import AccessLog
         from service.auth import BearerTokens, HTTPAuth
         from service.budget import RequestBudget
@@ -145,26 +153,32 @@ class _Parts:
             request_header_timeout=config.request_header_timeout,
             request_read_timeout=config.request_read_timeout,
             max_connections=config.max_connections,
-            access_log=self.access_log,
+            access_log=None if fronts else self.access_log,
+            # With front processes, they check tokens; this site only takes their forwards.
             auth=None
-            if self.tokens is None
+            if self.tokens is None or fronts
             else HTTPAuth(
                 self.tokens,
                 prometheus_path=config.prometheus_path,
                 protect_metrics=config.auth_metrics,
             ),
             reactor=reactor,
+            count_requests=not fronts,
         )
+        self.metrics = metrics
+
+
+def _cut_queued(repository: Any) -> int:
+    """At the drain deadline: answer what is still queued 503 (retry elsewhere); how many."""
+    from service.errors import Unavailable
+
+    stopping = Unavailable("the server is stopping; retry on another server", retry_after=1)
+    return sum(queue.abort_waiting(stopping) for queue in repository.queues())
 
 
 def _http_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any) -> Any:
     """The listening port, which on stop drains, then answers what is still queued 503."""
-    from service.errors import Unavailable
     from service.lifecycle import HTTPPort
-
-    def cut_queued() -> int:
-        stopping = Unavailable("the server is stopping; retry on another server", retry_after=1)
-        return sum(queue.abort_waiting(stopping) for queue in parts.repository.queues())
 
     return HTTPPort(
         serverFromString(reactor, config.listen),
@@ -172,8 +186,61 @@ def _http_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
         parts.site.in_flight,
         reactor=reactor,
         deadline=deadline,
-        cut_queued=cut_queued,
+        cut_queued=partial(_cut_queued, parts.repository),
     )
+
+
+def _front_processes(
+    parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any
+) -> tuple[IService, IService]:
+    """--http_processes > 1: the front processes on the port (``service.front_main``), and
+    the unix socket where they forward what the main process answers (status, metadata,
+    health, metrics, uploads, hooks, classify, regress)."""
+    from twisted.internet.endpoints import UNIXServerEndpoint
+
+    from service.front_main import FrontProcesses, FrontStats
+    from service.lifecycle import HTTPPort
+
+    # Linux's abstract socket namespace: nothing to remove from the file system afterwards.
+    forward_socket = f"\0kleinserve-{os.getpid()}-forward"
+    forwarded = HTTPPort(
+        UNIXServerEndpoint(reactor, forward_socket),
+        parts.site,
+        parts.site.in_flight,
+        reactor=reactor,
+        deadline=deadline,
+        cut_queued=partial(_cut_queued, parts.repository),
+    )
+    fronts = FrontProcesses(
+        config.listen,
+        config.http_processes,
+        parts.plane,
+        reactor=reactor,
+        deadline=deadline,
+        stats=FrontStats(parts.metrics),
+        access_log=parts.access_log,
+        settings={
+            "forward_socket": forward_socket,
+            "max_request_bytes": config.max_request_bytes,
+            # The server's bound, shared out (each may still take one request of the limit).
+            "max_inflight_request_bytes": max(
+                config.max_inflight_request_bytes // config.http_processes,
+                config.max_request_bytes,
+            ),
+            "request_header_timeout": config.request_header_timeout,
+            "request_read_timeout": config.request_read_timeout,
+            # The server's bound, shared out.
+            "max_connections": max(1, -(-config.max_connections // config.http_processes)),
+            "access_log": config.access_log,
+            "prometheus_path": config.prometheus_path,
+            "auth_token_file": None
+            if config.auth_token_file is None
+            else str(config.auth_token_file),
+            "auth_metrics": config.auth_metrics,
+        },
+        cut_queued=partial(_cut_queued, parts.repository),
+    )
+    return fronts, forwarded
 
 
 def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any) -> IService:
@@ -237,9 +304,9 @@ def _settled(repository: Any, names: list[str]) -> str | None:
     return ""
 
 
-def _reloader(parts: _Parts, config: ServerConfig, reactor: Any) -> IService:
+def _reloader(parts: _Parts, config: ServerConfig, reactor: Any, fronts: Any = None) -> IService:
     """SIGHUP and --model_config_file_poll_wait_seconds: re-read the config, rescan folders;
-    SIGHUP also re-reads the token file."""
+    SIGHUP also re-reads the token file (here, and in each front process)."""
     from service.options import read_models
     from service.reload import ConfigReloader
 
@@ -250,7 +317,9 @@ def _reloader(parts: _Parts, config: ServerConfig, reactor: Any) -> IService:
         reactor=reactor,
         poll_wait=config.model_config_file_poll_wait,
         rescan=parts.repository.rescan,
-        on_sighup=() if parts.tokens is None else (parts.tokens.reload,),
+        on_sighup=()
+        if parts.tokens is None
+        else (parts.tokens.reload, *(() if fronts is None else (fronts.reload,))),
     )
     reloader.started_with(config.models)
     return reloader

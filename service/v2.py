@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from importlib import metadata as package_metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from klein import Klein
@@ -37,7 +37,6 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from service import codec, v2_codec
 from service.batching import Queued
-from service.dataplane import Decoded, Encoded, ModelTarget, VersionLease
 from service.errors import Internal, InvalidArgument, NotFound, Unavailable
 from service.http_paths import echo, parse_version
 from service.http_request import (
@@ -47,16 +46,19 @@ from service.http_request import (
     counted,
     deadline_of,
     decode_body,
+    forwarded,
     hook_request_of,
     note_deadline_ms,
     send_encoded,
     serving,
 )
 from service.model_hooks import answer_tensors
+from service.plane_types import Decoded, Encoded, ModelTarget
 from service.signature import TensorInfo, quoted
 from wire.dtypes import DEFAULT_SIGNATURE, V2_NAMES
 
 if TYPE_CHECKING:
+    from service.dataplane import VersionLease
     from service.http import InferenceAPI
 
 SERVER_NAME = "kleinserve"
@@ -106,6 +108,7 @@ def v2_server_metadata(api: InferenceAPI, request: IRequest) -> bytes:
 
 
 @counted("v2_live")
+@forwarded
 def v2_live(api: InferenceAPI, request: IRequest) -> bytes:
     """Liveness, as ``/healthz``: false while an inference thread or a queue is stuck."""
     problem = api.health.problem()
@@ -115,6 +118,7 @@ def v2_live(api: InferenceAPI, request: IRequest) -> bytes:
 
 
 @counted("v2_ready")
+@forwarded
 def v2_ready(api: InferenceAPI, request: IRequest) -> bytes:
     """Readiness, as ``/readyz`` (without its 429: an overloaded server is still ready)."""
     problem = api.health.problem()
@@ -148,6 +152,7 @@ def signature_name(signatures: Mapping[str, Any]) -> str:
 
 
 @counted("v2_model_metadata")
+@forwarded
 def v2_model_metadata(
     api: InferenceAPI, request: IRequest, name: str, version: str | None = None
 ) -> bytes:
@@ -179,6 +184,7 @@ def tensor_metadata(info: TensorInfo) -> dict[str, Any]:
 
 
 @counted("v2_model_ready")
+@forwarded
 def v2_model_ready(
     api: InferenceAPI, request: IRequest, name: str, version: str | None = None
 ) -> bytes:
@@ -199,8 +205,11 @@ async def v2_infer(
     target = model_target(name, version)
     header_length = _header_length(request)
     deadline = deadline_of(request, api.plane.clock)
-    with api.plane.lease(target) as model:  # a swap unloads it only after the answer
+    async with api.plane.lease(target) as model:  # a swap unloads it only after the answer
         queued = serving(request, model.name, model.version)
+        if model.hooks is not None and api.forward is not None:
+            # A front process: hooks run in the main process, on the body as it came.
+            return cast(bytes, await api.forward(request))
         key = signature_name(model.signature_defs())
         decoded = await decode_body(
             request,

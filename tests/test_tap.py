@@ -99,6 +99,13 @@ def test_listen_takes_an_endpoint_string(tmp_path) -> None:
     assert parse(f"--model_base_path={tmp_path}").config.listen == "tcp:8501"
 
 
+def test_http_processes_default_to_one(tmp_path) -> None:
+    """--http_processes is 1 (this process alone) unless given."""
+    base = f"--model_base_path={tmp_path}"
+    assert parse(base).config.http_processes == 1
+    assert parse(base, "--http_processes=3").config.http_processes == 3
+
+
 def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
     """--port (TF Serving's gRPC flag, 8500) on all interfaces; 0 is off; --grpc_listen wins."""
     base = f"--model_base_path={tmp_path}"
@@ -138,6 +145,11 @@ def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
             "--num_request_iterations_for_warmup must be 0 or more",
         ),
         (("--model_base_path={tmp}", "--grpc_max_receive_bytes=-1"), "0 \\(unbounded\\)"),
+        (("--model_base_path={tmp}", "--http_processes=0"), "between 1 and 64"),
+        (
+            ("--model_base_path={tmp}", "--http_processes=2", "--listen=unix:/tmp/x.sock"),
+            "needs a TCP --listen",
+        ),
     ],
 )
 def test_bad_flags_are_usage_errors(tmp_path, args, message) -> None:
@@ -156,6 +168,17 @@ def test_twistd_help_does_not_import_tensorflow() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
     assert TWISTD.exists()
+
+
+def test_a_front_process_imports_no_tensorflow() -> None:
+    """What a front process of --http_processes imports (service.front: the HTTP routes,
+    the remote data plane) leaves TensorFlow and its protos out of sys.modules."""
+    code = (
+        "import sys, service.front; print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('tensorflow', 'tensorflow_serving', 'keras')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,8 @@ from typing import Any, ClassVar, Protocol
 import attrs
 import numpy as np
 
-from service.errors import FailedPrecondition, InvalidArgument
-from service.signature import Signature
-from wire.dtypes import DEFAULT_SIGNATURE
+from service.errors import FailedPrecondition
+from service.signature import Signature, find_signature
 
 #: Where a version's class names are read from: line N is class N.
 LABEL_FILES = ("labels.txt", "assets/labels.txt")
@@ -70,15 +69,7 @@ class ServableBase:
     labels: tuple[str, ...] | None
 
     def signature(self, name: str | None) -> Signature:
-        key = name or DEFAULT_SIGNATURE
-        try:
-            return self.signatures[key]
-        except KeyError:
-            known = ", ".join(sorted(self.signatures))
-            raise InvalidArgument(
-                f"serving signature name: {key!r} not found in signature def; "
-                f"model {self.name!r} version {self.version} has: {known}"
-            ) from None
+        return find_signature(self.signatures, name, self.name, self.version)
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError

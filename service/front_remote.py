@@ -1,0 +1,412 @@
+"""A front process's view of the main process (``--http_processes``, docs/scaling.md).
+
+``MainChannel`` is the unix socket to the main process: calls with an id, each answered
+once, and notices. ``RemotePlane`` is the data plane as the HTTP front doors
+(``service.http``, ``service.v2``) use it, with its work done by the main process:
+
+* ``lease(target)`` asks the main process to look the version up and hold it, until the
+  ``async with`` block ends; the answer carries the version's signatures the first time this
+  process sees that version (they are kept per name and version, and replaced when the main
+  process says the version was reloaded), so ``signature(name)`` needs no round trip;
+* ``predict`` checks the inputs against the signature here (the same messages as in one
+  process), writes them into the shared-memory ring and asks the main process to run them
+  through the version's batching queue; the outputs come back in the main process's ring.
+
+Everything else a front door can be asked (status, metadata, health, metrics, uploads,
+hooks, classify and regress) is forwarded whole, as HTTP over a unix socket, to the main
+process (``Forwarder``), which answers it as a single process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import attrs
+import numpy as np
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+    readBody,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IRequest
+from zope.interface import implementer
+
+from service.batching import Queued
+from service.errors import ServingError, Unavailable
+from service.front_frames import (
+    Header,
+    error_of,
+    pack,
+    put_tensors,
+    shared_regions,
+    take_tensors,
+    unpack,
+)
+from service.plane_types import Cancellation, ModelTarget, Tensors
+from service.shm_ring import Ring
+from service.signature import Signature, TensorInfo, check_inputs, find_signature
+
+log = Logger()
+
+GONE = "the server's main process did not answer; retry"
+
+
+def _nothing(_: Header | None) -> None:
+    pass
+
+
+class MainChannel(Int32StringReceiver):
+    """The front process's end of the socket to the main process."""
+
+    MAX_LENGTH = 2**31 - 1  # bounded by the HTTP limits of what produced the frame
+
+    def __init__(
+        self,
+        on_stop: Callable[[float], object],
+        on_lost: Callable[[], object],
+        on_reload: Callable[[], object] = lambda: None,
+    ):
+        self._on_stop = on_stop
+        self._on_lost = on_lost
+        self._on_reload = on_reload
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[Deferred, Callable[[Header | None], object]]] = {}
+        self._freed: list[int] = []  # the main process's output regions, to give back
+        self.lost = False
+
+    def call(
+        self,
+        header: Header,
+        tail: list[bytes] | None = None,
+        done: Callable[[Header | None], object] = _nothing,
+    ) -> tuple[int, Deferred]:
+        """Send ``header`` with a fresh id; the Deferred fires with the answer (header, tail).
+
+        ``done`` runs with the answer's header when it arrives (None if the main process is
+        gone), whether or not the Deferred was cancelled meanwhile: the ring regions the call
+        used are freed then, and a lease whose request has left is released.
+        """
+        if self.lost:
+            raise Unavailable(GONE, retry_after=1)
+        call_id = next(self._ids)
+        header["id"] = call_id
+        answer: Deferred = Deferred()
+        self._waiting[call_id] = (answer, done)
+        self._send(header, tail)
+        return call_id, answer
+
+    def notify(self, header: Header) -> None:
+        if not self.lost:
+            self._send(header)
+
+    def give_back(self, offsets: list[int]) -> None:
+        """Output regions read: they go back with the next message (a release follows every
+        predict, so they are not kept long)."""
+        self._freed.extend(offsets)
+
+    def _send(self, header: Header, tail: list[bytes] | None = None) -> None:
+        if self._freed:
+            header["freed"], self._freed = self._freed, []
+        self.sendString(pack(header, tail))
+
+    def stringReceived(self, frame: bytes) -> None:
+        header, tail = unpack(frame)
+        op = header.get("op")
+        if op is None:
+            waiting = self._waiting.pop(header["id"], None)
+            if waiting is not None:
+                answer, done = waiting
+                done(header)
+                if not answer.called:
+                    answer.callback((header, tail))
+        elif op == "stop":
+            self._on_stop(float(header.get("within", 30.0)))
+        elif op == "reload":
+            self._on_reload()  # SIGHUP reached the main process: re-read the token file
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        waiting, self._waiting = self._waiting, {}
+        for answer, done in waiting.values():
+            done(None)
+            if not answer.called:
+                answer.errback(Failure(Unavailable(GONE, retry_after=1)))
+        self._on_lost()
+
+
+def _checked(header: Header) -> Header:
+    error = header.get("error")
+    if error is not None:
+        raise error_of(error)
+    return header
+
+
+@attrs.frozen
+class VersionInfo:
+    """What a front process keeps of a version: its signatures, for decoding and checks."""
+
+    name: str
+    version: int
+    signatures: Mapping[str, Signature]
+    signature_defs: Mapping[str, Any]
+
+
+class RemotePlane:
+    """The data plane of the front doors, done by the main process over ``channel``."""
+
+    def __init__(self, channel: MainChannel, ring: Ring | None, clock: Any) -> None:
+        self.channel = channel
+        self.ring = ring
+        self.clock = clock
+        self._versions: dict[tuple[str, int], VersionInfo] = {}
+
+    @contextlib.asynccontextmanager
+    async def lease(self, target: ModelTarget) -> AsyncIterator[RemoteLease]:
+        left = [False]  # the request left before its lease came: release it when it comes
+
+        def arrived(header: Header | None) -> None:
+            if left[0] and header is not None and "lease" in header:
+                self.channel.notify({"op": "release", "lease": header["lease"]})
+
+        _, answering = self.channel.call(
+            {"op": "lease", "target": [target.name, target.version, target.label]},
+            done=arrived,
+        )
+        try:
+            reply, _ = await answering
+        except CancelledError:
+            left[0] = True
+            raise
+        answer = _checked(reply)
+        key = (answer["name"], int(answer["version"]))
+        if "signatures" in answer:
+            self._versions[key] = VersionInfo(
+                key[0],
+                key[1],
+                {k: signature_from(v) for k, v in answer["signatures"].items()},
+                answer["signature_defs"],
+            )
+        info = self._versions.get(key)
+        if info is None:  # the main process sends them once per version: it must have them
+            self.channel.notify({"op": "release", "lease": answer["lease"]})
+            raise Unavailable(GONE, retry_after=1)
+        try:
+            yield RemoteLease(self, int(answer["lease"]), info, bool(answer["hooks"]))
+        finally:
+            self.channel.notify({"op": "release", "lease": answer["lease"]})
+
+
+class RemoteLease:
+    """One request's hold on a version in the main process (``RemotePlane.lease``)."""
+
+    def __init__(self, plane: RemotePlane, lease: int, info: VersionInfo, hooks: bool) -> None:
+        self._plane = plane
+        self._lease = lease
+        self._info = info
+        self.name = info.name
+        self.version = info.version
+        # Only whether the version has hooks: a request for it is forwarded whole.
+        self.hooks: object | None = True if hooks else None
+        self._signature: Signature | None = None
+
+    def signature(self, name: str | None) -> Signature:
+        if self._signature is None:
+            self._signature = find_signature(self._info.signatures, name, self.name, self.version)
+        return self._signature
+
+    def signature_defs(self) -> Mapping[str, Any]:
+        return self._info.signature_defs
+
+    async def predict(
+        self,
+        signature_name: str | None,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+        dtype_names: Mapping[str, str] | None = None,
+        queued: Queued | None = None,
+    ) -> Tensors:
+        """As ``service.dataplane.VersionLease.predict``, run by the main process."""
+        signature = self.signature(signature_name)
+        check_inputs(signature, inputs, dtype_names)
+        plane = self._plane
+        specs, tail, regions = put_tensors(inputs, plane.ring)
+
+        abandoned = [False]  # the request left: nobody reads the outputs when they come
+
+        def free(answer: Header | None = None) -> None:
+            if plane.ring is not None:
+                for offset in regions:
+                    plane.ring.free(offset)
+            if answer is not None and abandoned[0]:
+                plane.channel.give_back(shared_regions(answer.get("outputs", ())))
+
+        header: Header = {
+            "op": "predict",
+            "lease": self._lease,
+            "signature": signature.name,
+            "inputs": specs,
+            "timeout": None if deadline is None else deadline - plane.clock.seconds(),
+        }
+        try:
+            call_id, answering = plane.channel.call(header, tail, done=free)
+        except ServingError:
+            free()
+            raise
+        pending = [True]
+
+        def cancel() -> None:
+            if pending[0]:
+                plane.channel.notify({"op": "cancel", "call": call_id})
+
+        if cancellation is not None:
+            cancellation.on_cancel(cancel)
+        answering.addErrback(_cancelled_also, cancel)
+        try:
+            reply, reply_tail = await answering
+        except CancelledError:
+            abandoned[0] = True
+            raise
+        finally:
+            pending[0] = False
+        answer = _checked(reply)
+        if queued is not None and answer.get("batch") is not None:
+            queued.batched(float(answer["wait"]), int(answer["batch"]))
+        specs = answer["outputs"]
+        shared = plane.ring.buffer if plane.ring is not None else None
+        outputs = take_tensors(specs, reply_tail, shared, copy=True)
+        plane.channel.give_back(shared_regions(specs))
+        return outputs
+
+
+def _cancelled_also(failure: Failure, cancel: Callable[[], object]) -> Failure:
+    """A call's Deferred cancelled (Klein does, for a client that left): tell the main
+    process too."""
+    if failure.check(CancelledError):
+        cancel()
+    return failure
+
+
+def signature_from(doc: Mapping[str, Any]) -> Signature:
+    """A ``Signature`` from ``signature_doc``'s plain data."""
+
+    def infos(side: Mapping[str, Any]) -> dict[str, TensorInfo]:
+        return {
+            key: TensorInfo(
+                info["name"],
+                info["dtype"],
+                None if info["shape"] is None else tuple(info["shape"]),
+                info["tensor_name"],
+            )
+            for key, info in side.items()
+        }
+
+    return Signature(doc["name"], infos(doc["inputs"]), infos(doc["outputs"]), doc["method_name"])
+
+
+def signature_doc(signature: Signature) -> dict[str, Any]:
+    """A ``Signature`` as plain data (JSON)."""
+
+    def infos(side: Mapping[str, TensorInfo]) -> dict[str, Any]:
+        return {
+            key: {
+                "name": info.name,
+                "dtype": info.dtype,
+                "shape": None if info.shape is None else list(info.shape),
+                "tensor_name": info.tensor_name,
+            }
+            for key, info in side.items()
+        }
+
+    return {
+        "name": signature.name,
+        "inputs": infos(signature.inputs),
+        "outputs": infos(signature.outputs),
+        "method_name": signature.method_name,
+    }
+
+
+# -- whole requests, forwarded ----------------------------------------------------------------
+
+#: Headers not passed on: hop-by-hop ones, and those the forwarded body or answer redoes.
+_NOT_FORWARDED = {
+    b"connection",
+    b"keep-alive",
+    b"transfer-encoding",
+    b"content-length",
+    b"content-encoding",  # the body was inflated here
+    b"te",
+    b"upgrade",
+    b"proxy-connection",
+}
+_NOT_ANSWERED = _NOT_FORWARDED | {b"date", b"server", b"x-request-id"}
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+@implementer(IAgentEndpointFactory)
+class _UNIXEndpoints:
+    def __init__(self, reactor: Any, path: str) -> None:
+        self._reactor, self._path = reactor, path
+
+    def endpointForURI(self, uri: Any) -> UNIXClientEndpoint:
+        return UNIXClientEndpoint(self._reactor, self._path)
+
+
+class Forwarder:
+    """Requests answered by the main process: the same request, as HTTP over its unix socket."""
+
+    def __init__(self, reactor: Any, path: str) -> None:
+        pool = HTTPConnectionPool(reactor)
+        pool._factory = _QuietClientFactory  # no "Starting factory" line per connection
+        pool.maxPersistentPerHost = 16
+        self._agent = Agent.usingEndpointFactory(reactor, _UNIXEndpoints(reactor, path), pool)
+
+    def __call__(self, request: IRequest) -> Deferred:
+        return ensureDeferred(self._forward(request))
+
+    async def _forward(self, request: IRequest) -> bytes:
+        content = request.content
+        body = b""
+        if content is not None:
+            content.seek(0)
+            body = content.read()
+        headers = Headers()
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower() not in _NOT_FORWARDED:
+                headers.setRawHeaders(name, values)
+        record = getattr(request, "record", None)
+        if record is not None:  # the main process files it under the same id
+            headers.setRawHeaders(b"x-request-id", [record.request_id.encode()])
+        producer = FileBodyProducer(io.BytesIO(body)) if body else None
+        try:
+            response = await self._agent.request(
+                request.method, b"http://main" + request.uri, headers, producer
+            )
+            answer: bytes = await readBody(response)
+        except CancelledError:
+            raise  # the client left
+        except Exception as e:  # the main process is gone or stopping: the client may retry
+            log.info("forwarding {uri} failed: {error}", uri=request.uri, error=repr(e))
+            raise Unavailable(GONE, retry_after=1) from None
+        request.setResponseCode(response.code)
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in _NOT_ANSWERED:
+                request.responseHeaders.setRawHeaders(name, values)
+        return answer
