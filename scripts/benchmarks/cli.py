@@ -26,6 +26,9 @@ Sections (``--only``), each a measurement of its own:
     triton     the Open Inference Protocol, v2 binary and v2 JSON bodies, to kleinserve and to
                a real Triton server (PyTriton, its dynamic batcher under the same limits) in
                the same run (sections/triton.py): requests/s and p50/p99 of each
+    front      --http_processes 1, 2 and 3 and a real Triton in the same run (sections/front.py):
+               TF Serving JSON and v2 JSON, requests/s, p50/p99, CPU per request of the main
+               process and of the front processes, memory of each server
     empty      an empty Klein route answering {} to the same bodies: the HTTP stack's ceiling
     flask      the digits model in Flask behind gunicorn -w 4 vs one kleinserve process:
                memory of all processes, and throughput at concurrency 64
@@ -62,6 +65,7 @@ from scripts.benchmarks.sections import (
     empty,
     engine,
     flask,
+    front,
     grpc,
     hooks,
     http,
@@ -78,6 +82,7 @@ RUN: dict[str, Callable[[Bench], None]] = {
     "grpc": grpc.run,
     "hooks": hooks.run,
     "triton": triton.run,
+    "front": front.run,
     "empty": empty.run,
     "flask": flask.run,
     "soak": soak.run,

@@ -15,6 +15,7 @@ SECTIONS = (
     "grpc",
     "hooks",
     "triton",
+    "front",
     "empty",
     "flask",
     "soak",

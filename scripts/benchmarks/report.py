@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.benchmarks.report_peers import hooks_table, peer_ratios, triton_table
+from scripts.benchmarks.report_peers import (
+    front_memory_table,
+    front_table,
+    hooks_table,
+    peer_ratios,
+    triton_table,
+)
 from scripts.benchmarks.tables import CONFIG_ORDER, TITLES
 from scripts.benchmarks.tables import num as _num
 from scripts.benchmarks.tables import table as _table
@@ -353,6 +359,8 @@ def markdown(results: dict[str, Any]) -> str:
         ("RSS stability: batching on, digits, concurrency 64", soak_table(results)),
         ("Per-version hooks: identity pre/post hooks vs none, one server", hooks_table(results)),
         ("Open Inference Protocol: kleinserve and Triton (PyTriton)", triton_table(results)),
+        ("Front processes (--http_processes) and Triton (PyTriton)", front_table(results)),
+        ("Front processes: memory of each server", front_memory_table(results)),
     ):
         if table:
             parts += [f"## {title}", "", table, ""]

@@ -1,6 +1,7 @@
 """The report's part for the sections that compare two servers or setups in one run: hooks
-(identity hooks against none) and triton (kleinserve against Triton on the Open Inference
-Protocol). ``report.py`` shows their ratios and tables."""
+(identity hooks against none), triton (kleinserve against Triton on the Open Inference
+Protocol) and front (--http_processes N against 1 and against Triton). ``report.py`` shows
+their ratios and tables."""
 
 from __future__ import annotations
 
@@ -62,7 +63,92 @@ def peer_ratios(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
                     "requests/s",
                 )
             )
+    out += _front_ratios(results)
     return out
+
+
+def _front_ratios(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
+    """Each front-process count against one process, and against Triton (v2 JSON), by model
+    and concurrency; and the memory of each count against one process."""
+    rows = results.get("front", [])
+    out: list[tuple[str, float, float, str]] = []
+
+    def find(server: str, model: str, encoding: str, c: int) -> dict[str, Any] | None:
+        return next(
+            (
+                r
+                for r in rows
+                if (r["server"], r["model"], r["encoding"], r["concurrency"])
+                == (server, model, encoding, c)
+            ),
+            None,
+        )
+
+    for row in rows:
+        if not row["server"].startswith("kleinserve N=") or row["server"].endswith("N=1"):
+            continue
+        where = f"{row['encoding']} {_title(row['model'])} c={row['concurrency']}"
+        one = find("kleinserve N=1", row["model"], row["encoding"], row["concurrency"])
+        if one is not None:
+            out.append(
+                (f"front {where}: {row['server']} / N=1", row["rps"], one["rps"], "requests/s")
+            )
+        triton = find("triton", row["model"], row["encoding"], row["concurrency"])
+        if triton is not None:
+            out.append(
+                (
+                    f"front {where}: {row['server']} / Triton",
+                    row["rps"],
+                    triton["rps"],
+                    "requests/s",
+                )
+            )
+            if row["concurrency"] == max(r["concurrency"] for r in rows):
+                out.append(
+                    (f"front {where}: {row['server']} p99 / Triton p99", row["p99_ms"] or 0,
+                     triton["p99_ms"] or 0, "ms")
+                )  # fmt: skip
+    memory = results.get("front_memory", [])
+    for row in memory:
+        one = next(
+            (m for m in memory if m["server"] == "kleinserve N=1" and m["model"] == row["model"]),
+            None,
+        )
+        if one is not None and row["server"] not in ("kleinserve N=1", "triton"):
+            out.append(
+                (f"front memory ({_title(row['model'])} last): {row['server']} RSS / N=1 RSS",
+                 row["rss_mb"], one["rss_mb"], "MB")
+            )  # fmt: skip
+    return out
+
+
+def front_table(results: dict[str, Any]) -> str:
+    rows = results.get("front", [])
+    if not rows:
+        return ""
+    return _table(
+        ["model", "body", "server", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors",
+         "main CPU ms/req", "front CPU ms/req"],
+        [
+            [_title(r["model"]), r["encoding"], r["server"], str(r["concurrency"]), _num(r["rps"]),
+             _num(r["p50_ms"]), _num(r["p99_ms"]), str(r["errors"]), _num(r["main_cpu_ms"]),
+             _num(r["front_cpu_ms"])]
+            for r in rows
+        ],
+        markdown=True,
+    )  # fmt: skip
+
+
+def front_memory_table(results: dict[str, Any]) -> str:
+    rows = results.get("front_memory", [])
+    if not rows:
+        return ""
+    return _table(
+        ["after warming", "server", "processes", "RSS MB", "PSS MB"],
+        [[_title(r["model"]), r["server"], str(r["processes"]), _num(r["rss_mb"]), _num(r["pss_mb"])]
+         for r in rows],
+        markdown=True,
+    )  # fmt: skip
 
 
 def hooks_table(results: dict[str, Any]) -> str:
