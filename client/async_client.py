@@ -79,9 +79,9 @@ class AsyncInferenceClient:
     attempt waits for an answer before it is cancelled and retried on another server
     (default ``None``: the call's timeout divided by ``max_attempts``; the last attempt
     always gets the rest of the deadline; see ``client.dispatch``). ``balancer`` is
-    ``"p2c"`` (fewest requests in flight of two random backends), ``"peak_ewma"`` (of two
-    random backends, the lower answer time for the model times requests in flight + 1;
-    see ``client.balancer``) or ``"round_robin"``.
+    ``"peak_ewma"`` (the default: of two random backends, the lower answer time for the
+    model times requests in flight + 1; see ``client.balancer``), ``"p2c"`` (fewest requests
+    in flight of two random backends) or ``"round_robin"``.
     ``on_attempt`` hears about every attempt (an ``Attempt``), on the reactor thread.
     ``protocol`` says how ``predict`` (and its signature lookup) travels: ``"auto"`` (the
     default) sends the Open Inference Protocol with binary tensors to each server whose
@@ -117,7 +117,7 @@ class AsyncInferenceClient:
         backends: Sequence[tuple[str, int]] | None = None,
         reactor: Any = None,
         timeout: float = 30.0,
-        balancer: str | Strategy = Strategy.P2C,
+        balancer: str | Strategy = Strategy.PEAK_EWMA,
         max_attempts: int = 3,
         attempt_timeout: float | None = None,
         connections_per_backend: int = 64,

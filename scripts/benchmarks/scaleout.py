@@ -99,7 +99,7 @@ def load_command(
     args: argparse.Namespace,
     seconds: float,
     timeline: bool,
-    balancer: str = "p2c",
+    balancer: str = "peak_ewma",
 ) -> list[str]:
     """The load generator, run inside the client host."""
     where = (

@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempts", type=int, help="max attempts (default: 3 direct, 1 proxy)")
     parser.add_argument("--timeline", action="store_true", help="every attempt's start time")
     parser.add_argument(
-        "--balancer", default="p2c", help="the client's balancer (direct): p2c, peak_ewma, …"
+        "--balancer",
+        default="peak_ewma",
+        help="the client's balancer (direct; default: the client's)",
     )
     args = parser.parse_args(argv)
 
