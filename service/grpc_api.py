@@ -174,8 +174,16 @@ class ReactorCalls:
         """``operation(deadline, cancellation)``'s result; its ServingError is raised here."""
         remaining = context.time_remaining()
         cancellation = Cancellation()
-        # Runs when the call ends for any reason; after an answer, cancelling is a no-op.
-        context.add_callback(lambda: self._reactor.callFromThread(cancellation.cancel))
+        finished = False
+
+        def ended() -> None:
+            """The call ended (answered, cancelled by the client, past its deadline): cancel
+            the operation if it had not finished. A finished one needs no trip to the reactor
+            (cancelling it would be a no-op there), which saves a reactor wake-up per call."""
+            if not finished:
+                self._reactor.callFromThread(cancellation.cancel)
+
+        context.add_callback(ended)
 
         def start() -> Deferred:
             deadline = None
@@ -187,6 +195,8 @@ class ReactorCalls:
             result = cast(T, blockingCallFromThread(self._reactor, start))
         except CancelledError:
             raise Cancelled("the call was cancelled") from None
+        finally:
+            finished = True
         return result
 
     def call(self, function: Callable[..., T], *args: Any) -> T:
