@@ -26,6 +26,9 @@ DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 SYSTEMD_UNIT = DEPLOY / "systemd" / "kleinserve@.service"
+# The example /etc/kleinserve/%i.env files, each meant for the instance kleinserve@digits.
+SYSTEMD_ENV_FILES = sorted((DEPLOY / "systemd").glob("*.env"))
+SYSTEMD_INSTANCE = "digits"
 KUBERNETES = DEPLOY / "kubernetes"
 # The plain manifests (kustomize's base) and the overlays built on them, by name.
 KUBERNETES_BASE = KUBERNETES / "base"
@@ -327,6 +330,46 @@ def systemd_service_keys() -> dict[str, str]:
     return keys
 
 
-def systemd_argv() -> list[str]:
-    """ExecStart as words (``%i`` and ``${VAR}`` left as written)."""
-    return shlex.split(systemd_service_keys()["ExecStart"].lstrip("-@:+!"))
+def systemd_argv(env: dict[str, str] | None = None) -> list[str]:
+    """ExecStart as words: as written (``%i`` and ``$VAR`` kept) without ``env``, else as
+    systemd expands it for the instance SYSTEMD_INSTANCE with the environment ``env``."""
+    return systemd_command("ExecStart", env)
+
+
+def systemd_command(key: str, env: dict[str, str] | None = None) -> list[str]:
+    """An Exec key's command as words, expanded as systemd does when ``env`` is given:
+    ``%i`` the instance; ``${VAR}`` the value as it is (in a word, or one word, empty when
+    unset); ``$VAR`` alone as a word, the value split at whitespace (no word when unset)."""
+    words = shlex.split(systemd_service_keys()[key].lstrip("-@:+!"))
+    if env is None:
+        return words
+    expanded: list[str] = []
+    for word in words:
+        word = word.replace("%i", SYSTEMD_INSTANCE)
+        alone = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        if alone:
+            expanded.extend(env.get(alone[1], "").split())
+        else:
+            expanded.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m[1], ""), word))
+    return expanded
+
+
+def systemd_braced_variables() -> set[str]:
+    """The ``${VAR}`` variables ExecStart passes as they are (an unset one passes "")."""
+    return set(re.findall(r"\$\{(\w+)\}", systemd_service_keys()["ExecStart"]))
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """An EnvironmentFile's ``KEY=VALUE`` lines (comments and blank lines left out, one pair
+    of surrounding quotes removed), as systemd reads it."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env

@@ -419,20 +419,71 @@ def test_compose_servers_reach_the_consul_service() -> None:
 # -- systemd ---------------------------------------------------------------------------------
 
 
-def test_the_systemd_unit_flags_are_server_flags_and_its_stop_timeout_covers_the_drain() -> None:
-    """ExecStart's flags parse; TimeoutStopSec covers the ordered stop; SIGTERM stops it."""
+@pytest.mark.parametrize("env_file", files.SYSTEMD_ENV_FILES, ids=lambda p: p.name)
+def test_the_systemd_unit_flags_are_server_flags_and_its_stop_timeout_covers_the_drain(
+    env_file,
+) -> None:
+    """With each example env file, ExecStart (as systemd expands it) parses as server flags;
+    TimeoutStopSec covers the ordered stop; SIGTERM stops it."""
     keys = files.systemd_service_keys()
-    flags = files.parse_flags(files.server_args(files.systemd_argv()))
+    argv = files.systemd_argv(files.read_env_file(env_file))
+    flags = files.parse_flags(files.server_args(argv))
     assert files.seconds(keys["TimeoutStopSec"]) >= files.stop_seconds(flags) + EXIT_MARGIN
     assert keys.get("KillSignal", "SIGTERM") == "SIGTERM"
+
+
+@pytest.mark.parametrize("env_file", files.SYSTEMD_ENV_FILES, ids=lambda p: p.name)
+def test_each_env_file_sets_every_variable_execstart_passes_as_it_is(env_file) -> None:
+    """Each example env file gives a value to every ${VAR} of ExecStart (an unset one would
+    pass an empty flag, which the server refuses at start)."""
+    env = files.read_env_file(env_file)
+    assert {name for name in files.systemd_braced_variables() if env.get(name)} == (
+        files.systemd_braced_variables()
+    )
+
+
+def test_the_systemd_extra_args_are_optional() -> None:
+    """Without EXTRA_ARGS, ExecStart passes no word for it (not an empty argument, which the
+    server would take for a positional one), and its words arrive one flag each."""
+    env = files.read_env_file(files.DEPLOY / "systemd" / "digits.env")
+    assert "EXTRA_ARGS" not in env
+    plain = files.systemd_argv(env)
+    assert "" not in plain and not any("$" in word for word in plain)
+    extra = files.systemd_argv({**env, "EXTRA_ARGS": "--access_log=json  --auth_metrics"})
+    assert extra == [*plain, "--access_log=json", "--auth_metrics"]
+
+
+def test_systemctl_reload_sends_sighup() -> None:
+    """ExecReload sends the server SIGHUP, which re-reads --auth_token_file and the model
+    config (tests/test_deploy_integration.py rotates a token that way)."""
+    assert files.systemd_command("ExecReload") == ["/bin/kill", "-HUP", "$MAINPID"]
+
+
+@pytest.mark.parametrize("env_file", files.SYSTEMD_ENV_FILES, ids=lambda p: p.name)
+def test_systemd_tokens_are_never_sent_in_the_clear(env_file) -> None:
+    """An env file that gives bearer tokens serves the REST port over TLS and keeps the gRPC
+    port (no TLS) on loopback."""
+    flags = files.parse_flags(files.server_args(files.systemd_argv(files.read_env_file(env_file))))
+    if flags["auth_token_file"]:
+        assert files.listen_scheme(flags) == "https"
+        assert flags["grpc_listen"].rpartition(":")[0] in ("127.0.0.1", "[::1]")
+
+
+def test_the_secure_env_file_gives_tokens_tls_and_json_logs() -> None:
+    """digits-secure.env turns on what deploy/README.md says it does."""
+    env = files.read_env_file(files.DEPLOY / "systemd" / "digits-secure.env")
+    flags = files.parse_flags(files.server_args(files.systemd_argv(env)))
+    assert flags["auth_token_file"] and not flags["auth_metrics"]
+    assert files.listen_scheme(flags) == "https"
+    assert (flags["access_log"], flags["log_format"]) == ("json", "json")
 
 
 def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path) -> None:
     """``systemd-analyze verify`` reports nothing for an instance of the unit.
 
-    It needs no running systemd, but it does check that ExecStart's program exists and
+    It needs no running systemd, but it does check that the Exec programs exist and
     that every unit it names is known: it runs in a root of its own made from this
-    machine's system units, with an empty executable where the unit expects twistd.
+    machine's system units, with empty executables where the unit expects twistd and kill.
     """
     analyze = tool("systemd-analyze")
     system_units = Path("/usr/lib/systemd/system")
@@ -440,10 +491,11 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path) -> None:
         pytest.skip("systemd-analyze is not installed (Debian's systemd package)")
     root = tmp_path / "root"
     shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
-    program = root / files.systemd_argv()[0].lstrip("/")
-    program.parent.mkdir(parents=True)
-    program.write_text("#!/bin/sh\n")
-    program.chmod(0o755)
+    for key in ("ExecStart", "ExecReload"):
+        program = root / files.systemd_command(key)[0].lstrip("/")
+        program.parent.mkdir(parents=True, exist_ok=True)
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
     units = root / "etc/systemd/system"
     units.mkdir(parents=True)
     shutil.copy(files.SYSTEMD_UNIT, units / "kleinserve@digits.service")

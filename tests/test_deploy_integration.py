@@ -5,6 +5,7 @@ server registering under deploy/consul's ACL policy with a real agent denying by
 from __future__ import annotations
 
 import json
+import re
 import signal
 import urllib.error
 import urllib.request
@@ -185,10 +186,12 @@ def secure_server(tmp_path_factory):
         server.stop()
 
 
-def predict(server: TwistdServer, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+def predict(
+    server: TwistdServer, headers: dict[str, str], model: str = "digits/labels/stable"
+) -> tuple[int, dict[str, str], Any]:
     status, answer_headers, body = server.request(
         "POST",
-        "/v1/models/digits/labels/stable:predict",
+        f"/v1/models/{model}:predict",
         SEVEN,
         {"content-type": "application/json", **headers},
     )
@@ -245,6 +248,64 @@ def test_secure_log_is_json_lines_with_access_entries(secure_server) -> None:
         }
 
     assert poll(access_statuses, lambda seen: {200, 401} <= seen, timeout=10) >= {200, 401}
+
+
+# -- the secure systemd instance ---------------------------------------------------------------
+
+
+def test_the_secure_systemd_instance_serves_tls_and_rotates_tokens_on_reload(tmp_path) -> None:
+    """ExecStart as systemd expands it with digits-secure.env (the files it names made here,
+    its addresses moved to free loopback ports) serves https needing a token; after the token
+    file changes, SIGHUP (what ExecReload sends) makes the new token work and the old one 401."""
+    if not (DEMO_MODELS / "digits").is_dir():
+        pytest.skip("no demo model in models/digits: run scripts/export-demo-model")
+    env = files.read_env_file(files.DEPLOY / "systemd" / "digits-secure.env")
+    port = free_port()
+    env["LISTEN"], moved = re.subn(
+        r"^ssl:\d+:interface=[^:]+:", f"ssl:{port}:interface={LOOPBACK}:", env["LISTEN"]
+    )
+    assert moved == 1, env["LISTEN"]
+    env["GRPC_LISTEN"] = f"{LOOPBACK}:{free_port()}"
+    pki = make_server_files(tmp_path / "pki")
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{TOKEN}\n")
+    token_file.chmod(0o640)
+    flags = files.parse_flags(files.server_args(files.systemd_argv(env)))
+    here = {
+        flags["auth_token_file"]: token_file,
+        **dict(
+            zip(
+                (
+                    p.split("=", 1)[1]
+                    for p in flags["listen"].split(":")
+                    if p.startswith(("privateKey=", "certKey="))
+                ),
+                (pki.key, pki.certificate),
+                strict=True,
+            )
+        ),
+        str(Path(flags["model_base_path"]).parent): DEMO_MODELS,
+    }
+    args = files.server_args(files.systemd_argv(env))
+    for deployed, local in here.items():
+        args = [arg.replace(deployed, str(local)) for arg in args]
+    server = TwistdServer(args, tmp_path, port=port, ca_file=pki.ca).start()
+    try:
+        server.wait_ready()
+        assert predict(server, {}, "digits")[0] == 401
+        assert predict(server, {"Authorization": f"Bearer {TOKEN}"}, "digits")[0] == 200
+        rotated = "deploy-test-rotated-" + "9e2a" * 8
+        token_file.write_text(f"{rotated}\n")
+        server.process.send_signal(signal.SIGHUP)
+
+        def statuses() -> tuple[int, int]:
+            new = predict(server, {"Authorization": f"Bearer {rotated}"}, "digits")[0]
+            old = predict(server, {"Authorization": f"Bearer {TOKEN}"}, "digits")[0]
+            return new, old
+
+        assert poll(statuses, lambda seen: seen == (200, 401), timeout=30) == (200, 401)
+    finally:
+        server.stop()
 
 
 # -- the Consul ACL policy -------------------------------------------------------------------
