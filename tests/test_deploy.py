@@ -209,7 +209,7 @@ def endpoint_parameters(listen: str) -> dict[str, str]:
 def test_the_secure_overlay_reads_tokens_and_tls_from_their_secrets() -> None:
     """The secure overlay's server reads its tokens from the Secret kleinserve-tokens (key
     tokens) and its key and certificate from the kubernetes.io/tls Secret kleinserve-tls
-    (tls.key, tls.crt), mounted readable by the server's group only (the server warns about a
+    (tls.key, tls.crt), mounted readable by the image's group only (the server warns about a
     token file every user can read), and logs JSON lines, access log included."""
     deployment, container = the_deployment(variant_documents("secure"))
     pod = deployment["spec"]["template"]["spec"]
@@ -221,8 +221,8 @@ def test_the_secure_overlay_reads_tokens_and_tls_from_their_secrets() -> None:
     )
     assert files.mounted_file(container, pod, tls["privateKey"]) == ("kleinserve-tls", "tls.key")
     assert files.mounted_file(container, pod, tls["certKey"]) == ("kleinserve-tls", "tls.crt")
-    user = int(files.dockerfile_user().split(":")[0])
-    assert pod["securityContext"]["fsGroup"] == user
+    group = int(files.dockerfile_user().split(":")[1])
+    assert pod["securityContext"]["fsGroup"] == group
     for volume in pod["volumes"]:
         if "secret" in volume:
             assert volume["secret"]["defaultMode"] & 0o007 == 0, volume["name"]
