@@ -38,8 +38,9 @@ id if its header had arrived and is usable, else a fresh one) and is counted and
 access-logged by the Site like an answered request.
 
 Every refusal ends the connection: the answer carries ``Connection: close``, then the
-channel closes its sending side and reads and discards what the client still sends for at
-most ``linger_seconds`` before closing. Closing at once while the client is still sending
+channel closes its sending side (over TLS, which has no half-close, it leaves the closing to
+the client) and reads and discards what the client still sends for at most
+``linger_seconds`` before closing. Closing at once while the client is still sending
 its body would make the kernel reset the connection, and a reset can destroy the answer
 before the client reads it.
 
@@ -395,11 +396,16 @@ class LimitedHTTPChannel(http.HTTPChannel):
             bytes_out=len(response.partition(b"\r\n\r\n")[2]),
         )
         self._networkProducer.unregisterProducer()
-        half_close = getattr(transport, "loseWriteConnection", None)
-        if half_close is None:  # e.g. TLS: no half-close; close once the answer is written
-            transport.loseConnection()
-            return
-        half_close()
+        # Looked up on the class: Twisted's TLS transport passes unknown attributes through
+        # to the TCP connection under it, and half-closing that under TLS cut the encrypted
+        # answer still buffered above it (the client saw the connection close without it).
+        half_close = getattr(type(transport), "loseWriteConnection", None)
+        if half_close is not None:
+            half_close(transport)
+        # TLS has no half-close, and closing at once (or sending TLS's close_notify, after
+        # which the client's body still arriving is an error that resets the connection)
+        # can destroy the answer before the client reads it: the answer's Connection: close
+        # has the client close, and the same linger bounds how long it may take.
         self._linger_timer = self.callLater(self.linger_seconds, self._stop_lingering)
 
     def _head_timed_out(self) -> None:

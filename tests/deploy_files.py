@@ -8,11 +8,14 @@ own flag table.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -23,7 +26,16 @@ DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 SYSTEMD_UNIT = DEPLOY / "systemd" / "kleinserve@.service"
-KUBERNETES_FILES = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+# The example /etc/kleinserve/%i.env files, each meant for the instance kleinserve@digits.
+SYSTEMD_ENV_FILES = sorted((DEPLOY / "systemd").glob("*.env"))
+SYSTEMD_INSTANCE = "digits"
+KUBERNETES = DEPLOY / "kubernetes"
+# The plain manifests (kustomize's base) and the overlays built on them, by name.
+KUBERNETES_BASE = KUBERNETES / "base"
+KUBERNETES_FILES = sorted(
+    p for p in KUBERNETES_BASE.glob("*.yaml") if p.name != "kustomization.yaml"
+)
+KUBERNETES_OVERLAYS = {"secure": KUBERNETES / "secure"}
 
 # The image's name in the manifests: containers of it run the server.
 IMAGE = "kleinserve"
@@ -95,7 +107,7 @@ def seconds(duration: str | int | float) -> float:
 
 
 def kubernetes_documents() -> list[tuple[Path, dict[str, Any]]]:
-    """Every document of every manifest, with its file."""
+    """Every document of every plain manifest, with its file."""
     documents = []
     for path in KUBERNETES_FILES:
         for document in yaml.safe_load_all(path.read_text()):
@@ -104,8 +116,30 @@ def kubernetes_documents() -> list[tuple[Path, dict[str, Any]]]:
     return documents
 
 
-def of_kind(kind: str) -> list[dict[str, Any]]:
-    return [d for _, d in kubernetes_documents() if d["kind"] == kind]
+def kubectl() -> str | None:
+    """The kubectl on PATH (kustomize is built in; ``kubectl kustomize`` needs no cluster)."""
+    return shutil.which("kubectl")
+
+
+@functools.cache
+def kustomized(folder: Path) -> tuple[dict[str, Any], ...]:
+    """The documents ``kubectl kustomize folder`` renders: what ``kubectl apply -k`` sends."""
+    command = kubectl()
+    if command is None:
+        raise FileNotFoundError("kubectl is not installed")
+    result = subprocess.run(
+        [command, "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+    )
+    if result.returncode != 0:
+        raise ValueError(f"kubectl kustomize {folder} failed:\n{result.stderr}")
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d is not None)
+
+
+def of_kind(kind: str, documents: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The documents of ``kind``: of ``documents``, else of the plain manifests."""
+    if documents is None:
+        documents = [d for _, d in kubernetes_documents()]
+    return [d for d in documents if d["kind"] == kind]
 
 
 def server_containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,8 +167,14 @@ def container_port(container: dict[str, Any], port: int | str) -> int:
 PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
 
 
-def http_probes(container: dict[str, Any]) -> dict[str, tuple[str, int]]:
-    """Each probe of a container as (path, port number); a probe of another kind raises."""
+class Probe(NamedTuple):
+    path: str
+    port: int
+    scheme: str  # "http" or "https": the kubelet's httpGet scheme (HTTP unless given)
+
+
+def http_probes(container: dict[str, Any]) -> dict[str, Probe]:
+    """Each probe of a container; a probe of another kind raises."""
     found = {}
     for name in PROBES:
         probe = container.get(name)
@@ -145,8 +185,32 @@ def http_probes(container: dict[str, Any]) -> dict[str, tuple[str, int]]:
                 f"{name} is not an httpGet probe; tests/test_deploy.py checks only those"
             )
         get = probe["httpGet"]
-        found[name] = (get["path"], container_port(container, get["port"]))
+        port = container_port(container, get["port"])
+        found[name] = Probe(get["path"], port, get.get("scheme", "HTTP").lower())
     return found
+
+
+def listen_scheme(flags: ServerFlags) -> str:
+    """``https`` for an ``ssl:`` --listen, else ``http`` (what the server registers)."""
+    listen = flags["listen"] or "tcp"
+    return "https" if listen.split(":", 1)[0] == "ssl" else "http"
+
+
+def mounted_file(container: dict[str, Any], pod: dict[str, Any], path: str) -> tuple[str, str]:
+    """The (Secret or ConfigMap name, key) whose file a container sees at ``path``."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container.get("volumeMounts", []):
+        folder = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(folder):
+            continue
+        volume = volumes[mount["name"]]
+        source = volume.get("secret") or volume.get("configMap")
+        if source is None:
+            raise ValueError(f"{path} is on a volume holding no Secret or ConfigMap: {volume}")
+        key = path[len(folder) :]
+        paths = {item["path"]: item["key"] for item in source.get("items", [])}
+        return source.get("secretName") or source["name"], paths.get(key, key)
+    raise KeyError(f"no volume of container {container['name']!r} holds {path}")
 
 
 def pre_stop_seconds(container: dict[str, Any]) -> float:
@@ -193,6 +257,12 @@ def dockerfile_entrypoint() -> list[str]:
     (entrypoint,) = [rest for keyword, rest in dockerfile_instructions() if keyword == "ENTRYPOINT"]
     argv: list[str] = json.loads(entrypoint)
     return argv
+
+
+def dockerfile_user() -> str:
+    """The image's USER (``uid:gid``)."""
+    (user,) = [rest for keyword, rest in dockerfile_instructions() if keyword == "USER"]
+    return user
 
 
 def healthcheck_url() -> str:
@@ -260,6 +330,46 @@ def systemd_service_keys() -> dict[str, str]:
     return keys
 
 
-def systemd_argv() -> list[str]:
-    """ExecStart as words (``%i`` and ``${VAR}`` left as written)."""
-    return shlex.split(systemd_service_keys()["ExecStart"].lstrip("-@:+!"))
+def systemd_argv(env: dict[str, str] | None = None) -> list[str]:
+    """ExecStart as words: as written (``%i`` and ``$VAR`` kept) without ``env``, else as
+    systemd expands it for the instance SYSTEMD_INSTANCE with the environment ``env``."""
+    return systemd_command("ExecStart", env)
+
+
+def systemd_command(key: str, env: dict[str, str] | None = None) -> list[str]:
+    """An Exec key's command as words, expanded as systemd does when ``env`` is given:
+    ``%i`` the instance; ``${VAR}`` the value as it is (in a word, or one word, empty when
+    unset); ``$VAR`` alone as a word, the value split at whitespace (no word when unset)."""
+    words = shlex.split(systemd_service_keys()[key].lstrip("-@:+!"))
+    if env is None:
+        return words
+    expanded: list[str] = []
+    for word in words:
+        word = word.replace("%i", SYSTEMD_INSTANCE)
+        alone = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        if alone:
+            expanded.extend(env.get(alone[1], "").split())
+        else:
+            expanded.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m[1], ""), word))
+    return expanded
+
+
+def systemd_braced_variables() -> set[str]:
+    """The ``${VAR}`` variables ExecStart passes as they are (an unset one passes "")."""
+    return set(re.findall(r"\$\{(\w+)\}", systemd_service_keys()["ExecStart"]))
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """An EnvironmentFile's ``KEY=VALUE`` lines (comments and blank lines left out, one pair
+    of surrounding quotes removed), as systemd reads it."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env

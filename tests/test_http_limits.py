@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from werkzeug.exceptions import HTTPException
@@ -522,6 +523,24 @@ def test_a_refused_connection_drains_then_closes() -> None:
     other.send(request())
     other.channel.connectionLost(Failure(ConnectionDone()))
     assert other.clock.getDelayedCalls() == []
+
+
+def test_a_refusal_under_a_wrapping_transport_never_half_closes_the_socket_beneath() -> None:
+    """Under a transport that wraps the socket and passes unknown attributes through to it
+    (Twisted's TLS is a ProtocolWrapper), a refusal does not half-close that socket, which
+    would cut the wrapper's answer: the answer is written, the client is left to close, and
+    the connection is aborted after linger_seconds."""
+    site = make_site(max_body_bytes=10)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+    socket = TCPTransport()
+    wrapper = ProtocolWrapper(WrappingFactory(site), channel)
+    wrapper.makeConnection(socket)
+    assert wrapper.loseWriteConnection == socket.loseWriteConnection  # passed through
+    channel.dataReceived(request())
+    assert socket.value().startswith(b"HTTP/1.1 413 ")
+    assert not socket.write_closed and not socket.disconnecting
+    site.reactor.advance(LimitedHTTPChannel.linger_seconds)
+    assert socket.disconnecting
 
 
 def test_refusals_before_the_request_line_count_as_other() -> None:
