@@ -26,19 +26,6 @@ from tests import models
 KSERVE_PYTHON = REPO / ".peers" / "kserve" / "venv" / "bin" / "python"
 
 
-def sample(dtype: str) -> np.ndarray:
-    """A [2, 2] array of ``dtype`` with values at the edges of its range."""
-    if dtype == "string":
-        return np.array([[b"a", b""], ["é".encode(), b"zz"]], dtype=object)
-    if dtype == "bool":
-        return np.array([[True, False], [False, True]])
-    if dtype.startswith("float"):
-        info = np.finfo(dtype)
-        return np.array([[0.1, -2.5], [info.max, info.tiny]], dtype=dtype)
-    info = np.iinfo(dtype)
-    return np.array([[info.min, info.max], [0, 1]], dtype=dtype)
-
-
 def checks(found: dict, arrays: dict[str, np.ndarray], out: Path) -> list[tuple[str, bool]]:
     results = [
         ("server live", found["server_live"] is True),
@@ -106,7 +93,7 @@ def main() -> int:
             )
             + "}\n"
         )
-        arrays = {f"in_{d}": sample(d) for d in models.ALL_DTYPES}
+        arrays = {f"in_{d}": models.edge_sample(d) for d in models.ALL_DTYPES}
         np.savez(root / "inputs.npz", **arrays)
         out = root / "out"
         out.mkdir()

@@ -172,6 +172,30 @@ ALL_DTYPES = (
 )  # fmt: skip
 
 
+#: The Open Inference Protocol's datatype of each of ``ALL_DTYPES``.
+V2_DATATYPES = {
+    "float32": "FP32", "float64": "FP64", "float16": "FP16", "int8": "INT8", "int16": "INT16",
+    "int32": "INT32", "int64": "INT64", "uint8": "UINT8", "uint16": "UINT16",
+    "uint32": "UINT32", "uint64": "UINT64", "bool": "BOOL", "string": "BYTES",
+}  # fmt: skip
+
+
+def edge_sample(dtype: str, first_float: float = 0.1) -> Any:
+    """A [2, 2] numpy array of ``dtype`` (one of ``ALL_DTYPES``) with values at the edges of
+    its range, for ``make_all_dtypes``' inputs."""
+    import numpy as np  # here, as TensorFlow: the module's imports stay light
+
+    if dtype == "string":
+        return np.array([[b"a", b""], ["é".encode(), b"zz"]], dtype=object)
+    if dtype == "bool":
+        return np.array([[True, False], [False, True]])
+    if dtype.startswith("float"):
+        info = np.finfo(dtype)
+        return np.array([[first_float, -2.5], [info.max, info.tiny]], dtype=dtype)
+    iinfo = np.iinfo(dtype)
+    return np.array([[iinfo.min, iinfo.max], [0, 1]], dtype=dtype)
+
+
 def make_all_dtypes(base: Path, version: int = 1) -> Path:
     """One input per dtype (``in_<dtype>``, shape [None, 2]), each echoed as ``out_<dtype>``."""
     import tensorflow as tf

@@ -21,25 +21,8 @@ httpclient = pytest.importorskip("tritonclient.http")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
 
 pytestmark = pytest.mark.integration
-
-V2_OF = {
-    "float32": "FP32", "float64": "FP64", "float16": "FP16", "int8": "INT8", "int16": "INT16",
-    "int32": "INT32", "int64": "INT64", "uint8": "UINT8", "uint16": "UINT16",
-    "uint32": "UINT32", "uint64": "UINT64", "bool": "BOOL", "string": "BYTES",
-}  # fmt: skip
-
-
-def sample(dtype: str) -> np.ndarray:
-    """A [2, 2] array of ``dtype`` with values at the edges of its range."""
-    if dtype == "string":
-        return np.array([[b"a", b""], ["é".encode(), b"zz"]], dtype=object)
-    if dtype == "bool":
-        return np.array([[True, False], [False, True]])
-    if dtype.startswith("float"):
-        info = np.finfo(dtype)
-        return np.array([[0.1, -2.5], [info.max, info.tiny]], dtype=dtype)
-    info = np.iinfo(dtype)
-    return np.array([[info.min, info.max], [0, 1]], dtype=dtype)
+V2_OF = models.V2_DATATYPES
+sample = models.edge_sample
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ same calls to kleinserve and compares. Each answer is reduced by ``answer_of`` t
 sees: the status code, the content type, whether tensor bytes follow the JSON, the JSON, and
 each binary output decoded to a list.
 
-This module imports only the standard library and numpy: the recorder runs it in PyTriton's
-own environment, where the project is not installed. It encodes tensors itself (not with
+This module imports only the standard library, numpy and ``tests.models`` (whose TensorFlow
+imports are inside its functions): the recorder runs it in PyTriton's own environment, where
+the project is not installed. It encodes tensors itself (not with
 ``service.v2_codec``), so the calls do not depend on the code they check.
 """
 
@@ -20,9 +21,11 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+
+from tests import models
 
 RECORDING = Path(__file__).resolve().parent / "data" / "triton" / "answers.json"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -125,16 +128,9 @@ def binary_call(
 
 
 def sample(dtype: str) -> np.ndarray:
-    """A [2, 2] array of ``dtype`` with values at the edges of its range."""
-    if dtype == "string":
-        return np.array([[b"a", b""], ["é".encode(), b"zz"]], dtype=object)
-    if dtype == "bool":
-        return np.array([[True, False], [False, True]])
-    if dtype.startswith("float"):
-        info = np.finfo(dtype)
-        return np.array([[0.5, -2.5], [info.max, info.tiny]], dtype=dtype)
-    iinfo = np.iinfo(dtype)
-    return np.array([[iinfo.min, iinfo.max], [0, 1]], dtype=dtype)
+    """A [2, 2] array of ``dtype`` with values at the edges of its range (0.5, exact in FP16,
+    first: the recorded answers were made with it)."""
+    return cast(np.ndarray, models.edge_sample(dtype, first_float=0.5))
 
 
 def _dtypes_inputs(binary: set[str], rows: Mapping[str, int] | None = None) -> list[Any]:

@@ -23,7 +23,7 @@ from harness.processes import Proc, start
 from scripts.benchmarks.plan import CACHE
 from scripts.benchmarks.procs import VENV_BIN, BenchError, memory_of, process_tree, run_wrk
 from scripts.benchmarks.runner import Bench
-from scripts.benchmarks.sections.triton import PYTRITON, write_v2_bodies
+from scripts.benchmarks.sections.triton import PYTRITON, write_models_config, write_v2_bodies
 
 PROCESSES = (1, 2, 3)
 
@@ -57,15 +57,7 @@ def run(bench: Bench) -> None:
             "tfserving-json": (bench.body(model), "application/json", {}),
             "v2-json": v2_json,
         }
-    config = CACHE / "front-section.config"
-    config.write_text(
-        "model_config_list {\n"
-        + "".join(
-            f'  config {{ name: "{m}" base_path: "{folder}" model_platform: "tensorflow" }}\n'
-            for m, folder in folders.items()
-        )
-        + "}\n"
-    )
+    config = write_models_config(CACHE / "front-section.config", folders)
     servers: dict[str, Proc] = {}
     try:
         for n in PROCESSES:

@@ -68,13 +68,9 @@ def write_v2_bodies(model: str) -> dict[str, tuple[Path, str, dict[str, str]]]:
     }
 
 
-def run(bench: Bench) -> None:
-    if not PYTRITON.exists():
-        raise BenchError(f"{PYTRITON} is missing")
-    bodies = {model: write_v2_bodies(model) for model in bench.plan.models}
-    folders = {model: bench.model(model) for model in bench.plan.models}
-    config = CACHE / "triton-section.config"
-    config.write_text(
+def write_models_config(path: Path, folders: dict[str, Path]) -> Path:
+    """TF Serving's model config file serving each model of ``folders`` (name -> base path)."""
+    path.write_text(
         "model_config_list {\n"
         + "".join(
             f'  config {{ name: "{m}" base_path: "{folder}" model_platform: "tensorflow" }}\n'
@@ -82,6 +78,15 @@ def run(bench: Bench) -> None:
         )
         + "}\n"
     )
+    return path
+
+
+def run(bench: Bench) -> None:
+    if not PYTRITON.exists():
+        raise BenchError(f"{PYTRITON} is missing")
+    bodies = {model: write_v2_bodies(model) for model in bench.plan.models}
+    folders = {model: bench.model(model) for model in bench.plan.models}
+    config = write_models_config(CACHE / "triton-section.config", folders)
     port, triton_port, triton_grpc = free_port(), free_port(), free_port()
     ours = start(
         "kleinserve-v2",
