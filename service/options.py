@@ -32,6 +32,7 @@ from service.batching_config import (
     batching_for_model,
     load_batching_parameters,
 )
+from service.logs import use_text_log
 from service.model_config import ModelConfig, ModelConfigError, load_model_config
 from service.monitoring_config import MonitoringConfigError, read_prometheus_path
 from service.shutdown import CUT_MARGIN
@@ -452,6 +453,8 @@ class Options(usage.Options):
         self.config = config_from_options(self)
         if self.config.log_format == "json":
             use_json_log(getattr(self, "parent", None))
+        else:
+            use_text_log(getattr(self, "parent", None))
 
 
 def use_json_log(twistd: Any) -> None:

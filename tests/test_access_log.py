@@ -18,7 +18,7 @@ from service.access_log import KEYS, NAMESPACE, AccessLog, RequestRecord, entry,
 from service.access_log import text_line as access_text
 from service.batching import BatchingParameters, Queued
 from service.http_limits import LimitedHTTPChannel
-from service.logs import json_line, json_observer
+from service.logs import json_line, json_observer, text_observer
 from service.options import Options
 from tests.conftest import CapturedLogs
 from tests.test_batching import make_queue, rows_for
@@ -174,11 +174,12 @@ def twistd_options(*args: str) -> Any:
 
 
 def test_log_format_json_sets_twistds_logger(tmp_path: Path) -> None:
-    """--log_format=json makes twistd's --logger the JSON observer; text leaves it alone."""
+    """--log_format=json makes twistd's --logger the JSON observer; text makes it the text
+    observer (service.logs: twistd's lines, cheaper)."""
     base = f"--model_base_path={tmp_path}"
     json_log = twistd_options("-n", "inference", base, "--log_format=json")
     assert json_log["logger"] is json_observer
-    assert twistd_options("-n", "inference", base)["logger"] is None
+    assert twistd_options("-n", "inference", base)["logger"] is text_observer
 
 
 @pytest.mark.parametrize(
