@@ -18,6 +18,7 @@ Everything here runs on the reactor thread: plain counters, no locks.
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 
 class RequestBudget:
@@ -42,6 +43,8 @@ class BodyHold:
         self.bytes = 0
         self.refused = False
         self._decoding = False
+        self._finished = False
+        self._until_finished = False
 
     @property
     def limit(self) -> int:
@@ -76,21 +79,27 @@ class BodyHold:
 
         A decode still running keeps the bytes until it ends (``decoding`` releases them then).
         """
+        self._finished = True
         if not self._decoding:
             self.release()
 
-    def decoding(self, decode: Deferred) -> Deferred:
-        """Hold the bytes until ``decode`` (the body's decode) fires, then release them.
+    def decoding(self, decode: Deferred, *, until_finished: bool = False) -> Deferred:
+        """Hold the bytes until ``decode`` (the body's decode) fires, then release them; with
+        ``until_finished``, until the request is also answered or its client gone
+        (``finished``): for a decode whose tensors are views of the body, which then lives as
+        long as they do.
 
         Returns a Deferred with ``decode``'s result to await instead of ``decode`` itself:
         cancelling it (Klein cancels the route of a client that left) leaves the decode
         running on its thread and its bytes counted until it ends, since they are in use.
         """
         self._decoding = True
+        self._until_finished = self._until_finished or until_finished
 
         def ended(result: object) -> object:
             self._decoding = False
-            self.release()
+            if self._finished or not self._until_finished or isinstance(result, Failure):
+                self.release()
             return result
 
         decode.addBoth(ended)

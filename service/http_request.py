@@ -186,18 +186,21 @@ async def decode_body(
     decode: Callable[[bytes], T],
     content_types: set[bytes] = JSON_CONTENT_TYPES,
     hint: str = "send JSON (application/json)",
+    views_body: bool = False,
 ) -> T:
     """Read the body and decode it (a large one on the decoder's threads).
 
     The body's bytes count against the request budget until the decode ends, and nothing
-    keeps them after: the caller holds only what ``decode`` made.
+    keeps them after: the caller holds only what ``decode`` made. A decode whose tensors
+    are views of the body (``views_body``: binary tensors read in place) keeps the body as
+    long as they live, so its bytes count until the request ends.
     """
     body = read_body(request, content_types, hint=hint)
     decoding = Deferred.fromCoroutine(decoder.decode(body, decode))
     del body  # the decode holds it; a route cancelled meanwhile need not
     hold: BodyHold | None = getattr(request, "body_hold", None)
     if hold is not None:  # None: a request type without a budget (tests' plain Site)
-        decoding = hold.decoding(decoding)
+        decoding = hold.decoding(decoding, until_finished=views_body)
     decoded: T = await decoding
     return decoded
 

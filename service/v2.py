@@ -217,6 +217,7 @@ async def v2_infer(
             lambda body: v2_codec.decode_infer(body, header_length),
             INFER_CONTENT_TYPES,
             INFER_HINT,
+            views_body=header_length is not None,  # binary tensors are read in place
         )
         signature = model.signature(key)
         if decoded.timeout_us is not None:

@@ -9,6 +9,7 @@ sockets or threads. The "model" doubles its input on a batching queue that runs 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,39 @@ def test_a_cancelled_wait_keeps_the_bytes_until_the_decode_ends() -> None:
     assert budget.held == 0
 
 
+def test_a_decode_that_views_the_body_holds_it_until_the_request_ends() -> None:
+    """until_finished (tensors that are views of the body): the bytes stay counted after the
+    decode, until the request ends; ended first, they go when the decode does; a failed
+    decode made nothing that holds the body, so its bytes go at once."""
+    budget = RequestBudget(100)
+    hold = budget.hold()
+    hold.reserve(50)
+    decode: Deferred = Deferred()
+    result = hold.decoding(decode, until_finished=True)
+    decode.callback("views")
+    assert result_of(result) == "views" and budget.held == 50
+    hold.finished()
+    assert budget.held == 0
+
+    early = budget.hold()
+    early.reserve(30)
+    decode = Deferred()
+    early.decoding(decode, until_finished=True)
+    early.finished()  # the client left mid-decode
+    assert budget.held == 30
+    decode.callback("views")
+    assert budget.held == 0
+
+    failed = budget.hold()
+    failed.reserve(20)
+    decode = Deferred()
+    result = failed.decoding(decode, until_finished=True)
+    decode.errback(ValueError("bad body"))
+    assert budget.held == 0
+    with pytest.raises(ValueError):
+        result_of(result)
+
+
 def test_a_budget_must_be_positive() -> None:
     """A zero budget is refused when it is made."""
     with pytest.raises(ValueError, match="positive"):
@@ -193,6 +227,7 @@ SIGNATURE = Signature(
 
 class FakeServable:
     signatures = {"serving_default": SIGNATURE}
+    signature_defs = {"serving_default": {"method_name": "tensorflow/serving/predict"}}
     labels = None
 
     def signature(self, name: str | None) -> Signature:
@@ -203,14 +238,16 @@ class Server:
     """An InferenceSite with a budget, a decoder whose pool is a list of pending decodes, and
     a channel factory; every body of ``off_reactor_bytes`` or more waits in ``decodes``."""
 
-    def __init__(self, budget: int, off_reactor_bytes: int = 10**9) -> None:
+    def __init__(
+        self, budget: int, off_reactor_bytes: int = 10**9, executor: Any = maybeDeferred
+    ) -> None:
         repository = ModelRepository([ModelConfig("m", Path("/nonexistent"))], reactor=Clock())
         version = LoadedVersion("m", 1, state=AVAILABLE, servable=FakeServable())  # type: ignore[arg-type]
         version.queues["serving_default"] = BatchingQueue(
             lambda inputs: {"y": inputs["x"] * 2},
             BatchingParameters(max_batch_size=64),
             clock=Clock(),
-            executor=maybeDeferred,
+            executor=executor,
         )
         repository.add_version(version)
         self.decodes: list[tuple[Deferred, Any, bytes]] = []
@@ -283,6 +320,50 @@ def test_a_body_within_the_budget_is_answered_and_released() -> None:
     channel.dataReceived(predict_head(len(body)) + body)
     code, _, doc = response(transport)
     assert (code, doc) == (200, {"predictions": [[2.0, 4.0]] * 3})
+    assert server.budget.held == 0
+
+
+def v2_request(body: bytes, header_length: int | None) -> bytes:
+    binary = (
+        b"" if header_length is None else b"Inference-Header-Content-Length: %d\r\n" % header_length
+    )
+    kind = b"application/json" if header_length is None else b"application/octet-stream"
+    return (
+        b"POST /v2/models/m/infer HTTP/1.1\r\nHost: server\r\nContent-Type: " + kind + b"\r\n"
+        + binary + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_v2_body_counts_while_its_tensors_view_it(binary: bool) -> None:
+    """v2 binary tensors are read in place, so their body lives until the answer: its bytes
+    stay in the budget while the request waits for its batch, and go when it is answered. A
+    JSON body is done with once decoded: nothing counts while it waits."""
+    batches: list[tuple[Deferred, Any, tuple[Any, ...]]] = []
+
+    def later(f: Any, *args: Any) -> Deferred:
+        d: Deferred = Deferred()
+        batches.append((d, f, args))
+        return d
+
+    server = Server(budget=10_000, executor=later)
+    x = [[1.0, 2.0], [3.0, 4.0]]
+    tensor = {"name": "x", "shape": [2, 2], "datatype": "FP32"}
+    if binary:
+        header = json.dumps({"inputs": [dict(tensor, parameters={"binary_data_size": 16})]})
+        body = header.encode() + struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+        request = v2_request(body, len(header))
+    else:
+        body = json.dumps({"inputs": [dict(tensor, data=x)]}).encode()
+        request = v2_request(body, None)
+    channel, transport = server.connect()
+    channel.dataReceived(request)
+    assert len(batches) == 1 and transport.value() == b""
+    assert server.budget.held == (len(body) if binary else 0)
+    d, f, args = batches.pop()
+    d.callback(f(*args))
+    code, _, doc = response(transport)
+    assert code == 200 and doc["outputs"][0]["data"] == [2.0, 4.0, 6.0, 8.0]
     assert server.budget.held == 0
 
 
