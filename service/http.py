@@ -42,6 +42,7 @@ received or decoded count against one ``RequestBudget`` (``service.budget``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import unquote
@@ -61,6 +62,7 @@ from service.batching import Queued
 from service.decoding import BodyDecoder
 from service.errors import FailedPrecondition, InvalidArgument, ServingError
 from service.health import Health
+from service.hot_routes import HotRoutes
 from service.http_paths import MalformedPath, ModelTargetConverter, echo, malformed
 from service.http_request import (
     ANY_CONTENT_TYPE,
@@ -146,7 +148,15 @@ class InferenceAPI:
         self.decoder = decoder or BodyDecoder(reactor=repository.clock, executor=maybeDeferred)
 
     def resource(self) -> IResource:
-        resource: IResource = UTF8URLs(self.app.resource())
+        hot = HotRoutes(
+            self.app.resource(),
+            predict=self.predict,
+            infer=functools.partial(v2.v2_infer, self),
+            serving_error=self._serving_error,
+            unexpected_error=self._unexpected_error,
+            converter=ModelTargetConverter(self.app.url_map),
+        )
+        resource: IResource = UTF8URLs(hot)
         if self.prometheus_path is not None:
             resource = MetricsAlias(resource, self.prometheus_path.encode(), self.metrics_page)
         return resource
