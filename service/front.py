@@ -11,7 +11,8 @@ It ignores SIGTERM and SIGINT (a terminal's Ctrl-C reaches the whole process gro
 main process tells it when to stop (``{"op": "stop"}``): stop accepting, let connections
 close after their answers, exit. It exits at once when the channel closes (the main process
 is gone). Its log lines go to its standard output, which the main process copies into its
-own log; access-log entries go over the channel to the main process's access log.
+own log; access-log entries and request metrics go over the channel to the main process, as
+notices (many to a frame).
 """
 
 from __future__ import annotations

@@ -13,8 +13,14 @@ is left, and closes the socket. Rings are unlinked when their process ends and a
 front process releases them or dies), predicts (inputs read in place from the ring and
 submitted to the version's batching queue with the request's deadline, so every front
 process's requests share batches; outputs written into the ring's second half, whose
-regions the front process gives back once it has copied them out), cancels, access-log entries and HTTP counter reports
-(``FrontStats``).
+regions the front process gives back once it has copied them out), and the notices a frame
+carries: cancels, releases, access-log entries, request metrics and HTTP counter reports
+(``FrontStats``). A predict sent without a lease names its target and the version and epoch
+the front process checked it against: the target is leased here for that predict alone, or,
+if it resolves to another version or load of it now, answered "stale" (the front process
+then leases it and sends the predict again). ``FrontProcesses`` tells every front process
+``routes`` when what a target resolves to may have changed
+(``ModelRepository.watch_routes``), so that such retries stay rare.
 
 A region of a ring is the front process's again once its predict is answered, so a predict
 is answered only when no thread can still read it: a cancelled request whose rows have not

@@ -1,16 +1,26 @@
 """A front process's view of the main process (``--http_processes``, docs/scaling.md).
 
 ``MainChannel`` is the unix socket to the main process: calls with an id, each answered
-once, and notices. ``RemotePlane`` is the data plane as the HTTP front doors
+once, and notices (access-log entries, request metrics, output regions given back, leases
+released, cancels, counts), which ride on the next frame sent or go together as one frame at
+the end of the reactor turn. ``RemotePlane`` is the data plane as the HTTP front doors
 (``service.http``, ``service.v2``) use it, with its work done by the main process:
 
-* ``lease(target)`` asks the main process to look the version up and hold it, until the
-  ``async with`` block ends; the answer carries the version's signatures the first time this
-  process sees that version (they are kept per name and version, and replaced when the main
-  process says the version was reloaded), so ``signature(name)`` needs no round trip;
+* ``lease(target)``: for a target this process knows (what the last lease answer said it
+  resolves to: the version, its signatures, the main process's epoch for that load of it),
+  nothing is sent and no lease is held; otherwise the main process is asked to look the
+  version up and hold it until the ``async with`` block ends (a round trip), and its answer
+  is remembered. The main process sends a version's signatures the first time this process
+  sees that version (and again when it was reloaded), so ``signature(name)`` needs no round
+  trip. Known targets are forgotten when the main process says routes changed (``routes``);
 * ``predict`` checks the inputs against the signature here (the same messages as in one
   process), writes them into the shared-memory ring and asks the main process to run them
-  through the version's batching queue; the outputs come back in the main process's ring.
+  through the version's batching queue: under the lease, or, for a known target, on the
+  version and epoch assumed, which the main process leases for that predict or answers
+  "stale" (then the target is leased for real, the inputs checked again and sent again). The
+  outputs come back in the main process's ring.
+
+So a request for a known target is one frame to the main process and one back.
 
 Everything else a front door can be asked (status, metadata, health, metrics, uploads,
 hooks, classify and regress) is forwarded whole, as HTTP over a unix socket, to the main
