@@ -148,7 +148,7 @@ class DataPlane:
         404 for an unknown model or version, 400 for an unknown label, 503 while no version
         is AVAILABLE. Enter it before the request's first await (``async with`` enters it
         without awaiting anything). The HTTP front doors use ``async with``: a front process
-        (``service.front_remote.RemotePlane``) must ask the main process for its lease.
+        (``service.front_remote.RemotePlane``) may have to ask the main process for its lease.
         """
         return Held(self, target)
 

@@ -11,7 +11,8 @@ It ignores SIGTERM and SIGINT (a terminal's Ctrl-C reaches the whole process gro
 main process tells it when to stop (``{"op": "stop"}``): stop accepting, let connections
 close after their answers, exit. It exits at once when the channel closes (the main process
 is gone). Its log lines go to its standard output, which the main process copies into its
-own log; access-log entries go over the channel to the main process's access log.
+own log; access-log entries and request metrics go over the channel to the main process, as
+notices (many to a frame).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ForwardedAccessLog(AccessLog):
 
     def write(self, fields: dict[str, Any]) -> None:
         if self.enabled:
-            self._send({"op": "log", "entry": fields})
+            self._send("log", fields)
 
 
 class ForwardedModelRequests:
@@ -68,7 +69,7 @@ class ForwardedModelRequests:
         self._send = send
 
     def observe(self, *args: Any) -> None:
-        self._send({"op": "observe", "args": list(args)})
+        self._send("observe", list(args))
 
 
 class Front:
@@ -78,11 +79,18 @@ class Front:
         self.reactor = reactor
         self.settings = settings
         self.stopping = False
-        self.channel = MainChannel(self.stop, self._main_gone, self._reload)
+        self.channel = MainChannel(
+            self.stop,
+            self._main_gone,
+            self._reload,
+            clock=reactor,
+            on_routes=lambda: self.plane.forget_targets(),
+        )
         segment = settings.get("segment")
         self.segment = attach_segment(segment) if segment else None
         # Our inputs go in the first half; the main process's outputs come in the second.
         self.ring = halves(self.segment.buf)[0] if self.segment and self.segment.buf else None
+        self.plane = RemotePlane(self.channel, self.ring, reactor)
         self.metrics = Metrics()
         self.metrics.model_requests = ForwardedModelRequests(self.channel.notify)  # type: ignore[assignment]
         token_file = settings.get("auth_token_file")
@@ -93,7 +101,7 @@ class Front:
             metrics=self.metrics,
             health=Health(None, stall_seconds=60.0),  # type: ignore[arg-type]  # forwarded
             decoder=self.decoder,
-            plane=RemotePlane(self.channel, self.ring, reactor),
+            plane=self.plane,
             prometheus_path=settings.get("prometheus_path"),
             forward=Forwarder(reactor, settings["forward_socket"]),
         )
@@ -144,12 +152,12 @@ class Front:
                 if s.name.endswith("_total")
             ]
             self.channel.notify(
+                "counts",
                 {
-                    "op": "counts",
                     "requests": totals,
                     "in_flight": self.site.in_flight.count,
                     "body_bytes": self.site.budget.held,
-                }
+                },
             )
         except Exception:  # a report failing must not stop the next one
             log.failure("reporting the HTTP counters failed")
@@ -178,6 +186,7 @@ class Front:
         if self._reports.running:
             self._reports.stop()
         self.report()
+        self.channel.flush()  # the last notices, before the channel closes
         if self.channel.transport is not None:
             self.channel.transport.loseConnection()  # after what was written: then we exit
         else:

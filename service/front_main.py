@@ -13,8 +13,14 @@ is left, and closes the socket. Rings are unlinked when their process ends and a
 front process releases them or dies), predicts (inputs read in place from the ring and
 submitted to the version's batching queue with the request's deadline, so every front
 process's requests share batches; outputs written into the ring's second half, whose
-regions the front process gives back once it has copied them out), cancels, access-log entries and HTTP counter reports
-(``FrontStats``).
+regions the front process gives back once it has copied them out), and the notices a frame
+carries: cancels, releases, access-log entries, request metrics and HTTP counter reports
+(``FrontStats``). A predict sent without a lease names its target and the version and epoch
+the front process checked it against: the target is leased here for that predict alone, or,
+if it resolves to another version or load of it now, answered "stale" (the front process
+then leases it and sends the predict again). ``FrontProcesses`` tells every front process
+``routes`` when what a target resolves to may have changed
+(``ModelRepository.watch_routes``), so that such retries stay rare.
 
 A region of a ring is the front process's again once its predict is answered, so a predict
 is answered only when no thread can still read it: a cancelled request whose rows have not
@@ -74,6 +80,19 @@ class FrontStats:
         self.predicts = Counter(
             "kleinserve_front_predicts",
             "Predicts the main process ran for each front process (--http_processes)",
+            ("process",),
+            registry=metrics.registry,
+        )
+        self.leases = Counter(
+            "kleinserve_front_leases",
+            "Leases front processes asked for, a round trip each: a front process that "
+            "knows what a target resolves to sends none (--http_processes)",
+            ("process",),
+            registry=metrics.registry,
+        )
+        self.frames = Counter(
+            "kleinserve_front_frames",
+            "Frames the main process received from each front process (--http_processes)",
             ("process",),
             registry=metrics.registry,
         )
@@ -140,51 +159,73 @@ class FrontConnection(Int32StringReceiver):
         self._ended = ended
         self._leases: dict[int, tuple[Any, VersionLease]] = {}
         self._next_lease = 0
-        # The signatures sent, per version (kept, so a reloaded version's are told apart).
-        self._sent: dict[tuple[str, int], Any] = {}
+        # Per version, the signatures sent and the epoch they were sent with (a reloaded
+        # version's signatures are another mapping: they are sent again, with a new epoch).
+        self._sent: dict[tuple[str, int], tuple[Any, int]] = {}
+        self._epochs = 0
         self._work: dict[int, _Work] = {}
         self._running: list[Deferred] = []
+        process = str(key[0])
+        self._predicted = stats.predicts.labels(process)
+        self._leased = stats.leases.labels(process)
+        self._framed = stats.frames.labels(process)
         self.lost = False
 
     def stringReceived(self, frame: bytes) -> None:
+        self._framed.inc()
         try:
             header, tail = unpack(frame)
             if self._outputs is not None:
                 for offset in header.get("freed", ()):
                     self._outputs.free(int(offset))
+            for op, value in header.get("notices", ()):
+                self._notice(op, value)
             op = header.get("op")
             if op == "predict":
                 self._predict(header, tail)
             elif op == "lease":
                 self._lease(header)
-            elif op == "release":
-                self._release(int(header["lease"]))
-            elif op == "cancel":
-                work = self._work.get(int(header["call"]))
-                if work is not None:
-                    work.cancel()
-            elif op == "log":
-                self._access_log.write(header["entry"])
-            elif op == "counts":
-                self._stats.report(self._key, header)
-            elif op == "observe":
-                self._stats.observe(header["args"])
-            else:
+            elif op != "notices":
                 log.warn("front process sent an unknown message {op!r}", op=op)
         except Exception:  # one bad message must not end the connection's other requests
             log.failure("a front process's message failed")
+
+    def _notice(self, op: str, value: Any) -> None:
+        try:
+            if op == "log":
+                self._access_log.write(value)
+            elif op == "observe":
+                self._stats.observe(value)
+            elif op == "release":
+                self._release(int(value))
+            elif op == "cancel":
+                work = self._work.get(int(value))
+                if work is not None:
+                    work.cancel()
+            elif op == "counts":
+                self._stats.report(self._key, value)
+            else:
+                log.warn("front process sent an unknown notice {op!r}", op=op)
+        except Exception:  # one bad notice must not lose the others of its frame
+            log.failure("a front process's notice failed")
 
     def send(self, header: Header, tail: list[bytes] | None = None) -> None:
         if not self.lost:
             self.sendString(pack(header, tail))
 
     def _lease(self, header: Header) -> None:
+        self._leased.inc()
         name, version, label = header["target"]
         held = self._plane.lease(ModelTarget(name, version, label))
         try:
             lease = held.__enter__()
+        except ServingError as error:
+            self.send({"id": header["id"], "error": error_spec(error)})
+            return
+        try:
             signatures = lease.signatures()
         except ServingError as error:
+            held.__exit__(None, None, None)
             self.send({"id": header["id"], "error": error_spec(error)})
             return
         self._next_lease += 1
@@ -197,10 +238,13 @@ class FrontConnection(Int32StringReceiver):
             "hooks": lease.hooks is not None,
         }
         key = (lease.name, lease.version)
-        if self._sent.get(key) is not signatures:  # first time, or the version was reloaded
-            self._sent[key] = signatures
+        sent = self._sent.get(key)
+        if sent is None or sent[0] is not signatures:  # first time, or the version was reloaded
+            self._epochs += 1
+            sent = self._sent[key] = (signatures, self._epochs)
             answer["signatures"] = {k: signature_doc(s) for k, s in signatures.items()}
             answer["signature_defs"] = lease.signature_defs()
+        answer["epoch"] = sent[1]
         self.send(answer)
 
     def _release(self, lease_id: int) -> None:
@@ -208,19 +252,53 @@ class FrontConnection(Int32StringReceiver):
         if held is not None:
             held[0].__exit__(None, None, None)
 
+    def _lease_assumed(self, header: Header) -> tuple[Any, VersionLease] | None:
+        """A predict sent without a lease: the target leased here for the predict's length,
+        if it resolves to the version (and load of it) the front process assumed; else None,
+        and the front process leases it for real (which also says why it cannot be)."""
+        name, version, label = header["target"]
+        held = self._plane.lease(ModelTarget(name, version, label))
+        try:
+            lease = held.__enter__()
+        except ServingError:
+            return None
+        try:
+            sent = self._sent.get((lease.name, lease.version))
+            if (
+                lease.version == header["version"]
+                and sent is not None
+                and sent[1] == header["epoch"]
+                and sent[0] is lease.signatures()
+            ):
+                return held, lease
+        except ServingError:
+            pass
+        held.__exit__(None, None, None)
+        return None
+
     def _predict(self, header: Header, tail: memoryview) -> None:
         call_id = int(header["id"])
-        held = self._leases.get(int(header["lease"]))
-        if held is None:
-            self.send({"id": call_id, "error": error_spec(Internal("unknown lease"))})
-            return
-        _, lease = held
+        hold = None  # a lease taken for this predict alone
+        if "lease" in header:
+            held = self._leases.get(int(header["lease"]))
+            if held is None:
+                self.send({"id": call_id, "error": error_spec(Internal("unknown lease"))})
+                return
+            _, lease = held
+        else:
+            assumed = self._lease_assumed(header)
+            if assumed is None:
+                self.send({"id": call_id, "stale": True})
+                return
+            hold, lease = assumed
         work = _Work(Cancellation(), Queued())
         timeout = header.get("timeout")
         clock = self._plane.clock
         try:
             inputs = take_tensors(header["inputs"], tail, self._shared)
         except (ValueError, TypeError) as e:
+            if hold is not None:
+                hold.__exit__(None, None, None)
             self.send({"id": call_id, "error": error_spec(Internal(f"bad tensors: {e}"))})
             return
         running = Deferred.fromCoroutine(
@@ -234,9 +312,11 @@ class FrontConnection(Int32StringReceiver):
         )
         del inputs
         self._work[call_id] = work
-        self._stats.predicts.labels(str(self._key[0])).inc()
+        self._predicted.inc()
         self._running.append(running)
         running.addBoth(self._answer, call_id, work, running)
+        if hold is not None:  # released once answered
+            running.addBoth(_let_go, hold)
 
     def _answer(self, result: Any, call_id: int, work: _Work, running: Deferred) -> None:
         self._work.pop(call_id, None)
@@ -279,6 +359,10 @@ class FrontConnection(Int32StringReceiver):
             DeferredList(list(self._running)).addCallback(release)
         else:
             release()
+
+
+def _let_go(_: object, held: Any) -> None:
+    held.__exit__(None, None, None)
 
 
 class _Output(ProcessProtocol):
@@ -432,6 +516,15 @@ class FrontProcesses(Service):
         self.listen_fd = -1
         self._port: Any = None
         self.listening: Deferred = Deferred()  # fires with the IListeningPort, as HTTPPort's
+        plane.repository.watch_routes(self.routes_changed)
+
+    def routes_changed(self) -> None:
+        """What a target resolves to may have changed: each front process forgets what it
+        knew (a predict sent on what it knew before this notice arrives is answered "stale",
+        and sent again under a real lease: the notice only keeps that rare)."""
+        for slot in self.slots:
+            if slot.connection is not None:
+                slot.connection.send({"op": "routes"})
 
     def startService(self) -> None:
         super().startService()

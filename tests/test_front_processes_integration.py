@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,12 +16,13 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness.twistd import TwistdServer
+from harness.twistd import TwistdServer, poll
 
 pytestmark = pytest.mark.integration
 
@@ -213,18 +215,8 @@ def test_status_metadata_and_errors_answer_as_one_process_does(server) -> None:
 
 def test_requests_from_both_front_processes_share_a_batch(server) -> None:
     """One request through each front process, at once: they run as one batch of 2."""
-    connections: dict[str, http.client.HTTPConnection] = {}
+    connections = _one_connection_per_front_process(server)
     image = _images(1)[0]
-    for _ in range(20):  # a kept-alive connection to each front process
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        process = _process_of(server, conn, image)  # a lone row: it runs after 2 s alone
-        if process in connections:
-            conn.close()
-        else:
-            connections[process] = conn
-        if len(connections) == 2:
-            break
-    assert len(connections) == 2, "the kernel never gave a connection to each front process"
     before = _metrics(server)
     with ThreadPoolExecutor(max_workers=2) as pool:
         answers = list(pool.map(lambda c: _predict(c, image), connections.values()))
@@ -490,3 +482,117 @@ def test_tokens_limits_and_request_metrics_hold_in_the_front_processes(tmp_path)
         assert _metric(_metrics(server), counted) == ok
     finally:
         server.stop()
+
+
+def test_a_known_target_costs_one_predict_frame_and_no_lease(server) -> None:
+    """Once each front process has leased digits, its requests send no lease: N requests are
+    N predicts, and the frames beyond them are batched notices (before, each request took
+    five: lease, predict, release, log entry, metrics), a counts report a second aside."""
+    connections = _one_connection_per_front_process(server)  # each has leased digits once
+    image = _images(1)[0]
+    rounds = 10
+    before = _metrics(server)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(rounds):  # one request through each at once: a batch of 2, no wait
+            answers = list(pool.map(lambda c: _predict(c, image), connections.values()))
+            assert [status for status, _ in answers] == [200, 200]
+    reports = time.monotonic() - started + 2  # counts reports, one a second (a bound, not a test)
+    after = _metrics(server)
+    for conn in connections.values():
+        conn.close()
+    for process in connections:
+
+        def moved(name: str, process: str = process) -> float:
+            key = f'kleinserve_front_{name}_total{{process="{process}"}}'
+            return _metric(after, key) - _metric(before, key)
+
+        assert moved("predicts") == rounds
+        assert moved("leases") == 0
+        assert moved("frames") <= 2 * rounds + reports
+
+
+def _one_connection_per_front_process(
+    server: TwistdServer,
+) -> dict[str, http.client.HTTPConnection]:
+    """A kept-alive connection to each front process, keyed by its number (each made one
+    predict, a lone row: it ran after the batch timeout)."""
+    connections: dict[str, http.client.HTTPConnection] = {}
+    image = _images(1)[0]
+    for _ in range(20):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        process = _process_of(server, conn, image)
+        if process in connections:
+            conn.close()
+        else:
+            connections[process] = conn
+        if len(connections) == 2:
+            break
+    assert len(connections) == 2, "the kernel never gave a connection to each front process"
+    return connections
+
+
+def test_a_hot_swap_and_a_label_move_under_load_fail_no_request(tmp_path) -> None:
+    """Version 2 copied in while requests flow through both front processes, then the label
+    "stable" moved from 1 to 2: no request fails, every answer is exactly one version's, and
+    requests sent after each change is seen are answered by version 2."""
+    from tests import models
+    from tests.test_lifecycle_integration import (
+        V1,
+        V2,
+        Load,
+        model_entry,
+        predict,
+        sighup,
+        states,
+        write_config,
+    )
+
+    base, staging = tmp_path / "m", tmp_path / "staging"
+    models.make_linear(base, version=1, scale=1)
+    models.make_linear(staging, version=2, scale=2)
+    config = tmp_path / "models.conf"
+    both = (1, 2)
+    write_config(config, model_entry("m", base, versions=both, labels={"stable": 1}))
+    server = TwistdServer(
+        [
+            f"--model_config_file={config}",
+            "--file_system_poll_wait_seconds=0.5",
+            "--http_processes=2",
+            "--enable_batching",
+        ],
+        tmp_path,
+    ).start()
+    try:
+        server.wait_ready()
+        with (
+            Load(partial(predict, server, "m"), threads=4) as latest,
+            Load(partial(predict, server, "m/labels/stable"), threads=4) as stable,
+        ):
+            poll(latest.count, lambda n: n >= 50, timeout=60)
+            shutil.copytree(staging / "2", base / "2")
+            swapped = poll(
+                lambda: states(server, "m"), lambda s: s == {1: "AVAILABLE", 2: "AVAILABLE"}, 60
+            )
+            seen_swap = time.monotonic()
+            poll(lambda: latest.count(lambda a: a.sent > seen_swap), lambda n: n >= 50, 60)
+            changed = time.monotonic()
+            write_config(config, model_entry("m", base, versions=both, labels={"stable": 2}))
+            sighup(server)
+            moved = poll(
+                lambda: server.get("/v1/models/m/labels/stable")[1],
+                lambda doc: doc["model_version_status"][0]["version"] == "2",
+                60,
+            )
+            seen_move = time.monotonic()
+            poll(lambda: stable.count(lambda a: a.sent > seen_move), lambda n: n >= 50, 60)
+    finally:
+        server.stop()
+    assert swapped == {1: "AVAILABLE", 2: "AVAILABLE"}
+    assert moved["model_version_status"][0]["version"] == "2"
+    assert latest.failures() == [] and stable.failures() == []
+    for load in (latest, stable):
+        assert {str(a.body["predictions"]) for a in load.answers} == {str(V1), str(V2)}
+    assert all(a.body["predictions"] == V2 for a in latest.answers if a.sent > seen_swap)
+    assert all(a.body["predictions"] == V1 for a in stable.answers if a.received < changed)
+    assert all(a.body["predictions"] == V2 for a in stable.answers if a.sent > seen_move)

@@ -496,3 +496,24 @@ def test_request_metrics_follow_the_versions_that_serve(tmp_path: Path) -> None:
     h.repository.apply([])
     h.board.work()
     assert requests.labels("m", 2) == (UNKNOWN_MODEL, NO_VERSION)
+
+
+def test_route_watchers_hear_of_label_moves_that_change_no_served_version(tmp_path: Path) -> None:
+    """watch_routes fires when a label moves between two versions that both stay AVAILABLE
+    (subscribe does not: the served set is the same), and not for a scan that changes nothing."""
+    version_folder(tmp_path, 1)
+    version_folder(tmp_path, 2)
+    both = VersionPolicy("specific", versions=frozenset({1, 2}))
+    h = start([model(tmp_path, policy=both, labels={"stable": 1})])
+    routes: list = []
+    served: list = []
+    h.repository.watch_routes(lambda: routes.append(h.state()))
+    h.repository.subscribe(lambda: served.append(True))
+    h.scan()
+    assert routes == [] and served == []
+    h.repository.apply([model(tmp_path, policy=both, labels={"stable": 2})])
+    assert len(routes) == 1 and served == []
+    assert h.repository.lookup("m", label="stable").version == 2
+    h.repository.apply([model(tmp_path, policy=VersionPolicy("specific", versions=frozenset({2})))])
+    h.board.work()
+    assert len(routes) >= 2 and served  # the label gone, version 1 unloaded

@@ -123,6 +123,8 @@ class ModelRepository(Service):
         self._waiting_ready: list[Deferred] = []
         self._listeners: list[Callable[[], object]] = []
         self._served: frozenset[tuple[str, int]] = frozenset()
+        self._route_listeners: list[Callable[[], object]] = []
+        self._routes_seen: object = None
         self._poller: LoopingCall | None = None
         self._metrics.model_requests.watch_models(self.configs)
         self._metrics.watch_versions(
@@ -175,6 +177,12 @@ class ModelRepository(Service):
     def subscribe(self, listener: Callable[[], object]) -> None:
         """Call ``listener()`` whenever the set of AVAILABLE model versions changes."""
         self._listeners.append(listener)
+
+    def watch_routes(self, listener: Callable[[], object]) -> None:
+        """Call ``listener()`` whenever what a request's target resolves to may have changed:
+        a version became AVAILABLE or stopped being so, a label moved, a model was added or
+        removed (``subscribe`` fires only for the first of these)."""
+        self._route_listeners.append(listener)
 
     def served(self) -> frozenset[tuple[str, int]]:
         """(model, version) of every AVAILABLE version."""
@@ -406,13 +414,23 @@ class ModelRepository(Service):
             if any(v.state == AVAILABLE for v in versions.values()):
                 self._required.add(name)
         served = self.served()
+        routes = (
+            served,
+            {name: dict(config.labels) for name, config in self.configs.items()},
+            {name: dict(targets) for name, targets in self._label_targets.items()},
+        )
+        notify = []
+        if routes != self._routes_seen:
+            self._routes_seen = routes
+            notify += self._route_listeners
         if served != self._served:
             self._served = served
-            for listener in list(self._listeners):
-                try:
-                    listener()
-                except Exception:  # a listener's bug must not stop the lifecycle
-                    log.failure("model set listener failed")
+            notify += self._listeners
+        for listener in notify:
+            try:
+                listener()
+            except Exception:  # a listener's bug must not stop the lifecycle
+                log.failure("model set listener failed")
 
     def _check_ready(self) -> None:
         if self.ready:
