@@ -15,8 +15,9 @@ when the answer arrives and gives the regions back with its next message (``free
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections import OrderedDict
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 ALIGN = 64  # each region starts on a cache line (numpy is happy with any multiple of 16)
@@ -112,12 +113,25 @@ def create_segment(name: str, size: int) -> SharedMemory:
     return SharedMemory(name=name, create=True, size=size)
 
 
-def attach_segment(name: str) -> SharedMemory:
-    """The main process's segment ``name`` (front process). Not tracked here: Python would
-    otherwise unlink it when this process exits, and the main process owns it."""
-    segment = SharedMemory(name=name)
-    resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
-    return segment
+class Attached:
+    """A segment mapped by a front process (``attach_segment``): ``buf``, its bytes."""
+
+    def __init__(self, mapping: mmap.mmap) -> None:
+        self._mapping = mapping
+        self.buf = memoryview(mapping)
+
+
+def attach_segment(name: str, directory: str = "/dev/shm") -> Attached:
+    """The main process's segment ``name`` (front process), mapped from where POSIX shared
+    memory lives on Linux. Not through ``SharedMemory``: that registers the segment with
+    Python's resource tracker, which would start a tracker process beside every front
+    process (about 10 MB each) and unlink the main process's segment when this one exits;
+    the main process owns it."""
+    fd = os.open(os.path.join(directory, name.lstrip("/")), os.O_RDWR)
+    try:
+        return Attached(mmap.mmap(fd, 0))
+    finally:
+        os.close(fd)
 
 
 def release_segment(segment: SharedMemory) -> None:

@@ -129,3 +129,37 @@ def test_ring_regions_never_overlap_and_stay_inside(steps: list[tuple[int, bool]
         ring.free(offset)
     assert ring.used == 0
     assert ring.allocate(size) == 0
+
+
+def test_a_front_process_maps_the_segment_without_a_resource_tracker() -> None:
+    """attach_segment (in a fresh interpreter, as a front process is) sees what the main
+    process wrote, starts no resource-tracker process, and leaves the segment in place when it
+    exits: the main process owns it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from service.shm_ring import create_segment, release_segment
+
+    name = f"kleinserve-test-{os.getpid()}"
+    segment = create_segment(name, 4096)
+    try:
+        segment.buf[:5] = b"hello"
+        child = (
+            "import sys\n"
+            "from multiprocessing import resource_tracker\n"
+            "from service.shm_ring import attach_segment\n"
+            "seen = attach_segment(sys.argv[1])\n"
+            "print(bytes(seen.buf[:5]).decode(), resource_tracker._resource_tracker._fd)\n"
+            "seen.buf[5:7] = b'!!'\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", child, name], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out == ["hello", "None"]  # None: no tracker was started
+        assert bytes(segment.buf[:7]) == b"hello!!"
+        assert (Path("/dev/shm") / name).exists()
+    finally:
+        release_segment(segment)
+    assert not (Path("/dev/shm") / name).exists()
