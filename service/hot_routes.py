@@ -15,8 +15,9 @@ itself and does what Klein would with them:
 * a client that leaves cancels it (Klein's ``notifyFinish`` errback);
 * its bytes are written and the request finished, unless the client is gone;
 * a failure is answered by the application's own handlers: a ``ServingError`` as such,
-  anything else as the unexpected-error handler answers it (logged, a JSON 500); a failure
-  after the client left is logged unless it is the cancellation.
+  anything else (or a failure of that handler) as the unexpected-error handler answers it
+  (logged, a JSON 500); a failure after the client left is logged unless it is the
+  cancellation.
 
 Everything else — other methods and routes, a path with ``%`` escapes, a version the
 converter refuses — goes to Klein, which answers it as before.
@@ -112,8 +113,11 @@ class HotRoutes(Resource):
                 if not failure.check(CancelledError):
                     log.failure("unhandled error answering a request", failure)
                 return None
-            answer = self._serving_error if failure.check(ServingError) else self._unexpected_error
-            return maybeDeferred(answer, request, failure)
+            if not failure.check(ServingError):
+                return maybeDeferred(self._unexpected_error, request, failure)
+            answer = maybeDeferred(self._serving_error, request, failure)
+            # as Klein's chain: a handler that fails passes its failure to the last one
+            return answer.addErrback(lambda f: self._unexpected_error(request, f))
 
         def write(body: bytes | None) -> None:
             if isinstance(body, bytes):
@@ -121,7 +125,12 @@ class HotRoutes(Resource):
             if not gone[0]:
                 request.finish()
 
+        def broken(failure: Failure) -> None:
+            log.failure("unhandled error writing a response", failure)
+            if not gone[0] and not getattr(request, "finished", False):
+                request.finish()  # never leave the client waiting
+
         answering.addErrback(failed)
         answering.addCallback(write)
-        answering.addErrback(lambda f: log.failure("unhandled error writing a response", f))
+        answering.addErrback(broken)
         return server.NOT_DONE_YET

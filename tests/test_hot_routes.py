@@ -12,7 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.web import server
+from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
+from werkzeug.exceptions import HTTPException
 
 from service.http import InferenceAPI
 from service.http_paths import MalformedPath
@@ -42,12 +45,16 @@ def request(method: bytes, path: bytes) -> DummyRequest:
 
 
 def klein_route(api: InferenceAPI, method: bytes, path: bytes) -> tuple[str, dict[str, Any]]:
-    """The route label and arguments Klein's URL map gives (a refused version: MalformedPath)."""
+    """The route label and arguments Klein's URL map gives a path with no escapes: Klein
+    routes on the path's segments decoded as UTF-8 (a refused version: MalformedPath)."""
+    adapter = api.app.url_map.bind("server")
     try:
-        label, args = api.route_of(method, path)
+        endpoint, args = adapter.match(path.decode("utf-8"), method=method.decode())
     except MalformedPath:
         return "malformed", {}
-    return label, dict(args)
+    except HTTPException:
+        return "none", {}
+    return api.app.endpoints[endpoint].route_label, dict(args)
 
 
 @pytest.mark.parametrize(
@@ -115,3 +122,98 @@ def test_any_path_it_takes_klein_routes_to_the_same_handler(
     label, args = klein_route(api, b"POST", path)
     assert label_of(handler) == label
     assert arguments == args
+
+
+# -- what render does with a handler's outcome --------------------------------------------------
+
+
+class Handlers:
+    """HotRoutes around a Klein-less inner resource, with handlers a test controls."""
+
+    def __init__(self, api: InferenceAPI) -> None:
+        from twisted.internet.defer import Deferred
+
+        from service.hot_routes import HotRoutes
+        from service.http_paths import ModelTargetConverter
+
+        self.pending: Deferred = Deferred()
+        self.cancelled = False
+        self.errors: list[str] = []
+
+        def cancel(_: Any) -> None:
+            self.cancelled = True
+
+        self.pending = Deferred(cancel)
+
+        def serving_error(request: Any, failure: Any) -> bytes:
+            self.errors.append(f"serving: {failure.value}")
+            if "handler breaks" in str(failure.value):
+                raise RuntimeError("the handler broke")
+            request.setResponseCode(400)
+            return b'{"error": "bad"}'
+
+        def unexpected_error(request: Any, failure: Any) -> bytes:
+            self.errors.append(f"unexpected: {failure.value}")
+            request.setResponseCode(500)
+            return b'{"error": "internal"}'
+
+        self.resource = HotRoutes(
+            Resource(),
+            predict=lambda request, target: self.pending,
+            infer=lambda request, name, version=None: self.pending,
+            serving_error=serving_error,
+            unexpected_error=unexpected_error,
+            converter=ModelTargetConverter(api.app.url_map),
+        )
+
+    def render(self) -> DummyRequest:
+        r = request(b"POST", b"/v1/models/m:predict")
+        assert self.resource.render(r) == server.NOT_DONE_YET
+        return r
+
+
+def test_an_answer_is_written_and_the_request_finished(api: InferenceAPI) -> None:
+    handlers = Handlers(api)
+    r = handlers.render()
+    assert r.finished == 0
+    handlers.pending.callback(b'{"ok": 1}')
+    assert b"".join(r.written) == b'{"ok": 1}' and r.finished == 1
+
+
+def test_a_serving_error_is_answered_by_its_handler(api: InferenceAPI) -> None:
+    from service.errors import InvalidArgument
+
+    handlers = Handlers(api)
+    r = handlers.render()
+    handlers.pending.errback(InvalidArgument("no such input"))
+    assert handlers.errors == ["serving: no such input"]
+    assert r.responseCode == 400 and b"".join(r.written) == b'{"error": "bad"}' and r.finished
+
+
+def test_anything_else_and_a_failing_handler_get_the_unexpected_error_answer(
+    api: InferenceAPI,
+) -> None:
+    from service.errors import InvalidArgument
+
+    handlers = Handlers(api)
+    r = handlers.render()
+    handlers.pending.errback(KeyError("oops"))
+    assert handlers.errors == ["unexpected: 'oops'"] and r.responseCode == 500 and r.finished
+
+    handlers = Handlers(api)
+    r = handlers.render()
+    handlers.pending.errback(InvalidArgument("the handler breaks"))
+    assert handlers.errors == ["serving: the handler breaks", "unexpected: the handler broke"]
+    assert r.responseCode == 500 and r.finished
+
+
+def test_a_client_that_leaves_cancels_the_handler_and_nothing_is_written(
+    api: InferenceAPI,
+) -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    handlers = Handlers(api)
+    r = handlers.render()
+    r.processingFailed(Failure(ConnectionDone()))  # the connection went
+    assert handlers.cancelled and r.written == [] and r.finished == 0 and handlers.errors == []
