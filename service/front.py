@@ -142,8 +142,9 @@ class Front:
         log.info("front process {pid} serving", pid=os.getpid())
 
     def report(self) -> None:
-        """The HTTP counters as totals since this process started (the main process adds
-        the differences to its own), and the gauges now."""
+        """The HTTP counters (requests, connections refused past --max_connections) as totals
+        since this process started (the main process adds the differences to its own), and
+        the gauges now (requests in flight, body bytes held, connections open)."""
         try:
             totals = [
                 [s.labels["route"], s.labels["code"], s.value]
@@ -151,12 +152,20 @@ class Front:
                 for s in metric.samples
                 if s.name.endswith("_total")
             ]
+            refused = [
+                [s.labels["how"], s.value]
+                for metric in self.metrics.refused_connections.collect()
+                for s in metric.samples
+                if s.name.endswith("_total")
+            ]
             self.channel.notify(
                 "counts",
                 {
                     "requests": totals,
+                    "refused": refused,
                     "in_flight": self.site.in_flight.count,
                     "body_bytes": self.site.budget.held,
+                    "connections": self.site.open_connections,
                 },
             )
         except Exception:  # a report failing must not stop the next one

@@ -75,8 +75,8 @@ class FrontStats:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._totals: dict[tuple[int, int], dict[tuple[str, str], float]] = {}
-        self._gauges: dict[tuple[int, int], tuple[int, int]] = {}
+        self._totals: dict[tuple[int, int], dict[tuple[str, ...], float]] = {}
+        self._gauges: dict[tuple[int, int], tuple[int, int, int]] = {}
         self.predicts = Counter(
             "kleinserve_front_predicts",
             "Predicts the main process ran for each front process (--http_processes)",
@@ -98,6 +98,7 @@ class FrontStats:
         )
         metrics.in_flight.set_function(lambda: sum(g[0] for g in self._gauges.values()))
         metrics.request_body_bytes.set_function(lambda: sum(g[1] for g in self._gauges.values()))
+        metrics.open_connections.set_function(lambda: sum(g[2] for g in self._gauges.values()))
 
     def report(self, key: tuple[int, int], header: Header) -> None:
         """A front process's totals since it started: the differences go to our counters."""
@@ -107,7 +108,16 @@ class FrontStats:
             if total > seen:
                 self._metrics.requests.labels(route, code).inc(total - seen)
                 last[(route, code)] = total
-        self._gauges[key] = (int(header.get("in_flight", 0)), int(header.get("body_bytes", 0)))
+        for how, total in header.get("refused", ()):
+            seen = last.get(("refused", how), 0.0)
+            if total > seen:
+                self._metrics.refused_connections.labels(how).inc(total - seen)
+                last[("refused", how)] = total
+        self._gauges[key] = (
+            int(header.get("in_flight", 0)),
+            int(header.get("body_bytes", 0)),
+            int(header.get("connections", 0)),
+        )
 
     def observe(self, args: list[Any]) -> None:
         """An inference request a front process answered, for the request metrics: (api,

@@ -272,7 +272,13 @@ class RemotePlane:
         left = [False]  # the request left before its lease came: release it when it comes
 
         def arrived(header: Header | None) -> None:
-            if left[0] and header is not None and "lease" in header:
+            if header is None:
+                return
+            # Kept even when the request left: the main process sends a version's
+            # signatures once, so an answer dropped with them would leave this process
+            # unable to serve that version (every later lease: "did not answer; retry").
+            self._keep_signatures(header)
+            if left[0] and "lease" in header:
                 self.channel.notify("release", header["lease"])
 
         _, answering = self.channel.call(
@@ -286,13 +292,6 @@ class RemotePlane:
             raise
         answer = _checked(reply)
         key = (answer["name"], int(answer["version"]))
-        if "signatures" in answer:
-            self._versions[key] = VersionInfo(
-                key[0],
-                key[1],
-                {k: signature_from(v) for k, v in answer["signatures"].items()},
-                answer["signature_defs"],
-            )
         info = self._versions.get(key)
         if info is None:  # the main process sends them once per version: it must have them
             self.channel.notify("release", answer["lease"])
@@ -302,6 +301,18 @@ class RemotePlane:
             self._targets.clear()
         self._targets[_key(target)] = known
         return int(answer["lease"]), known
+
+    def _keep_signatures(self, answer: Header) -> None:
+        """A lease answer's signatures, when it carries them (the first time this process
+        sees a version, and again once it was reloaded), kept per name and version."""
+        if "signatures" in answer and "error" not in answer:
+            key = (answer["name"], int(answer["version"]))
+            self._versions[key] = VersionInfo(
+                key[0],
+                key[1],
+                {k: signature_from(v) for k, v in answer["signatures"].items()},
+                answer["signature_defs"],
+            )
 
 
 class RemoteLease:

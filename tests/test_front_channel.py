@@ -272,6 +272,28 @@ def test_a_known_target_costs_one_frame_each_way_and_no_lease() -> None:
     assert j.to_main.frames == 8  # nothing left to send: no empty frame
 
 
+def test_signatures_whose_request_left_before_they_came_are_kept() -> None:
+    """The first lease of a version carries its signatures, and the main process sends them
+    once. A request that leaves before that answer arrives must not lose them: its lease is
+    released, and the next request for the version is served (it was 503 "did not answer"
+    for good)."""
+    j = _joined()
+    held: list[bytes] = []
+    deliver = j.to_front.write
+    j.to_front.write = held.append  # type: ignore[method-assign]  # the answer is on its way
+    first = Deferred.fromCoroutine(_predict(j.plane, ModelTarget("m")))
+    first.cancel()  # the client left
+    with pytest.raises(CancelledError):
+        result_of(first)
+    j.to_front.write = deliver  # type: ignore[method-assign]
+    for frame in held:
+        deliver(frame)
+    j.clock.advance(0)  # the release goes at the end of the turn
+    assert j.version.holders.count == 0
+    outputs = result_of(Deferred.fromCoroutine(_predict(j.plane, ModelTarget("m"))))
+    np.testing.assert_array_equal(outputs["y"], [[2.0, 4.0]])
+
+
 def test_a_stale_version_is_leased_again_checked_and_sent_again() -> None:
     """A new version serves "m" and the front process has not heard (a late notice): its
     predict is answered "stale", it leases "m" again, and the answer is the new version's."""
@@ -354,3 +376,57 @@ def test_notices_of_one_reactor_turn_go_as_one_frame() -> None:
     result_of(Deferred.fromCoroutine(_predict(j.plane, ModelTarget("m", version=3))))
     assert j.to_main.frames == frames + 2  # the entry went with the predict
     assert j.access_log.entries[-1] == {"n": 3}
+
+
+def test_front_reports_add_up_to_one_view_of_the_http_metrics() -> None:
+    """Each front process reports totals since it started and its gauges now: the main
+    process's /metrics shows the sums (requests, connections refused past --max_connections,
+    in flight, body bytes, open connections), and a process that ended leaves the gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    stats = FrontStats(Metrics(registry))
+
+    def report(key: tuple[int, int], requests: float, refused: float, gauges: int) -> None:
+        stats.report(
+            key,
+            {
+                "requests": [["predict", "200", requests]],
+                "refused": [["503", refused]],
+                "in_flight": gauges,
+                "body_bytes": 100 * gauges,
+                "connections": 10 * gauges,
+            },
+        )
+
+    def samples() -> dict[str, float]:
+        from prometheus_client import generate_latest
+
+        text = generate_latest(registry).decode()
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name
+            in (
+                "kleinserve_requests_total",
+                "kleinserve_refused_connections_total",
+                "kleinserve_in_flight_requests",
+                "kleinserve_request_body_bytes",
+                "kleinserve_open_connections",
+            )
+        }
+
+    report((0, 1), requests=5, refused=1, gauges=1)
+    report((1, 1), requests=3, refused=0, gauges=2)
+    report((0, 1), requests=7, refused=2, gauges=3)  # totals since start: +2 and +1
+    assert samples() == {
+        "kleinserve_requests_total": 10,
+        "kleinserve_refused_connections_total": 2,
+        "kleinserve_in_flight_requests": 5,
+        "kleinserve_request_body_bytes": 500,
+        "kleinserve_open_connections": 50,
+    }
+    stats.ended((0, 1))
+    assert samples()["kleinserve_open_connections"] == 20
+    assert samples()["kleinserve_refused_connections_total"] == 2  # counters never go back

@@ -275,6 +275,22 @@ def test_clients_leaving_mid_request_never_wedge_the_server(server) -> None:
     )
 
 
+def test_connections_open_at_the_front_processes_show_on_metrics(server) -> None:
+    """kleinserve_open_connections counts the clients' connections held by every front
+    process (each reports its own every second; /metrics sums them)."""
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(6)]
+    try:
+        server.wait_for(
+            lambda: _metric(_metrics(server), "kleinserve_open_connections") >= 6, timeout=30
+        )
+    finally:
+        for sock in idle:
+            sock.close()
+    server.wait_for(
+        lambda: _metric(_metrics(server), "kleinserve_open_connections") <= 1, timeout=30
+    )
+
+
 def test_a_killed_front_process_is_replaced_and_the_server_keeps_answering(server) -> None:
     """SIGKILL to a front process under load: a new one takes its place, and every request
     after that is answered."""
