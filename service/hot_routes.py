@@ -120,10 +120,11 @@ class HotRoutes(Resource):
             return answer.addErrback(lambda f: self._unexpected_error(request, f))
 
         def write(body: bytes | None) -> None:
+            if gone[0]:
+                return  # the client left: nothing to write to
             if isinstance(body, bytes):
                 request.write(body)
-            if not gone[0]:
-                request.finish()
+            request.finish()
 
         def broken(failure: Failure) -> None:
             log.failure("unhandled error writing a response", failure)

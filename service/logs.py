@@ -18,7 +18,7 @@ Text (the default) is twistd's own format, ``2026-12-04T06:00:00+0000 [namespace
 message``, to twistd's own destination (``--logfile``, or standard output with ``-n``), but
 written by ``text_observer`` rather than twistd's observer (``use_text_log`` sets twistd's
 ``--logger`` to it unless ``--logger`` or ``--syslog`` was given): the same lines, at about a
-fifth of the cost per line, which matters at one access-log line per request. Twisted's
+third of the cost per line (11 µs against 35, timed alone), which matters at one access-log line per request. Twisted's
 formatter turns the time into text anew for every line (9 µs) and parses the message format
 (``"{access_line}"``) with ``string.Formatter``; ``ClassicText`` makes the time text once per
 second and writes a format that is one field by taking the field.
