@@ -26,8 +26,11 @@ TWISTD = Path(sys.executable).parent / "twistd"
 T = TypeVar("T")
 
 
-def poll(read: Callable[[], T], until: Callable[[T], bool], timeout: float) -> T:
-    """Read until ``until(value)`` holds or ``timeout`` passes; return the last value read.
+def poll(
+    read: Callable[[], T], until: Callable[[T], bool], timeout: float, interval: float = 0.1
+) -> T:
+    """Read every ``interval`` seconds until ``until(value)`` holds or ``timeout`` passes;
+    return the last value read.
 
     Tests then assert on that value: a state that never came fails with what was seen last.
     """
@@ -36,7 +39,7 @@ def poll(read: Callable[[], T], until: Callable[[T], bool], timeout: float) -> T
         value = read()
         if until(value) or time.monotonic() > deadline:
             return value
-        time.sleep(0.1)
+        time.sleep(interval)
 
 
 ERROR_MARKERS = (

@@ -3,14 +3,18 @@
 The servicers are the generated ones of the ``tensorflow-serving-api`` package, so every TF
 Serving client (``PredictionServiceStub`` with ``tf.make_tensor_proto``) works unchanged.
 
-Threads: grpcio calls a handler on one of its own threads. The handler parses the request's
-protos into numpy arrays there (``service.tensor_proto``), then hands one coroutine to the
-reactor with ``blockingCallFromThread`` and waits: the data plane, the repository and the
-batching queues are only ever touched on the reactor thread, and a request from gRPC joins
-the same batches as one from REST. The answer is turned back into protos on the gRPC thread.
+Threads: the handlers are coroutines of ``grpc.aio``, on the gRPC thread's asyncio loop
+(``service.grpc_port``). A handler parses the request's protos into numpy arrays there
+(``service.tensor_proto``), then hands one coroutine to the reactor and awaits its answer
+(``ReactorCalls``): the data plane, the repository and the batching queues are only ever
+touched on the reactor thread, and a request from gRPC joins the same batches as one from
+REST. The answer is turned back into protos on the gRPC thread. One thread and one loop for
+every call, rather than a thread per call, is what keeps a call cheap: a batch's answers
+wake one thread, not one per call (measured in docs/grpc.md).
 
 The call's deadline (``context.time_remaining()``) is the request's deadline in the batching
-queue; a call the client cancels (or whose deadline passes) cancels its queued work. A
+queue; a call the client cancels (or whose deadline passes) has its handler cancelled by
+grpcio, which cancels its queued work. A
 ``ServingError`` is answered with its TF Serving code (``status_code``); any other exception
 is logged with its traceback (and the call's request id) and answered INTERNAL, without the
 traceback.
@@ -23,6 +27,8 @@ trailing metadata; and each answered call writes an access-log line (``service.a
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -43,9 +49,9 @@ from tensorflow_serving.apis import (
     regression_pb2,
     status_pb2,
 )
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.threads import blockingCallFromThread
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from service import examples
 from service.access_log import AccessLog, RequestRecord
@@ -96,9 +102,51 @@ def peer_of(context: grpc.ServicerContext) -> str:
     return address if kind in ("ipv4", "ipv6") else peer
 
 
+class Mailbox:
+    """Calls posted from any thread for another thread's loop to run, in the order posted.
+
+    Only the first call posted while none wait wakes that loop (``wake(run)``: one wake-up,
+    one write to its waker); the loop then runs every call posted by then. A batch of
+    answers thus wakes the gRPC loop once rather than once per call, and the calls one loop
+    turn makes wake the reactor once.
+    """
+
+    def __init__(self, wake: Callable[[Callable[[], None]], object]) -> None:
+        self._wake = wake
+        self._calls: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._lock = threading.Lock()
+
+    def post(self, function: Callable[..., object], *args: Any) -> None:
+        with self._lock:
+            self._calls.append((function, args))
+            if len(self._calls) > 1:
+                return  # a wake-up is on its way
+        self._wake(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for function, args in calls:
+            try:
+                function(*args)
+            except Exception:
+                log.failure("a call handed between the gRPC loop and the reactor failed")
+
+
+def _wake_loop(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], None]], None]:
+    def wake(run: Callable[[], None]) -> None:
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop is closed: the gRPC port has stopped; nobody waits
+            pass
+
+    return wake
+
+
 class ReactorCalls:
-    """Runs a data plane coroutine on the reactor for a gRPC handler thread, and waits; and
-    files each call under a request id and in the access log (``begin``, ``finished``)."""
+    """Runs a data plane coroutine on the reactor for a gRPC handler (a coroutine on the gRPC
+    thread's loop) and gives it the answer; and files each call under a request id and in
+    the access log (``begin``, ``finished``)."""
 
     def __init__(
         self,
@@ -109,6 +157,8 @@ class ReactorCalls:
         self._reactor = reactor
         self._access_log = access_log or AccessLog("off")
         self._model_requests = model_requests
+        self._to_reactor = Mailbox(reactor.callFromThread)
+        self._to_loop: Mailbox | None = None  # made on the loop, by the first call
 
     def begin(self, context: grpc.ServicerContext) -> RequestRecord:
         """The record of a call that has just arrived: its id (sent back at once as trailing
@@ -158,7 +208,7 @@ class ReactorCalls:
         if api is None and fields is None:
             return
         observed = (api, record.model, record.version, status, finished - record.started)
-        self._reactor.callFromThread(self._answered, observed, fields)
+        self._to_reactor.post(self._answered, observed, fields)
 
     def _answered(self, observed: tuple[Any, ...], fields: dict[str, Any] | None) -> None:
         if observed[0] is not None and self._model_requests is not None:
@@ -166,24 +216,15 @@ class ReactorCalls:
         if fields is not None:
             self._access_log.write(fields)
 
-    def run(
+    async def run(
         self,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         operation: Callable[[float | None, Cancellation], Awaitable[T]],
     ) -> T:
-        """``operation(deadline, cancellation)``'s result; its ServingError is raised here."""
+        """``operation(deadline, cancellation)``'s result; its ServingError is raised here.
+        The handler cancelled (the client cancelled, or the deadline passed) cancels it."""
         remaining = context.time_remaining()
         cancellation = Cancellation()
-        finished = False
-
-        def ended() -> None:
-            """The call ended (answered, cancelled by the client, past its deadline): cancel
-            the operation if it had not finished. A finished one needs no trip to the reactor
-            (cancelling it would be a no-op there), which saves a reactor wake-up per call."""
-            if not finished:
-                self._reactor.callFromThread(cancellation.cancel)
-
-        context.add_callback(ended)
 
         def start() -> Deferred:
             deadline = None
@@ -192,17 +233,44 @@ class ReactorCalls:
             return Deferred.fromCoroutine(_as_coroutine(operation(deadline, cancellation)))
 
         try:
-            result = cast(T, blockingCallFromThread(self._reactor, start))
+            return cast(T, await self._on_reactor(start))
+        except asyncio.CancelledError:
+            self._to_reactor.post(cancellation.cancel)
+            raise
         except CancelledError:
             raise Cancelled("the call was cancelled") from None
-        finally:
-            finished = True
-        return result
 
-    def call(self, function: Callable[..., T], *args: Any) -> T:
-        """``function(*args)`` on the reactor thread (a lookup), for a handler thread."""
-        result: T = blockingCallFromThread(self._reactor, function, *args)
-        return result
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the reactor thread (a lookup), for a handler."""
+        return cast(T, await self._on_reactor(lambda: maybeDeferred(function, *args)))
+
+    def _on_reactor(self, start: Callable[[], Deferred]) -> asyncio.Future[Any]:
+        """What the Deferred ``start()`` returns on the reactor thread fires with, as a future
+        of the calling loop (through the mailboxes: wake-ups shared with other calls)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        to_loop = self._to_loop
+        if to_loop is None:
+            to_loop = self._to_loop = Mailbox(_wake_loop(loop))
+
+        def settle(result: object) -> None:  # on the loop
+            if answer.done():  # the handler was cancelled meanwhile
+                return
+            if isinstance(result, Failure):
+                answer.set_exception(result.value)
+            else:
+                answer.set_result(result)
+
+        def begin() -> None:  # on the reactor
+            try:
+                running = start()
+            except BaseException:
+                running = Deferred()
+                running.errback(Failure())
+            running.addBoth(lambda result: to_loop.post(settle, result))
+
+        self._to_reactor.post(begin)
+        return answer
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
@@ -210,23 +278,26 @@ async def _as_coroutine(awaitable: Awaitable[T]) -> T:
 
 
 def handled(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Answer a ServingError raised on the handler thread with its code, log anything else
+    """Answer a ServingError raised by the handler with its code, log anything else
     (with the call's request id), and write the call's access-log line.
 
     The method is called with the call's ``RequestRecord`` after its context: it notes the
     model and version answering there, and passes its ``queued`` to the data plane.
     """
 
-    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         calls: ReactorCalls = self._calls
         record = calls.begin(context)
         code, status, response = grpc.StatusCode.OK, 200, None
         try:
-            response = method(self, request, context, record)
+            response = await method(self, request, context, record)
             return response
         except ServingError as error:
             code, status = status_code(error), error.status
-            context.abort(code, error.message)
+            await context.abort(code, error.message)
+        except asyncio.CancelledError:
+            code, status = grpc.StatusCode.CANCELLED, 499
+            raise
         except Exception:
             code, status = grpc.StatusCode.INTERNAL, 500
             log.failure(
@@ -234,7 +305,7 @@ def handled(method: Callable[..., Any]) -> Callable[..., Any]:
                 method=method.__name__,
                 request_id=record.request_id,
             )
-            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
             calls.finished(
                 record,
@@ -261,7 +332,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._calls = calls
 
     @handled
-    def Predict(
+    async def Predict(
         self, request: predict_pb2.PredictRequest, context: Any, record: RequestRecord
     ) -> Any:
         target = target_of(request.model_spec)
@@ -293,20 +364,20 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                     )
                 return model.name, model.version, signature.name, outputs
 
-        name, version, resolved, outputs = self._calls.run(context, predict)
+        name, version, resolved, outputs = await self._calls.run(context, predict)
         response = predict_pb2.PredictResponse(model_spec=spec_of(name, version, resolved))
         for key in wanted or outputs:
             response.outputs[key].CopyFrom(to_proto(outputs[key], key))
         return response
 
     @handled
-    def Classify(
+    async def Classify(
         self,
         request: classification_pb2.ClassificationRequest,
         context: Any,
         record: RequestRecord,
     ) -> Any:
-        name, version, resolved, results = self._examples(
+        name, version, resolved, results = await self._examples(
             request.model_spec, request.input, examples.CLASSIFY, context, record
         )
         response = classification_pb2.ClassificationResponse(
@@ -316,10 +387,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     @handled
-    def Regress(
+    async def Regress(
         self, request: regression_pb2.RegressionRequest, context: Any, record: RequestRecord
     ) -> Any:
-        name, version, resolved, results = self._examples(
+        name, version, resolved, results = await self._examples(
             request.model_spec, request.input, examples.REGRESS, context, record
         )
         response = regression_pb2.RegressionResponse(model_spec=spec_of(name, version, resolved))
@@ -327,7 +398,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     @handled
-    def MultiInference(
+    async def MultiInference(
         self, request: inference_pb2.MultiInferenceRequest, context: Any, record: RequestRecord
     ) -> Any:
         """Each task (classify or regress) on the same examples, of one model and version."""
@@ -353,7 +424,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = inference_pb2.MultiInferenceResponse()
         for task in request.tasks:
             verb = verbs[task.method_name]
-            name, version, resolved, results = self._examples(
+            name, version, resolved, results = await self._examples(
                 task.model_spec, request.input, verb, context, record
             )
             result = response.results.add(model_spec=spec_of(name, version, resolved))
@@ -363,7 +434,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 _fill_regressions(result.regression_result, results)
         return response
 
-    def _examples(
+    async def _examples(
         self,
         spec: model_pb2.ModelSpec,
         input_: Any,
@@ -390,13 +461,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 resolved = model.signature(signature_name).name
                 return model.name, model.version, resolved, outputs
 
-        name, version, resolved, outputs = self._calls.run(context, run)
+        name, version, resolved, outputs = await self._calls.run(context, run)
         if verb == examples.CLASSIFY:
             return name, version, resolved, examples.classifications(outputs, len(serialized))
         return name, version, resolved, examples.regressions(outputs, len(serialized))
 
     @handled
-    def GetModelMetadata(
+    async def GetModelMetadata(
         self,
         request: get_model_metadata_pb2.GetModelMetadataRequest,
         context: Any,
@@ -411,7 +482,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for field in request.metadata_field:
             if field != _METADATA_FIELD:
                 raise InvalidArgument(f"Metadata field {field} is not supported")
-        metadata = self._calls.call(self._plane.metadata, target)
+        metadata = await self._calls.call(self._plane.metadata, target)
         record.version = metadata.version
         signatures = get_model_metadata_pb2.SignatureDefMap()
         json_format.ParseDict({"signature_def": dict(metadata.signature_defs)}, signatures)
@@ -440,7 +511,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self._reload = reload
 
     @handled
-    def GetModelStatus(
+    async def GetModelStatus(
         self,
         request: get_model_status_pb2.GetModelStatusRequest,
         context: Any,
@@ -448,14 +519,14 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     ) -> Any:
         target = target_of(request.model_spec)
         note_target(record, target)
-        entries = self._calls.call(self._plane.status, target)
+        entries = await self._calls.call(self._plane.status, target)
         response = get_model_status_pb2.GetModelStatusResponse()
         for entry in entries:
             json_format.ParseDict(entry, response.model_version_status.add())
         return response
 
     @handled
-    def HandleReloadConfigRequest(
+    async def HandleReloadConfigRequest(
         self,
         request: model_management_pb2.ReloadConfigRequest,
         context: Any,
@@ -464,7 +535,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         async def reload(deadline: float | None, cancellation: Cancellation) -> None:
             await self._reload(request.config)
 
-        self._calls.run(context, reload)
+        await self._calls.run(context, reload)
         return model_management_pb2.ReloadConfigResponse(
             status=status_pb2.StatusProto(error_code=0)
         )

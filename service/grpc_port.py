@@ -1,4 +1,5 @@
-"""The gRPC port: grpcio's server, started and stopped with the service tree.
+"""The gRPC port: grpcio's asyncio server on a thread of its own, started and stopped with
+the service tree.
 
 It serves ``service.grpc_api``'s PredictionService and ModelService, ``service.v2_grpc``'s
 Open Inference Protocol service (``inference.GRPCInferenceService``) and the standard
@@ -17,6 +18,12 @@ PredictionService or ModelService without a good ``authorization: Bearer …`` m
 UNAUTHENTICATED before its request message is parsed, with its request id and access-log
 line; ``grpc.health.v1.Health`` stays open, as the HTTP health checks do.
 
+Threads: grpcio's ``grpc.aio`` server runs on an asyncio loop on one thread (``LoopThread``);
+every handler is a coroutine there, which hands its data plane work to the reactor
+(``service.grpc_api.ReactorCalls``). --grpc_max_calls bounds the calls in progress at once
+(grpcio's ``maximum_concurrent_rpcs``): a call past them is refused RESOURCE_EXHAUSTED before
+its message is read, so what gRPC holds is bounded by it times the largest message.
+
 Message size: like TF Serving, the receive limit is unbounded unless ``max_receive_bytes``
 caps it (--grpc_max_receive_bytes); a larger message is refused by grpcio with
 RESOURCE_EXHAUSTED before a handler sees it.
@@ -24,12 +31,15 @@ RESOURCE_EXHAUSTED before a handler sees it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent import futures
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 from twisted.application.service import Service
@@ -49,9 +59,11 @@ from service.v2_grpc import InferenceService
 from wire.auth import AUTHORIZATION_HEADER
 
 log = Logger()
+T = TypeVar("T")
 
 HEALTH_INTERVAL = 0.5
 STOP_POLL = 0.05  # seconds between looks at whether grpcio has stopped
+START_TIMEOUT = 30.0  # seconds the reactor waits for grpcio to bind the port
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 HEALTH_METHODS = "/grpc.health.v1.Health/"  # the prefix of the health service's methods
 _AUTHORIZATION = AUTHORIZATION_HEADER.lower()  # gRPC metadata keys are lower case
@@ -65,7 +77,7 @@ _HANDLERS = {
 }
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Every call but health's needs a bearer token ``tokens`` takes in its ``authorization``
     metadata; a call without one is answered UNAUTHENTICATED by a handler of its own, which
     parses no request message, files the call under a request id and writes its access-log
@@ -75,23 +87,25 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._tokens = tokens
         self._calls = calls
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
         if details.method.startswith(HEALTH_METHODS):
-            return continuation(details)
+            return await continuation(details)
         sent = [v for k, v in details.invocation_metadata or () if k == _AUTHORIZATION]
         try:
             self._tokens.check(sent)
         except Unauthenticated as error:
-            return self._refusal(details.method, error, continuation(details))
-        return continuation(details)
+            return self._refusal(details.method, error, await continuation(details))
+        return await continuation(details)
 
     def _refusal(self, method: str, error: Unauthenticated, handler: Any) -> Any:
-        def refuse(request: Any, context: grpc.ServicerContext) -> None:
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
             record = self._calls.begin(context)
             code = status_code(error)
             size = len(request) if isinstance(request, bytes) else 0
             self._calls.finished(record, method, context, code, error.status, size, 0)
-            context.abort(code, error.message)
+            await context.abort(code, error.message)
 
         streaming = (
             (handler.request_streaming, handler.response_streaming) if handler else (False, False)
@@ -99,13 +113,34 @@ class TokenInterceptor(grpc.ServerInterceptor):
         return _HANDLERS[streaming](refuse)  # no deserializer: the message stays bytes
 
 
+class LoopThread:
+    """An asyncio loop on a daemon thread of its own: ``run(coroutine)`` runs a coroutine
+    there from any thread (a ``concurrent.futures.Future`` of its result)."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def stop(self) -> None:
+        """Stop the loop (what it still runs is dropped); it is not closed, so a late
+        ``call_soon_threadsafe`` from another thread is dropped rather than an error."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 class GrpcPort(Service):
-    """grpcio's server on ``address`` (``host:port``), its handlers on ``threads`` threads.
+    """grpcio's asyncio server on ``address`` (``host:port``), on a ``LoopThread``.
 
     ``ready()``: whether health should say SERVING (and the v2 ServerReady ready);
-    ``live()``: whether the v2 ServerLive says live (both called on the reactor thread). A
-    handler thread waits while its call is queued or runs, so ``threads`` bounds the gRPC
-    calls in progress at once; grpcio queues the rest.
+    ``live()``: whether the v2 ServerLive says live (both called on the reactor thread).
+    ``max_calls`` bounds the calls in progress at once; grpcio refuses the rest
+    RESOURCE_EXHAUSTED.
     """
 
     def __init__(
@@ -118,7 +153,7 @@ class GrpcPort(Service):
         reload: Callable[[Any], Awaitable[None]],
         live: Callable[[], bool] = lambda: True,
         deadline: StopDeadline | None = None,
-        threads: int = 64,
+        max_calls: int = 256,
         max_receive_bytes: int | None = None,
         exit: Callable[[int], object] | None = None,
         access_log: AccessLog | None = None,
@@ -132,65 +167,84 @@ class GrpcPort(Service):
             reactor, drain_delay=0.0, drain_timeout=30.0, watchdog=False
         )
         self._exit = exit or (lambda code: exit_after_stop(code, reactor))
-        self.health = health.HealthServicer()
-        options = [
+        self._options = [
             ("grpc.max_receive_message_length", max_receive_bytes or -1),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a port in use is an error, as for HTTP
         ]
+        self._max_calls = max_calls
         calls = ReactorCalls(reactor, access_log, model_requests)
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-            options=options,
-            interceptors=[] if tokens is None else [TokenInterceptor(tokens, calls)],
-        )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionService(plane, calls), self._server
-        )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelService(plane, calls, reload), self._server
-        )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(plane, calls, live=live, ready=ready), self._server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        self._set_health(False)
+        self._interceptors = [] if tokens is None else [TokenInterceptor(tokens, calls)]
+        self._services = [
+            (prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
+             PredictionService(plane, calls)),
+            (model_service_pb2_grpc.add_ModelServiceServicer_to_server,
+             ModelService(plane, calls, reload)),
+            (service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+             InferenceService(plane, calls, live=live, ready=ready)),
+        ]  # fmt: skip
+        self._thread = LoopThread("grpc")
+        self.health: health_aio.HealthServicer | None = None  # made on the loop
+        self._serving: bool | None = None  # what health says now
+        self._server: grpc.aio.Server | None = None
         self._refresh = task.LoopingCall(self._update_health)
         self._refresh.clock = reactor
         self.port: int | None = None  # the port bound, once started
 
+    async def _start(self) -> int:
+        """On the loop: make the server, bind the port (0: grpcio could not), start."""
+        self.health = health_aio.HealthServicer()
+        await self._set_health(False)
+        server = grpc.aio.server(
+            options=self._options,
+            interceptors=self._interceptors,
+            maximum_concurrent_rpcs=self._max_calls,
+        )
+        for add, servicer in self._services:
+            add(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        port = server.add_insecure_port(self.address)
+        if port:
+            await server.start()
+            self._server = server
+        return port
+
     def startService(self) -> None:
         super().startService()
-        try:
-            self.port = self._server.add_insecure_port(self.address)
-        except RuntimeError as error:
+        self._thread.start()
+        reason = "grpcio could not bind it"
+        try:  # the reactor waits: binding is quick, and start-up needs the answer
+            self.port = self._thread.run(self._start()).result(START_TIMEOUT)
+        except Exception as error:
             self.port = 0
             reason = str(error)
-        else:
-            reason = "grpcio could not bind it"
         if not self.port:
             log.critical(
                 "cannot listen for gRPC on {address}: {reason}; exiting",
                 address=self.address,
                 reason=reason,
             )
+            self._thread.stop()
             self._exit(EXIT_CANNOT_LISTEN)
             return
-        self._server.start()
         log.info("gRPC listening on {address} (port {port})", address=self.address, port=self.port)
         self._refresh.start(HEALTH_INTERVAL, now=True)
 
     def _update_health(self) -> None:
-        self._set_health(self._ready() and self._deadline.started_at is None)
+        serving = self._ready() and self._deadline.started_at is None
+        if serving != self._serving:
+            self._serving = serving
+            self._thread.run(self._set_health(serving))
 
-    def _set_health(self, serving: bool) -> None:
+    async def _set_health(self, serving: bool) -> None:
+        assert self.health is not None
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", PREDICTION_SERVICE):
-            self.health.set(service, status)
+            await self.health.set(service, status)
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -200,12 +254,17 @@ class GrpcPort(Service):
         self._deadline.begin()
         if self._refresh.running:
             self._refresh.stop()
-        self._set_health(False)
-        if not self.port:
+        server = self._server
+        if server is None:
+            self._thread.stop()
             return
+        self._serving = False
+        self._thread.run(self._set_health(False))
         await task.deferLater(self._reactor, self._deadline.drain_delay_left(), lambda: None)
         grace = max(0.0, self._deadline.remaining(CUT_MARGIN))
-        stopped = self._server.stop(grace)  # no new calls; those in flight get ``grace``
-        # Polled on the reactor rather than waited for on a thread: nothing here blocks.
-        while not stopped.is_set() and self._deadline.remaining() > 0:
+        # No new calls; those in flight get ``grace``, then grpcio cancels them (which
+        # cancels their queued work). Polled on the reactor: nothing here blocks.
+        stopped = self._thread.run(server.stop(grace))
+        while not stopped.done() and self._deadline.remaining() > 0:
             await task.deferLater(self._reactor, STOP_POLL, lambda: None)
+        self._thread.stop()

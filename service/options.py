@@ -108,7 +108,7 @@ class ServerConfig:
     max_connections: int = 1024
     # gRPC (TF Serving's API): host:port to listen on, None for no gRPC.
     grpc_listen: str | None = f"0.0.0.0:{DEFAULT_GRPC_PORT}"
-    grpc_threads: int = 64
+    grpc_max_calls: int = 256
     # Front processes answering HTTP (service.front_main); 1: this process alone, as always.
     http_processes: int = 1
     grpc_max_receive_bytes: int = 0  # 0: unbounded, as TF Serving
@@ -197,9 +197,10 @@ class Options(usage.Options):
             int,
         ),
         _flag(
-            "grpc_threads",
-            _default("grpc_threads"),
-            "Threads answering gRPC calls: the most calls in progress at once (the rest wait).",
+            "grpc_max_calls",
+            _default("grpc_max_calls"),
+            "The most gRPC calls in progress at once; one past them is refused "
+            "RESOURCE_EXHAUSTED before its message is read.",
             int,
         ),
         _flag(
@@ -514,7 +515,7 @@ def config_from_options(opts: Any) -> ServerConfig:
         request_read_timeout=opts["request_read_timeout"],
         max_connections=opts["max_connections"],
         grpc_listen=_grpc_listen(opts["port"], opts["grpc_listen"]),
-        grpc_threads=opts["grpc_threads"],
+        grpc_max_calls=opts["grpc_max_calls"],
         http_processes=opts["http_processes"],
         grpc_max_receive_bytes=opts["grpc_max_receive_bytes"],
         warmup_iterations=opts["num_request_iterations_for_warmup"],
@@ -644,8 +645,8 @@ def _check_numbers(opts: Any) -> None:
         raise usage.UsageError("--drain_delay must be 0 or more")
     if opts["num_request_iterations_for_warmup"] < 0:
         raise usage.UsageError("--num_request_iterations_for_warmup must be 0 or more")
-    if opts["grpc_threads"] <= 0:
-        raise usage.UsageError("--grpc_threads must be positive")
+    if opts["grpc_max_calls"] <= 0:
+        raise usage.UsageError("--grpc_max_calls must be positive")
     if not 1 <= opts["http_processes"] <= 64:
         raise usage.UsageError("--http_processes must be between 1 and 64")
     if opts["http_processes"] > 1 and not (opts["listen"] or "tcp:").startswith("tcp"):

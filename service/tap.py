@@ -280,7 +280,7 @@ def _grpc_port(parts: _Parts, config: ServerConfig, deadline: Any, reactor: Any)
         live=parts.health.alive,
         reload=reload,
         deadline=deadline,
-        threads=config.grpc_threads,
+        max_calls=config.grpc_max_calls,
         max_receive_bytes=config.grpc_max_receive_bytes or None,
         access_log=parts.access_log,
         model_requests=parts.metrics.model_requests,

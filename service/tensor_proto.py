@@ -48,12 +48,19 @@ _BY_NUMPY = {dtype: name for name, dtype in DTYPES.items()}
 MAX_ELEMENTS = 2**40
 
 
+#: The ``DT_*`` name of each DataType number the server can hold.
+_SUPPORTED = {types_pb2.DataType.Value(name): name for name in _FIELDS}
+
+
 def dtype_name(proto: tensor_pb2.TensorProto) -> str:
     """The proto's ``DT_*`` name; InvalidArgument for one the server cannot hold."""
-    name = (
-        types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else ""
-    )
-    if name not in _FIELDS:
+    name = _SUPPORTED.get(proto.dtype)
+    if name is None:
+        name = (
+            types_pb2.DataType.Name(proto.dtype)
+            if proto.dtype in types_pb2.DataType.values()
+            else ""
+        )
         shown = name or str(proto.dtype)
         raise InvalidArgument(
             f"tensor dtype {shown} is not supported; use one of {', '.join(sorted(_FIELDS))}"

@@ -21,7 +21,7 @@ UNIMPLEMENTED, as the base servicer does.
   shortens the call's deadline, as on the HTTP route.
 
 Threads, deadlines, cancellation, request ids and access-log lines are ``service.grpc_api``'s:
-the request is parsed on the gRPC thread, the data plane runs on the reactor.
+the request is parsed on the gRPC thread's loop, the data plane runs on the reactor.
 """
 
 from __future__ import annotations
@@ -80,21 +80,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._ready = ready
 
     @handled
-    def ServerLive(self, request: Any, context: Any, record: RequestRecord) -> Any:
-        return service_pb2.ServerLiveResponse(live=bool(self._calls.call(self._live)))
+    async def ServerLive(self, request: Any, context: Any, record: RequestRecord) -> Any:
+        return service_pb2.ServerLiveResponse(live=bool(await self._calls.call(self._live)))
 
     @handled
-    def ServerReady(self, request: Any, context: Any, record: RequestRecord) -> Any:
-        return service_pb2.ServerReadyResponse(ready=bool(self._calls.call(self._ready)))
+    async def ServerReady(self, request: Any, context: Any, record: RequestRecord) -> Any:
+        return service_pb2.ServerReadyResponse(ready=bool(await self._calls.call(self._ready)))
 
     @handled
-    def ServerMetadata(self, request: Any, context: Any, record: RequestRecord) -> Any:
+    async def ServerMetadata(self, request: Any, context: Any, record: RequestRecord) -> Any:
         return service_pb2.ServerMetadataResponse(
             name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS)
         )
 
     @handled
-    def ModelReady(
+    async def ModelReady(
         self, request: service_pb2.ModelReadyRequest, context: Any, record: RequestRecord
     ) -> Any:
         """Ready once the version (or, without one, some version) is AVAILABLE; not ready,
@@ -109,15 +109,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             except (Unavailable, NotFound):
                 return False
 
-        return service_pb2.ModelReadyResponse(ready=self._calls.call(ready))
+        return service_pb2.ModelReadyResponse(ready=await self._calls.call(ready))
 
     @handled
-    def ModelMetadata(
+    async def ModelMetadata(
         self, request: service_pb2.ModelMetadataRequest, context: Any, record: RequestRecord
     ) -> Any:
         target = _model_target(request.name, request.version)
         note_target(record, target)
-        found = self._calls.call(self._plane.metadata, target)
+        found = await self._calls.call(self._plane.metadata, target)
         record.version = found.version
         key = signature_name(found.signatures)
         signature = found.signatures.get(key)
@@ -136,7 +136,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     @handled
-    def ModelInfer(
+    async def ModelInfer(
         self, request: service_pb2.ModelInferRequest, context: Any, record: RequestRecord
     ) -> Any:
         target = _model_target(request.model_name, request.model_version)
@@ -173,7 +173,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     )
                 return model.name, model.version, outputs
 
-        name, version, outputs = self._calls.run(context, infer)
+        name, version, outputs = await self._calls.run(context, infer)
         _check_outputs(wanted, list(outputs))
         response = service_pb2.ModelInferResponse(
             model_name=name, model_version=str(version), id=request.id

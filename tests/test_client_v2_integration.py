@@ -294,13 +294,27 @@ def test_a_server_stopping_mid_run_moves_v2_calls_to_the_other(servers: Servers)
     victim, survivor = servers.registered
     try:
         load = Load(client, concurrency=16)
-        running = load.run(seconds=9.0)
-        poll("calls flowing to both servers", lambda: len(recorder.by_port()) == 2)
-        time.sleep(1.0)
-        killed_at = time.time()
-        assert victim.process is not None
-        victim.process.send_signal(signal.SIGKILL)
-        running.wait(180)
+        running = load.run(calls=1_000_000)  # an upper bound; stopped below
+        try:
+            poll("calls flowing to both servers", lambda: len(recorder.by_port()) == 2)
+            time.sleep(1.0)
+            killed_at = time.time()
+            assert victim.process is not None
+            victim.process.send_signal(signal.SIGKILL)
+            poll(
+                "calls answered after the kill",
+                lambda: (
+                    sum(
+                        1
+                        for a in list(recorder.attempts)
+                        if a.outcome == "ok" and a.sent_at > killed_at
+                    )
+                    >= 200
+                ),
+            )
+        finally:
+            in_reactor(load.stop)
+            running.wait(180)
         stats = client.stats
     finally:
         in_reactor(client.close)

@@ -149,7 +149,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         restarted.start()
         linear = root / "linear"
         servers = {
-            "sigterm": TwistdServer(server_args("linear", linear, consul), logs),
+            # A drain delay wide enough for Consul to drop it and /healthz to be asked
+            # within it on a loaded machine (the last --drain_delay given counts).
+            "sigterm": TwistdServer(server_args("linear", linear, consul, "--drain_delay=6"), logs),
             # Below Consul's one-minute minimum, so the agent logs that it got the setting.
             "sigkill": TwistdServer(
                 server_args("linear", linear, consul, "--deregister_critical_after=30"), logs
@@ -264,7 +266,7 @@ def test_sigterm_leaves_consul_before_the_port_closes(fleet: Fleet) -> None:
     deregistered = log.index(f"Deregistered {sid} from Consul")
     assert (
         deregistered
-        < log.index("Waiting 2 s for clients")
+        < log.index("Waiting 6 s for clients")
         < log.index(f"Port {server.port} Closed")
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -581,6 +582,48 @@ def test_a_full_queue_is_resource_exhausted_and_a_large_message_is_refused(tmp_p
         for call in (stuck, waiting):
             call.cancel()
         channel.close()
+    finally:
+        server.stop()
+
+
+def test_calls_past_grpc_max_calls_are_refused_and_the_rest_answered(tmp_path: Path) -> None:
+    """With --grpc_max_calls=1, a call made while another is in progress (waiting for a
+    batch) is RESOURCE_EXHAUSTED, before its message is read; once that one is cancelled,
+    calls are answered again, and the server logged nothing unexpected."""
+    models.make_linear(tmp_path / "linear")
+    models.make_batch_echo(tmp_path / "echo")
+    (tmp_path / "echo" / "batching_parameters.txt").write_text(
+        "max_batch_size { value: 2 }\nbatch_timeout_micros { value: 30000000 }\n"
+        "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 10 }\n"
+    )
+    config = tmp_path / "models.config"
+    write_config(config, {name: tmp_path / name for name in ("linear", "echo")})
+    server = TwistdServer(
+        [f"--model_config_file={config}", "--enable_batching", "--grpc_max_calls=1"], tmp_path
+    ).start()
+    try:
+        server.wait_ready()
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = predict_stub(channel)
+            waiting = stub.Predict.future(
+                predict_request("echo", {"x": np.ones((1, 3), np.float32)}), 60.0
+            )
+            server.wait_for(lambda: queued_rows(server, "echo") == 1)
+            linear = predict_request("linear", {"x": np.ones((1, 3), np.float32)})
+            error = grpc_error(lambda: stub.Predict(linear, 10.0))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            waiting.cancel()
+            server.wait_for(lambda: queued_rows(server, "echo") == 0)
+            answered = None
+            for _ in range(50):  # grpcio counts the cancelled call out once its handler ends
+                try:
+                    answered = stub.Predict(linear, 10.0)
+                    break
+                except grpc.RpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    time.sleep(0.1)
+            assert answered is not None, "a call past the cancelled one was never answered"
+            assert tf.make_ndarray(answered.outputs["y"]).shape == (1, 2)
     finally:
         server.stop()
 

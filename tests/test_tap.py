@@ -139,7 +139,7 @@ def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
         (("--model_base_path={tmp}", "--port=70000"), "--port must be between 0 and 65535"),
         (("--model_base_path={tmp}", "--grpc_listen=8500"), "--grpc_listen takes host:port"),
         (("--model_base_path={tmp}", "--grpc_listen=h:0"), "--grpc_listen takes host:port"),
-        (("--model_base_path={tmp}", "--grpc_threads=0"), "--grpc_threads must be positive"),
+        (("--model_base_path={tmp}", "--grpc_max_calls=0"), "--grpc_max_calls must be positive"),
         (
             ("--model_base_path={tmp}", "--num_request_iterations_for_warmup=-1"),
             "--num_request_iterations_for_warmup must be 0 or more",
