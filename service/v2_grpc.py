@@ -7,7 +7,7 @@ The servicer is the generated one of the ``tritonclient`` package (Triton's
 ``InferenceGRPCClient`` work unchanged. Served: ``ServerLive``, ``ServerReady``,
 ``ModelReady``, ``ServerMetadata``, ``ModelMetadata``, ``ModelInfer``; Triton's own extra RPCs
 (statistics, repository, shared memory, trace, log settings, model config, streaming) answer
-UNIMPLEMENTED, as the base servicer does.
+UNIMPLEMENTED, saying which RPCs are served.
 
 ``ModelInfer`` follows the protocol and Triton's rules:
 
@@ -27,8 +27,10 @@ the request is parsed on the gRPC thread's loop, the data plane runs on the reac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -185,6 +187,35 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=key, datatype=datatype_of(array, key), shape=array.shape)
             response.raw_output_contents.append(tensor_bytes(array))
         return response
+
+
+SERVED = (
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+)
+
+
+def _unimplemented(name: str) -> Callable[..., Any]:
+    """The answer to one of Triton's own RPCs: UNIMPLEMENTED, and what is served instead."""
+
+    async def answer(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{name} is one of Triton's own RPCs, which kleinserve does not serve; it serves "
+            f"the Open Inference Protocol's: {', '.join(SERVED)}",
+        )
+
+    answer.__name__ = name
+    return answer
+
+
+for _method in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+    if _method.name not in SERVED:
+        setattr(InferenceService, _method.name, _unimplemented(_method.name))
 
 
 def _model_target(name: str, version: str) -> ModelTarget:

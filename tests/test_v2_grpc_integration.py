@@ -164,6 +164,25 @@ def test_typed_contents_are_read_too(server) -> None:
         assert "send every input one way" in raised.value.details()
 
 
+def test_tritons_own_rpcs_are_unimplemented_and_say_what_is_served(server, client) -> None:
+    """Triton's extensions (statistics, repository, log settings, streaming ...) answer
+    UNIMPLEMENTED with the RPCs served instead, and the server keeps answering."""
+    for call in (client.get_inference_statistics, client.get_model_repository_index,
+                 client.get_log_settings):  # fmt: skip
+        with pytest.raises(InferenceServerException) as raised:
+            call()
+        assert raised.value.status() == "StatusCode.UNIMPLEMENTED", raised.value
+        assert "kleinserve does not serve" in raised.value.message()
+        assert "ModelInfer" in raised.value.message()
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as stream_error:
+            list(stub.ModelStreamInfer(iter([typed_request()]), timeout=30))
+        assert stream_error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "ModelStreamInfer is one of Triton's own RPCs" in stream_error.value.details()
+    assert client.is_server_live()
+
+
 def test_bytes_tensors(client) -> None:
     text = np.array([b"abc", b"\x00\xff", b""], dtype=object)
     result = client.infer("strings", inputs_of({"text": text}))
