@@ -21,8 +21,9 @@ line; ``grpc.health.v1.Health`` stays open, as the HTTP health checks do.
 Threads: grpcio's ``grpc.aio`` server runs on an asyncio loop on one thread (``LoopThread``);
 every handler is a coroutine there, which hands its data plane work to the reactor
 (``service.grpc_api.ReactorCalls``). --grpc_max_calls bounds the calls in progress at once
-(grpcio's ``maximum_concurrent_rpcs``): a call past them is refused RESOURCE_EXHAUSTED before
-its message is read, so what gRPC holds is bounded by it times the largest message.
+(grpcio's ``maximum_concurrent_rpcs``): a call past them is refused RESOURCE_EXHAUSTED at
+once, without a handler, so what gRPC holds is bounded by it times the largest message. A
+refused call has no access-log line: grpcio answers it before any of our code runs.
 
 Message size: like TF Serving, the receive limit is unbounded unless ``max_receive_bytes``
 caps it (--grpc_max_receive_bytes); a larger message is refused by grpcio with

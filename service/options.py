@@ -200,7 +200,7 @@ class Options(usage.Options):
             "grpc_max_calls",
             _default("grpc_max_calls"),
             "The most gRPC calls in progress at once; one past them is refused "
-            "RESOURCE_EXHAUSTED before its message is read.",
+            "RESOURCE_EXHAUSTED at once, without running a handler.",
             int,
         ),
         _flag(
