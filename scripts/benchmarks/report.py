@@ -17,6 +17,7 @@ from typing import Any
 from scripts.benchmarks.report_peers import (
     front_memory_table,
     front_table,
+    grpc_table,
     hooks_table,
     peer_ratios,
     triton_table,
@@ -357,6 +358,10 @@ def markdown(results: dict[str, Any]) -> str:
         ("The batching engine alone: 64 submitters, one row each, no HTTP", engine_table(results)),
         ("Memory: Flask + gunicorn vs one kleinserve process (digits)", flask_table(results)),
         ("RSS stability: batching on, digits, concurrency 64", soak_table(results)),
+        (
+            "TF Serving's gRPC API (tensor_content) vs our REST JSON, one server",
+            grpc_table(results),
+        ),
         ("Per-version hooks: identity pre/post hooks vs none, one server", hooks_table(results)),
         ("Open Inference Protocol: kleinserve and Triton (PyTriton)", triton_table(results)),
         ("Front processes (--http_processes) and Triton (PyTriton)", front_table(results)),
@@ -448,6 +453,13 @@ def method(results: dict[str, Any]) -> list[str]:
         " also shares pages with any other process that maps the same libraries, so it is only"
         " clean on an otherwise idle machine).",
         "- **Soak**: batching on, digits, concurrency 64; RSS of the twistd process every 5 s.",
+        "- **gRPC**: one server per model serves REST and gRPC (batching on, the file above);"
+        " at each concurrency the same image goes as the REST JSON body (wrk) and as a"
+        " `PredictRequest` with `tensor_content` (`scripts/benchmarks/sections/grpc.py`:"
+        " `grpc.aio` on one channel, C calls in flight, request and answer kept as raw bytes)."
+        " Server CPU is the twistd process's user + system time over the point per answer; the"
+        " gRPC load generator's own CPU per request is given beside it, since it shares the"
+        " two cores.",
     ]
     return lines
 

@@ -64,7 +64,54 @@ def peer_ratios(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
                 )
             )
     out += _front_ratios(results)
+    out += _grpc_ratios(results)
     return out
+
+
+def _grpc_ratios(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
+    """gRPC against our REST JSON at each concurrency, and against the in-process limit."""
+    rows = results.get("grpc", [])
+    out: list[tuple[str, float, float, str]] = []
+    for row in rows:
+        if row["api"] != "grpc":
+            continue
+        where = f"grpc {_title(row['model'])} c={row['concurrency']}"
+        rest = next(
+            (
+                r
+                for r in rows
+                if r["api"] == "rest"
+                and (r["model"], r["concurrency"]) == (row["model"], row["concurrency"])
+            ),
+            None,
+        )
+        if rest is not None:
+            out.append((f"{where}: gRPC / REST JSON", row["rps"], rest["rps"], "requests/s"))
+        best = results.get("inprocess", {}).get(row["model"], {}).get("best_instances_per_s")
+        top = max(r["concurrency"] for r in rows if r["model"] == row["model"])
+        if best and row["concurrency"] == top:
+            out.append((f"{where}: gRPC / in-process limit", row["rps"], best, "requests/s"))
+    return out
+
+
+def grpc_table(results: dict[str, Any]) -> str:
+    rows = results.get("grpc", [])
+    if not rows:
+        return ""
+    return _table(
+        ["model", "API", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors",
+         "request bytes", "server CPU ms/req", "load generator CPU ms/req"],
+        [
+            [_title(r["model"]), "gRPC" if r["api"] == "grpc" else "REST JSON",
+             str(r["concurrency"]), _num(r["rps"]), _num(r["p50_ms"]), _num(r["p99_ms"]),
+             str(r["errors"]),
+             f"{r['grpc_request_bytes' if r['api'] == 'grpc' else 'rest_request_bytes']:,}",
+             _num(r["server_cpu_ms_per_request"]),
+             _num(r.get("client_cpu_ms_per_request")) if r["api"] == "grpc" else "(wrk)"]
+            for r in rows
+        ],
+        markdown=True,
+    )  # fmt: skip
 
 
 def _front_ratios(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
