@@ -120,7 +120,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     crochet.setup()
     root = tmp_path_factory.mktemp("client-models")
     models.make_linear(root / "linear")
-    models.make_slow(root / "slow", seconds=0.05)
+    models.make_slow(root / "slow", seconds=0.1)
     consul = ConsulAgent(CONSUL_BINARY, tmp_path_factory.mktemp("client-consul"))
     fleet = Fleet(consul, root / "linear", tmp_path_factory.mktemp("client-logs"))
     try:
@@ -552,7 +552,7 @@ def test_calls_continue_on_known_backends_while_consul_is_down(fleet: Fleet) -> 
 
 
 def test_a_slow_server_gets_less_under_p2c_and_peak_ewma_than_round_robin(fleet: Fleet) -> None:
-    """With a 4th server 50 ms slower per call, P2C and Peak-EWMA send it a smaller share
+    """With a 4th server 100 ms slower per call, P2C and Peak-EWMA send it a smaller share
     than round-robin."""
     fleet.settle()
     (slow,) = fleet.start(1, fleet.model_dir.parent / "slow")
@@ -574,7 +574,8 @@ def test_a_slow_server_gets_less_under_p2c_and_peak_ewma_than_round_robin(fleet:
         fleet.remove(slow, signal.SIGTERM)
     print("\nslow server's share: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
     # Round-robin gives it a quarter whatever its speed; P2C less, by how much slower it is
-    # than the others, which a busy machine narrows (observed 5% to 18% against 25%);
+    # than the others, which a busy machine narrows (observed 3% at 100 ms; at 50 ms, 5% to
+    # 18%, too near the bound below);
     # Peak-EWMA less still, from the first slow answer on.
     assert shares["p2c"] < 0.85 * shares["round_robin"]
     assert shares["peak_ewma"] < 0.85 * shares["round_robin"]
