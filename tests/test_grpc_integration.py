@@ -7,7 +7,10 @@ answers from the same server, and with the values the models compute.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -451,10 +454,67 @@ def test_a_call_cancelled_or_timed_out_while_queued_leaves_the_server_serving(se
     server.wait_for(lambda: queued_rows(server, "echo") == 1)
     waiting.cancel()
     assert waiting.cancelled()
-    server.wait_for(lambda: queued_rows(server, "echo") == 0)
+    # Within 10 s, well before the batch's 30 s timeout would run it: the cancel took it out.
+    server.wait_for(lambda: queued_rows(server, "echo") == 0, timeout=10)
     error = grpc_error(lambda: stub.Predict(one_row, 0.5))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    server.wait_for(lambda: queued_rows(server, "echo") == 0)
+    server.wait_for(lambda: queued_rows(server, "echo") == 0, timeout=10)
+    test_grpc_and_rest_requests_share_one_batch(served)
+
+
+#: A load generator, run as its own process: 64 calls in flight, each one row to ``echo``
+#: (which runs two rows at a time), for 400 answers; then one call alone, which waits for a
+#: second row, when it is killed.
+_GRPC_LOAD = """
+import asyncio, sys
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+async def main():
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "echo"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.ones((1, 3), np.float32)))
+    left = [400]
+    async with grpc.aio.insecure_channel(sys.argv[1]) as channel:
+        call = channel.unary_unary(
+            "/tensorflow.serving.PredictionService/Predict",
+            request_serializer=predict_pb2.PredictRequest.SerializeToString,
+        )
+        async def worker():
+            while left[0] > 0:
+                left[0] -= 1
+                await call(request, timeout=120)
+        await asyncio.gather(*(worker() for _ in range(64)))
+        print("alone", flush=True)
+        await call(request, timeout=120)
+
+asyncio.run(main())
+"""
+
+
+def test_a_load_generator_killed_with_calls_in_flight_wedges_nothing(served) -> None:
+    """A gRPC load generator SIGKILLed with a call in flight (its connection reset, no
+    cancel sent) after 400 answers at 64 in flight: the call it left is dropped from the
+    queue well before its deadline, and the next calls, gRPC and REST, share a batch."""
+    server, _, _ = served
+    generator = subprocess.Popen(
+        [sys.executable, "-c", _GRPC_LOAD, server.grpc_target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    try:
+        assert generator.stdout is not None
+        assert generator.stdout.readline() == b"alone\n"
+        server.wait_for(lambda: queued_rows(server, "echo") == 1)
+    finally:
+        generator.kill()
+        generator.wait(30)
+    # Its deadline is 120 s away and its batch's timeout 30 s: within 10 s, only the reset
+    # connection can have taken it out of the queue.
+    server.wait_for(lambda: queued_rows(server, "echo") == 0, timeout=10)
     test_grpc_and_rest_requests_share_one_batch(served)
 
 
@@ -614,7 +674,7 @@ def test_calls_past_grpc_max_calls_are_refused_and_the_rest_answered(tmp_path: P
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "Concurrent RPC limit" in (error.details() or "")  # grpcio's, not the queue's
             waiting.cancel()
-            server.wait_for(lambda: queued_rows(server, "echo") == 0)
+            server.wait_for(lambda: queued_rows(server, "echo") == 0, timeout=10)
             answered = None
             for _ in range(50):  # grpcio counts the cancelled call out once its handler ends
                 try:
