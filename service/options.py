@@ -204,6 +204,11 @@ class Options(usage.Options):
             int,
         ),
         _flag(
+            "grpc_threads",
+            None,
+            "Gone: gRPC calls run on one asyncio loop; --grpc_max_calls bounds them.",
+        ),
+        _flag(
             "grpc_max_receive_bytes",
             _default("grpc_max_receive_bytes"),
             "Largest gRPC request message in bytes; 0 (the default, as TF Serving) is unbounded.",
@@ -645,6 +650,11 @@ def _check_numbers(opts: Any) -> None:
         raise usage.UsageError("--drain_delay must be 0 or more")
     if opts["num_request_iterations_for_warmup"] < 0:
         raise usage.UsageError("--num_request_iterations_for_warmup must be 0 or more")
+    if opts["grpc_threads"] is not None:
+        raise usage.UsageError(
+            "--grpc_threads is gone: gRPC calls now run as coroutines on one asyncio loop, not "
+            "a thread each; --grpc_max_calls (default 256) bounds the calls in progress"
+        )
     if opts["grpc_max_calls"] <= 0:
         raise usage.UsageError("--grpc_max_calls must be positive")
     if not 1 <= opts["http_processes"] <= 64:

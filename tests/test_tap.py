@@ -140,6 +140,7 @@ def test_grpc_is_on_port_8500_by_default_as_in_tf_serving(tmp_path) -> None:
         (("--model_base_path={tmp}", "--grpc_listen=8500"), "--grpc_listen takes host:port"),
         (("--model_base_path={tmp}", "--grpc_listen=h:0"), "--grpc_listen takes host:port"),
         (("--model_base_path={tmp}", "--grpc_max_calls=0"), "--grpc_max_calls must be positive"),
+        (("--model_base_path={tmp}", "--grpc_threads=64"), "--grpc_max_calls .default 256. bounds"),
         (
             ("--model_base_path={tmp}", "--num_request_iterations_for_warmup=-1"),
             "--num_request_iterations_for_warmup must be 0 or more",
