@@ -57,7 +57,7 @@ from service import examples
 from service.access_log import AccessLog, RequestRecord
 from service.access_log import entry as access_entry
 from service.dataplane import Cancellation, DataPlane, Decoded, ModelTarget, VersionLease
-from service.errors import Cancelled, InvalidArgument, ServingError
+from service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServingError
 from service.model_hooks import HookRequest, answer_tensors
 from service.request_metrics import GRPC_METHODS, ModelRequestMetrics
 from service.tensor_proto import to_array, to_proto
@@ -295,8 +295,10 @@ def handled(method: Callable[..., Any]) -> Callable[..., Any]:
         except ServingError as error:
             code, status = status_code(error), error.status
             await context.abort(code, error.message)
-        except asyncio.CancelledError:
-            code, status = grpc.StatusCode.CANCELLED, 499
+        except asyncio.CancelledError:  # grpcio ended the call: the client left, or time ran out
+            left = context.time_remaining()
+            gone = DeadlineExceeded if left is not None and left <= 0 else Cancelled
+            code, status = getattr(grpc.StatusCode, gone.code), gone.status
             raise
         except Exception:
             code, status = grpc.StatusCode.INTERNAL, 500

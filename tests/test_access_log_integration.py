@@ -345,3 +345,55 @@ def test_grpc_calls_carry_their_id_and_are_logged(server: TwistdServer) -> None:
     assert not_found["model"] == "nope" and not_found["bytes_out"] == 0
     fresh = dict(anonymous.trailing_metadata())["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", fresh) and len(lines_of(server, fresh)) == 1
+
+
+def test_grpc_calls_ended_by_their_deadline_or_the_client_are_logged_as_such(
+    tmp_path: Path,
+) -> None:
+    """A call whose deadline passes while it waits for a batch is logged DEADLINE_EXCEEDED
+    504; one the client cancels there, CANCELLED 499."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from tests.test_grpc_integration import queued_rows
+
+    models.make_batch_echo(tmp_path / "echo")
+    batching = tmp_path / "batching.txt"
+    # A batch runs with two rows, or after 30 s: a lone call waits.
+    batching.write_text(
+        "max_batch_size { value: 2 }\nbatch_timeout_micros { value: 30000000 }\n"
+        "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 100 }\n"
+    )
+    server = TwistdServer(
+        [
+            "--model_name=echo",
+            f"--model_base_path={tmp_path / 'echo'}",
+            "--enable_batching",
+            f"--batching_parameters_file={batching}",
+            "--access_log=json",
+        ],
+        tmp_path,
+    ).start()
+    message = predict_pb2.PredictRequest()
+    message.model_spec.name = "echo"
+    message.inputs["x"].CopyFrom(tf.make_tensor_proto(np.ones((1, 3), np.float32)))
+    try:
+        server.wait_ready()
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Predict(message, timeout=0.5, metadata=[("x-request-id", "late-1")])
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            left = stub.Predict.future(message, 60.0, metadata=[("x-request-id", "left-1")])
+            server.wait_for(lambda: queued_rows(server, "echo") == 1)  # it waits for a batch
+            left.cancel()
+            # Each line is written once its handler has ended.
+            poll(lambda: lines_of(server, "late-1") + lines_of(server, "left-1"),
+                 lambda found: len(found) == 2, 30)  # fmt: skip
+        (timed_out,) = lines_of(server, "late-1")
+        assert (timed_out["status"], timed_out["grpc_status"]) == (504, "DEADLINE_EXCEEDED")
+        (cancelled,) = lines_of(server, "left-1")
+        assert (cancelled["status"], cancelled["grpc_status"]) == (499, "CANCELLED")
+    finally:
+        server.stop()
