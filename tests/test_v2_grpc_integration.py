@@ -7,6 +7,8 @@ dtype echoed), ``multi`` (two inputs and outputs) and ``strings``.
 
 from __future__ import annotations
 
+import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,6 +17,7 @@ import pytest
 
 from harness.twistd import TwistdServer
 from tests import models
+from tests.metrics_text import samples as samples_of
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
@@ -235,3 +238,50 @@ def test_a_grpc_call_and_a_rest_call_share_one_batch(server, client) -> None:
     assert result.as_numpy("rows").tolist() == [2]
     assert result.as_numpy("y").tolist() == [[2.0, 4.0, 6.0]]
     assert rest_answer[0] == 200 and rest_answer[1]["predictions"][0]["rows"] == 2
+
+
+def queued_rows(server: TwistdServer, model: str) -> float:
+    """The model's rows waiting for a batch, from /metrics."""
+    text = server.request("GET", "/metrics")[2].decode()
+    found = samples_of(text, "kleinserve_queued_rows")
+    return sum(value for key, value in found.items() if dict(key).get("model") == model)
+
+
+def _http_request(path: str, doc: dict) -> bytes:
+    body = json.dumps(doc).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def test_a_request_whose_client_leaves_while_queued_is_dropped_at_every_front_door(
+    server, client
+) -> None:
+    """One row to ``echo`` waits for a second one; its client leaves (a v2 gRPC call
+    cancelled, a TF Serving REST and a v2 REST connection closed): the row leaves the queue,
+    and the next pair still shares a batch."""
+    x = np.ones((1, 3), np.float32)
+    request = service_pb2.ModelInferRequest(model_name="echo")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 3])
+    tensor.contents.fp32_contents.extend([1.0, 1.0, 1.0])
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        waiting = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(
+            request, 60.0
+        )
+        server.wait_for(lambda: queued_rows(server, "echo") == 1)
+        waiting.cancel()
+        # Within 10 s, well before the batch's 30 s timeout would run the row: only the
+        # cancel can have taken it out of the queue.
+        server.wait_for(lambda: queued_rows(server, "echo") == 0, timeout=10)
+    v2_doc = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 1, 1]}]}
+    for path, doc in (
+        ("/v1/models/echo:predict", {"instances": x.tolist()}),
+        ("/v2/models/echo/infer", v2_doc),
+    ):
+        with socket.create_connection(("127.0.0.1", server.port)) as rude:
+            rude.sendall(_http_request(path, doc))
+            server.wait_for(lambda: queued_rows(server, "echo") == 1)
+        # As above: 10 s, a third of the batch timeout; the closed connection took it out.
+        server.wait_for(lambda: queued_rows(server, "echo") == 0, timeout=10)
+    test_a_grpc_call_and_a_rest_call_share_one_batch(server, client)
