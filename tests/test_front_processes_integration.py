@@ -118,6 +118,16 @@ def _statuses(server: TwistdServer, images: np.ndarray) -> list[int]:
         return [status for status, _ in answers]
 
 
+def _predict_request(image: np.ndarray) -> bytes:
+    """A predict of one image, as bytes for a raw socket."""
+    body = json.dumps({"instances": [image.tolist()]}).encode()
+    head = (
+        f"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        f"\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
     try:
@@ -261,18 +271,31 @@ def test_front_processes_do_not_load_tensorflow(server) -> None:
 def test_clients_leaving_mid_request_never_wedge_the_server(server) -> None:
     """Many clients that send a predict and leave before its answer: a request after them
     is answered, and nothing stays in flight."""
-    body = json.dumps({"instances": [_images(1)[0].tolist()]}).encode()
-    head = (
-        f"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-        f"\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    request = _predict_request(_images(1)[0])
     for _ in range(40):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(head + body)  # a lone row: it waits for a partner, then is abandoned
+            sock.sendall(request)  # a lone row: it waits for a partner, then is abandoned
     assert _statuses(server, _images(2)) == [200, 200]
     server.wait_for(
         lambda: _metric(_metrics(server), "kleinserve_in_flight_requests") <= 1, timeout=30
     )
+
+
+def test_a_request_whose_client_leaves_while_queued_never_runs(server) -> None:
+    """A lone row waits in the main process's queue for a partner; its client leaves: the
+    front process's cancel notice takes it out, so it never runs as a batch of 1 (which it
+    would, 2 s on, had the cancel not come), and the next pair runs as one batch of 2."""
+    count = "kleinserve_batch_size_count"
+    single = 'kleinserve_batch_size_bucket{le="1.0"'
+    before = _metrics(server)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(_predict_request(_images(1)[0]))
+        server.wait_for(lambda: _metric(_metrics(server), "kleinserve_queued_rows") == 1)
+    server.wait_for(lambda: _metric(_metrics(server), "kleinserve_queued_rows") == 0)
+    assert _statuses(server, _images(2)) == [200, 200]
+    after = _metrics(server)
+    assert _metric(after, single) == _metric(before, single), "the row of the left client ran"
+    assert _metric(after, count) - _metric(before, count) == 1, "not one batch for the pair"
 
 
 def test_connections_open_at_the_front_processes_show_on_metrics(server) -> None:
