@@ -39,6 +39,10 @@ import numpy as np
 from service.errors import InvalidArgument
 
 
+def setup(ctx):
+    ctx.state["slept"] = ctx.metrics.counter("faulty_sleeps", "Preprocess calls that slept")
+
+
 def preprocess(request, ctx):
     mode = request.query.get("fail", ("",))[0]
     if mode == "raise":
@@ -54,6 +58,7 @@ def preprocess(request, ctx):
     if mode == "not_numbers":
         return {"image": [["a", "b"]]}
     if mode == "sleep":
+        ctx.state["slept"].inc()
         time.sleep(float(request.query["seconds"][0]))
     return ctx.decode_json(request)
 
@@ -441,9 +446,19 @@ def test_a_hook_past_the_deadline_is_a_504_and_the_pool_recovers(server: TwistdS
     assert [status for status, _, _ in later] == [200] * 4
 
 
+def sleeps(server: TwistdServer) -> float:
+    """How many of faulty's preprocess calls have slept (run, not skipped)."""
+    family = metrics(server).get("faulty_sleeps")
+    return sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0.0
+
+
 def test_clients_that_leave_mid_request_and_mid_hook_leave_the_server_serving(
     server: TwistdServer,
 ) -> None:
+    """Three clients leave mid-body, then three mid-hook: with 2 hook threads busy 1 s with
+    two of the latter, the third's call is still waiting for a thread when its client has
+    left, and is skipped unrun (it sleeps only if the cancel never reached the hook pool)."""
+    slept = sleeps(server)
     body = json.dumps({"instances": digit_instances("eight")}).encode()
     head = (
         "POST /v1/models/faulty:predict?fail=sleep&seconds=1 HTTP/1.1\r\n"
@@ -463,6 +478,9 @@ def test_clients_that_leave_mid_request_and_mid_hook_leave_the_server_serving(
     )
     assert status == 200, answer
     assert np.argmax(answer["predictions"][0]) == 0
+    # That predict's preprocess came after the three in the hook pool's queue: all that
+    # were going to run have started.
+    assert sleeps(server) - slept < 3, "a hook call whose client had left ran"
 
 
 # -- hot swap ---------------------------------------------------------------------------------
