@@ -28,7 +28,7 @@ from twisted.web.http_headers import Headers
 from service.access_log import AccessLog, RequestRecord, entry, peer_of
 from service.auth import HTTPAuth
 from service.budget import BodyHold, RequestBudget
-from service.errors import ServingError, Unavailable
+from service.errors import Cancelled, ServingError, Unavailable
 from service.http_limits import BodyBuffer, LimitedHTTPChannel, content_coding
 from service.http_request import note_target
 from service.lifecycle import InFlight
@@ -66,6 +66,7 @@ class BoundedRequest(server.Request):
     body_hold: BodyHold | None = None
     received = 0  # body bytes received, as sent (gzip: compressed)
     _record: RequestRecord | None = None
+    _site: InferenceSite | None = None  # set once the whole request is in, and routed
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -86,12 +87,25 @@ class BoundedRequest(server.Request):
         return self._record
 
     def process(self) -> None:
-        site = cast(Any, self.channel).site
+        site = self._site = cast(Any, self.channel).site
         site.in_flight.started()
         self.notifyFinish().addBoth(site.in_flight.finished)
         if site.stopping:  # arrived on a kept-alive connection while the port closes
             _close_after(self)
         super().process()
+
+    def connectionLost(self, reason: Any) -> None:
+        """The connection closed: a request the routes took and had not finished answering
+        is still counted and access-logged, so no request a client sent whole goes unseen:
+        as ``499`` if none of its answer was written (the client closed first; nginx's code,
+        and what a cancelled gRPC call is logged as), else with the status it was being
+        answered with and the bytes that went out (as nginx does)."""
+        super().connectionLost(reason)
+        site = self._site
+        if site is not None and not self.finished:
+            if not self.startedWriting:
+                self.code = Cancelled.status
+            site.log(self)
 
     def gotLength(self, length: int | None) -> None:
         gzip = content_coding(self.requestHeaders) == "gzip"

@@ -351,7 +351,8 @@ def test_grpc_calls_ended_by_their_deadline_or_the_client_are_logged_as_such(
     tmp_path: Path,
 ) -> None:
     """A call whose deadline passes while it waits for a batch is logged DEADLINE_EXCEEDED
-    504; one the client cancels there, CANCELLED 499."""
+    504; one the client cancels there, CANCELLED 499; an HTTP predict whose client closes
+    its connection there, 499 too."""
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -395,5 +396,15 @@ def test_grpc_calls_ended_by_their_deadline_or_the_client_are_logged_as_such(
         assert (timed_out["status"], timed_out["grpc_status"]) == (504, "DEADLINE_EXCEEDED")
         (cancelled,) = lines_of(server, "left-1")
         assert (cancelled["status"], cancelled["grpc_status"]) == (499, "CANCELLED")
+        body = json.dumps({"instances": [[1.0, 1.0, 1.0]]}).encode()
+        with connect(server) as sock:
+            sock.sendall(
+                b"POST /v1/models/echo:predict HTTP/1.1\r\nHost: x\r\nX-Request-Id: http-left-1"
+                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            server.wait_for(lambda: queued_rows(server, "echo") == 1)
+        (closed,) = lines_of(server, "http-left-1")
+        assert (closed["status"], closed["grpc_status"], closed["route"]) == (499, None, "predict")
+        assert (closed["model"], closed["version"], closed["bytes_out"]) == ("echo", 1, 0)
     finally:
         server.stop()

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -589,6 +590,55 @@ def test_refusals_are_counted_in_the_metrics() -> None:
         "kleinserve_requests_total", {"route": "predict", "code": "413"}
     )
     assert sample == 1.0
+
+
+def test_a_request_whose_client_leaves_before_its_answer_is_logged_and_counted_499(
+    logs: CapturedLogs,
+) -> None:
+    """A predict sent whole whose connection closes while its batch runs: one access-log line
+    and one count as 499 (nginx's "client closed request", as a cancelled gRPC call), under
+    its route, model and version, and nothing written. A request answered before its
+    connection closes, or one whose client left mid-body (no route ran), is not a 499; one
+    whose answer was being written keeps that answer's status, with the bytes that went out."""
+    api, _, _ = make_api(executor=lambda f, *args: Deferred())  # the model never answers
+    site = InferenceSite(api, max_body_bytes=1000, access_log=AccessLog("json"), reactor=Clock())
+    left = Connection(site=site)
+    left.send(request())
+    assert left.transport.value() == b""  # the batch runs
+    left.channel.connectionLost(Failure(ConnectionDone()))
+    mid_body = Connection(site=site)
+    mid_body.send(request()[:-3])
+    mid_body.channel.connectionLost(Failure(ConnectionDone()))
+    mid_answer = Connection(site=site)
+    mid_answer.send(request())
+    (cut,) = mid_answer.channel.requests
+    cut.write(b'{"predictions": [')  # an answer under way (the route writes it whole, finished)
+    mid_answer.channel.connectionLost(Failure(ConnectionDone()))
+    answered = Connection(access_log=AccessLog("json"))  # a model that answers at once
+    answered.send(request())
+    assert answered.answer()[0] == 200
+    answered.channel.connectionLost(Failure(ConnectionDone()))
+
+    lines = [
+        json.loads(e["access_line"])
+        for e in list(logs)
+        if e.get("log_namespace") == "kleinserve.access"
+    ]
+    assert [(x["status"], x["route"], x["model"], x["version"]) for x in lines] == [
+        (499, "predict", "m", 3),
+        (200, "predict", "m", 3),  # its answer cut short: the status it went out with
+        (200, "predict", "m", 3),
+    ]
+    assert lines[0]["bytes_out"] == 0 and lines[1]["bytes_out"] > 0
+    assert left.transport.value() == b""
+    registry = site.metrics.registry
+    requests = {"route": "predict", "code": "499"}
+    assert registry.get_sample_value("kleinserve_requests_total", requests) == 1.0
+    model = {"api": "tfserving_rest", "method": "predict", "model": "m", "version": "3"}
+    assert (
+        registry.get_sample_value("kleinserve_model_requests_total", model | {"code": "499"}) == 1
+    )
+    assert registry.get_sample_value("kleinserve_in_flight_requests") == 0
 
 
 # -- the whole request's read timeout -------------------------------------------------------------
