@@ -118,14 +118,20 @@ def _statuses(server: TwistdServer, images: np.ndarray) -> list[int]:
         return [status for status, _ in answers]
 
 
-def _predict_request(image: np.ndarray) -> bytes:
-    """A predict of one image, as bytes for a raw socket."""
+def _predict_request(image: np.ndarray, request_id: str = "") -> bytes:
+    """A predict of one image, as bytes for a raw socket (filed under ``request_id``)."""
     body = json.dumps({"instances": [image.tolist()]}).encode()
     head = (
         f"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-        f"\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"\r\nContent-Length: {len(body)}\r\nX-Request-Id: {request_id or 'none'}\r\n\r\n"
     ).encode()
     return head + body
+
+
+def _statuses_logged(server: TwistdServer, prefix: str) -> dict[str, int]:
+    """The access-log status of each predict whose request id starts with ``prefix``."""
+    pattern = r'"POST /v1/models/digits:predict" (\d{3}) .* id=(' + re.escape(prefix) + r"\S*)"
+    return {request_id: int(status) for status, request_id in re.findall(pattern, server.log())}
 
 
 def _alive(pid: int) -> bool:
@@ -268,14 +274,34 @@ def test_front_processes_do_not_load_tensorflow(server) -> None:
     assert "tensorflow" in Path(f"/proc/{server.process.pid}/maps").read_text()
 
 
+def _predicts(text: str, code: str | None = None) -> float:
+    """The predict requests the front processes have ended (answered, or their client left:
+    499), of every code or of ``code``; each front process reports its own every second."""
+    pattern = r"kleinserve_requests_total\{([^}]*)\} ([0-9.e+]+)\n"
+    return sum(
+        float(value)
+        for labels, value in re.findall(pattern, text)
+        if 'route="predict"' in labels and (code is None or f'code="{code}"' in labels)
+    )
+
+
 def test_clients_leaving_mid_request_never_wedge_the_server(server) -> None:
-    """Many clients that send a predict and leave before its answer: a request after them
-    is answered, and nothing stays in flight."""
-    request = _predict_request(_images(1)[0])
-    for _ in range(40):
+    """Many clients that send a predict and leave before its answer: each is access-logged
+    (499, or 200 when its row had run before its leaving was read) and counted, a request
+    after them is answered, and nothing stays queued or in flight."""
+    image = _images(1)[0]
+    before = _metrics(server)
+    for i in range(40):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(request)  # a lone row: it waits for a partner, then is abandoned
+            sock.sendall(_predict_request(image, f"rude-{i}"))  # a lone row, then abandoned
     assert _statuses(server, _images(2)) == [200, 200]
+    # The burst is over once all 40 are logged: a front process sends a request's cancel to
+    # the main process before its access-log entry, and its counts after both.
+    logged = poll(lambda: _statuses_logged(server, "rude-"), lambda found: len(found) == 40, 30)
+    assert len(logged) == 40 and set(logged.values()) <= {200, 499} and 499 in logged.values()
+    left = sum(status == 499 for status in logged.values())
+    server.wait_for(lambda: _predicts(_metrics(server), "499") >= _predicts(before, "499") + left)
+    assert _metric(_metrics(server), "kleinserve_queued_rows") == 0
     server.wait_for(
         lambda: _metric(_metrics(server), "kleinserve_in_flight_requests") <= 1, timeout=30
     )
@@ -284,14 +310,18 @@ def test_clients_leaving_mid_request_never_wedge_the_server(server) -> None:
 def test_a_request_whose_client_leaves_while_queued_never_runs(server) -> None:
     """A lone row waits in the main process's queue for a partner; its client leaves: the
     front process's cancel notice takes it out, so it never runs as a batch of 1 (which it
-    would, 2 s on, had the cancel not come), and the next pair runs as one batch of 2."""
+    would, 2 s on, had the cancel not come), it is logged as 499, and the next pair runs as
+    one batch of 2."""
     count = "kleinserve_batch_size_count"
     single = 'kleinserve_batch_size_bucket{le="1.0"'
+    server.wait_for(lambda: _metric(_metrics(server), "kleinserve_queued_rows") == 0)
     before = _metrics(server)
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(_predict_request(_images(1)[0]))
+        sock.sendall(_predict_request(_images(1)[0], "lone-left"))
         server.wait_for(lambda: _metric(_metrics(server), "kleinserve_queued_rows") == 1)
-    server.wait_for(lambda: _metric(_metrics(server), "kleinserve_queued_rows") == 0)
+    logged = poll(lambda: _statuses_logged(server, "lone-left"), bool, 30)
+    assert logged == {"lone-left": 499}
+    assert _metric(_metrics(server), "kleinserve_queued_rows") == 0
     assert _statuses(server, _images(2)) == [200, 200]
     after = _metrics(server)
     assert _metric(after, single) == _metric(before, single), "the row of the left client ran"
