@@ -653,7 +653,8 @@ def _check_numbers(opts: Any) -> None:
     if opts["grpc_threads"] is not None:
         raise usage.UsageError(
             "--grpc_threads is gone: gRPC calls now run as coroutines on one asyncio loop, not "
-            "a thread each; --grpc_max_calls (default 256) bounds the calls in progress"
+            f"a thread each; --grpc_max_calls (default {_default('grpc_max_calls')}) bounds the "
+            "calls in progress"
         )
     if opts["grpc_max_calls"] <= 0:
         raise usage.UsageError("--grpc_max_calls must be positive")

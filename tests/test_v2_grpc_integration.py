@@ -17,7 +17,6 @@ import pytest
 
 from harness.twistd import TwistdServer
 from tests import models
-from tests.metrics_text import samples as samples_of
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
@@ -240,27 +239,15 @@ def test_a_grpc_call_and_a_rest_call_share_one_batch(server, client) -> None:
     assert rest_answer[0] == 200 and rest_answer[1]["predictions"][0]["rows"] == 2
 
 
-def queued_rows(server: TwistdServer, model: str) -> float:
-    """The model's rows waiting for a batch, from /metrics."""
-    text = server.request("GET", "/metrics")[2].decode()
-    found = samples_of(text, "kleinserve_queued_rows")
-    return sum(value for key, value in found.items() if dict(key).get("model") == model)
-
-
-def _http_request(path: str, doc: dict) -> bytes:
-    body = json.dumps(doc).encode()
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-
-
 def test_a_request_whose_client_leaves_while_queued_is_dropped_at_every_front_door(
     server, client
 ) -> None:
     """One row to ``echo`` waits for a second one; its client leaves (a v2 gRPC call
     cancelled, a TF Serving REST and a v2 REST connection closed): the row leaves the queue,
     and the next pair still shares a batch."""
+    from tests.test_grpc_integration import queued_rows
+    from tests.test_rude_clients_integration import predict_request
+
     x = np.ones((1, 3), np.float32)
     request = service_pb2.ModelInferRequest(model_name="echo")
     tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 3])
@@ -280,7 +267,7 @@ def test_a_request_whose_client_leaves_while_queued_is_dropped_at_every_front_do
         ("/v2/models/echo/infer", v2_doc),
     ):
         with socket.create_connection(("127.0.0.1", server.port)) as rude:
-            rude.sendall(_http_request(path, doc))
+            rude.sendall(predict_request(path, json.dumps(doc).encode()))
             server.wait_for(lambda: queued_rows(server, "echo") == 1)
         # As above: 10 s, a third of the batch timeout; the closed connection took it out.
         server.wait_for(lambda: queued_rows(server, "echo") == 0, timeout=10)
